@@ -1,0 +1,41 @@
+"""``distillery`` console script: compose the Hydra config and run the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from distillery.config.schema import register_configs
+from distillery.config.validation import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("distillery")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    from distillery.pipeline.runner import Runner  # heavy imports after Hydra parsed argv
+
+    # The run dir Hydra created is the one every process (and DDP child) agrees on.
+    with open_dict(cfg):
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        Runner(cfg).run()
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    return None
+
+
+def main() -> None:
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The LightningDataModule every stage uses: one audio source, split, subset, batched."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
+from torch.utils.data import DataLoader, Dataset
+
+from distillery.config.schema import DataConfig
+from distillery.data.audio_io import AudioFileError, read_audio
+from distillery.data.features import LogMel
+from distillery.data.sources import AudioRecord, SourceTable, load_source
+from distillery.data.splits import assign_splits, label_subset
+from distillery.data.synthetic import SyntheticSpec
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TRAIN_ITEMS = ("all", "labeled", "pseudo_labeled")
+NORM_STATS_CLIPS = 256
+
+
+def as_data_config(cfg: DataConfig | DictConfig | dict[str, Any]) -> DataConfig:
+    """Validate a data node against the schema and return the typed object."""
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+class ClipDataset(Dataset):
+    """Items are dicts: ``index`` (into the source table), ``audio`` (samples,), ``label``,
+    and ``pseudo_label`` when pseudo-labels are attached. Training crops are random,
+    evaluation crops are the clip's centre, so evaluation is deterministic."""
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        records: list[AudioRecord],
+        labels: np.ndarray,
+        num_samples: int,
+        sample_rate: int,
+        *,
+        train: bool,
+        cache: dict[int, np.ndarray] | None,
+        pseudo_labels: np.ndarray | None = None,
+    ) -> None:
+        self.indices = indices
+        self.records = records
+        self.labels = labels
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.train = train
+        self.cache = cache
+        self.pseudo_labels = pseudo_labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _audio(self, index: int) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache[index]
+        return read_audio(self.records[index].path, self.sample_rate)
+
+    def _fixed_length(self, audio: np.ndarray) -> np.ndarray:
+        excess = len(audio) - self.num_samples
+        if excess < 0:
+            return np.pad(audio, (0, -excess))
+        start = int(torch.randint(0, excess + 1, ()).item()) if self.train else excess // 2
+        return audio[start : start + self.num_samples]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = int(self.indices[i])
+        item = {
+            "index": index,
+            "audio": torch.from_numpy(np.ascontiguousarray(self._fixed_length(self._audio(index)))),
+            "label": int(self.labels[index]),
+        }
+        if self.pseudo_labels is not None:
+            item["pseudo_label"] = int(self.pseudo_labels[index])
+        return item
+
+
+@dataclass
+class SplitTable:
+    """The resolved data set: every record's split and the labels a stage may see."""
+
+    source: SourceTable
+    splits: np.ndarray  # (n,) of "train" | "val" | "test"
+    true_labels: np.ndarray  # (n,) int64, -1 unknown
+    visible_labels: np.ndarray  # true labels with train labels outside label_fraction -> -1
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.splits == split)
+
+
+def resolve_splits(source: SourceTable, cfg: DataConfig) -> SplitTable:
+    true_labels = np.array([r.label for r in source.records], dtype=np.int64)
+    given = [r.split for r in source.records]
+    if all(s is not None for s in given):
+        splits = np.array(given)
+    else:
+        splits = assign_splits(true_labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    visible = true_labels.copy()
+    train = np.flatnonzero(splits == "train")
+    labeled_train = train[true_labels[train] >= 0]
+    if cfg.label_fraction < 1.0 and len(labeled_train):
+        keep = labeled_train[label_subset(true_labels[labeled_train], cfg.label_fraction, cfg.split_seed)]
+        hidden = np.setdiff1d(labeled_train, keep)
+        visible[hidden] = -1
+    return SplitTable(source, splits, true_labels, visible)
+
+
+class AudioDataModule(pl.LightningDataModule):
+    """Audio clips from one source (``synthetic``, ``folder`` or ``manifest``).
+
+    ``train_items`` picks the training items: ``all`` (unlabeled use), ``labeled`` (the
+    ``label_fraction`` subset) or ``pseudo_labeled`` (items with a label in
+    ``pseudo_labels``, an int64 array over the source's records, -1 = none).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig | DictConfig | dict[str, Any],
+        *,
+        pseudo_labels: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = as_data_config(cfg)
+        self.pseudo_labels_path = pseudo_labels
+        self.num_samples = round(self.cfg.clip_seconds * self.cfg.sample_rate)
+        self._source: SourceTable | None = None
+        self.table: SplitTable | None = None
+        self.cache: dict[int, np.ndarray] | None = None
+        self.pseudo_labels: np.ndarray | None = None
+        self.features: LogMel | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _load_source(self) -> SourceTable:
+        if self._source is None:
+            self._source = self._read_source()
+        return self._source
+
+    def _read_source(self) -> SourceTable:
+        cfg = self.cfg
+        spec = SyntheticSpec(
+            num_classes=cfg.synthetic.num_classes,
+            clips_per_class=cfg.synthetic.clips_per_class,
+            sample_rate=cfg.sample_rate,
+            clip_seconds=cfg.clip_seconds,
+            seed=cfg.synthetic.seed,
+            snr_db_min=cfg.synthetic.snr_db_min,
+            snr_db_max=cfg.synthetic.snr_db_max,
+        )
+        return load_source(
+            cfg.source, root=cfg.root, path=cfg.path, cache_dir=cfg.cache_dir, synthetic=spec
+        )
+
+    def prepare_data(self) -> None:
+        # Runs once per node before setup: generates the synthetic set if it is not cached.
+        self._load_source()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        self.table = resolve_splits(self._load_source(), self.cfg)
+        if self.pseudo_labels_path:
+            self.pseudo_labels = self._read_pseudo_labels(Path(self.pseudo_labels_path))
+        if self.cfg.preload:
+            self.cache = self._decode_all()
+        self.features = self._fit_features()
+        counts = {s: len(self.table.indices(s)) for s in SPLITS}
+        log.info(
+            "data: %d clips from %s (%s), %d classes, train items: %d",
+            len(self.table.source.records), self.cfg.source, counts,
+            len(self.class_names), len(self.train_indices()),
+        )
+
+    def _read_pseudo_labels(self, path: Path) -> np.ndarray:
+        labels = np.load(path)
+        n = len(self.table.source.records)
+        if labels.shape != (n,):
+            raise ValueError(
+                f"{path}: pseudo-labels have shape {labels.shape}, expected ({n},) — one per "
+                "record of the data source; were they computed on a different data set?"
+            )
+        return labels.astype(np.int64)
+
+    def _decode_all(self) -> dict[int, np.ndarray]:
+        records = self.table.source.records
+        cache, bad = {}, []
+        for i, record in enumerate(track(records, description="decoding audio", transient=True)):
+            try:
+                cache[i] = read_audio(record.path, self.cfg.sample_rate)
+            except AudioFileError as err:
+                bad.append(str(err))
+        if bad:
+            listing = "\n  ".join(bad)
+            raise AudioFileError(f"{len(bad)} unreadable audio file(s):\n  {listing}")
+        return cache
+
+    def _fit_features(self) -> LogMel:
+        f = self.cfg.features
+        features = LogMel(self.cfg.sample_rate, f.n_mels, f.n_fft, f.hop_length, f.f_min, f.f_max)
+        train = self.table.indices("train")
+        rng = np.random.default_rng(self.cfg.split_seed)
+        sample = rng.choice(train, size=min(NORM_STATS_CLIPS, len(train)), replace=False)
+        dataset = self._dataset(np.sort(sample), train=False)
+        audio = torch.stack([dataset[i]["audio"] for i in range(len(dataset))])
+        with torch.no_grad():
+            values = features.log_mel(audio)
+        features.mean, features.std = values.mean().item(), values.std().item() + 1e-5
+        return features
+
+    # -- items ----------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return self.table.source.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_pseudo_classes(self) -> int:
+        """k of the attached pseudo-labels (from their ``meta.json``, else the largest label + 1)."""
+        if self.pseudo_labels is None:
+            raise ValueError("no pseudo-labels attached: set inputs.data.pseudo_labels")
+        meta = Path(self.pseudo_labels_path).with_name("meta.json")
+        if meta.exists():
+            return int(json.loads(meta.read_text())["k"])
+        return int(self.pseudo_labels.max()) + 1
+
+    def train_indices(self) -> np.ndarray:
+        train = self.table.indices("train")
+        if self.cfg.train_items == "labeled":
+            return train[self.table.visible_labels[train] >= 0]
+        if self.cfg.train_items == "pseudo_labeled":
+            if self.pseudo_labels is None:
+                raise ValueError("data.train_items=pseudo_labeled needs data.pseudo_labels")
+            return train[self.pseudo_labels[train] >= 0]
+        return train
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return self.train_indices() if split == "train" else self.table.indices(split)
+
+    def _dataset(self, indices: np.ndarray, *, train: bool) -> ClipDataset:
+        return ClipDataset(
+            indices,
+            self.table.source.records,
+            self.table.visible_labels,
+            self.num_samples,
+            self.cfg.sample_rate,
+            train=train,
+            cache=self.cache,
+            pseudo_labels=self.pseudo_labels,
+        )
+
+    def dataloader(self, split: str, *, train: bool = False, indices: np.ndarray | None = None) -> DataLoader:
+        """A loader over ``split`` (or explicit ``indices``); ``train`` shuffles and crops randomly."""
+        indices = self.split_indices(split) if indices is None else indices
+        return DataLoader(
+            self._dataset(indices, train=train),
+            batch_size=self.cfg.batch_size,
+            shuffle=train,
+            drop_last=train and len(indices) > self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # Log-mel runs wherever the batch now lives (the accelerator, when there is one).
+        batch["features"] = self.featurize(batch["audio"])
+        return batch
+
+    def featurize(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, samples) waveforms -> (B, 1, n_mels, frames) normalised log-mel."""
+        self.features.to(audio.device)
+        with torch.no_grad():
+            return self.features(audio)

@@ -1,0 +1,46 @@
+"""Stage checkpoints: written atomically, found again after any interruption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from distillery import artifacts
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file, then rename: a killed process never leaves a
+    truncated checkpoint behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        artifacts.write_torch(path, checkpoint)
+
+
+def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:
+    """Keep the newest epoch's checkpoint, with ``last.ckpt`` linking to it."""
+    return ModelCheckpoint(
+        dirpath=stage_dir / CHECKPOINT_DIR,
+        filename="{epoch}-{step}",
+        save_top_k=1,
+        save_last="link",
+        every_n_epochs=1,
+    )
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """``last.ckpt`` if it points at a file, else the newest checkpoint (the link is
+    re-created after each save, so a crash in between can leave it dangling)."""
+    directory = stage_dir / CHECKPOINT_DIR
+    last = directory / LAST_CHECKPOINT
+    if last.exists():
+        return last.resolve()
+    candidates = [p for p in directory.glob("*.ckpt") if p.name != LAST_CHECKPOINT]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

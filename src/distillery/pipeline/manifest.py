@@ -1,0 +1,66 @@
+"""``run_dir/pipeline.json``: what each stage did, so a re-run knows what to skip or resume."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillery import __version__, artifacts
+
+MANIFEST_NAME = "pipeline.json"
+STATUSES = ("pending", "running", "done", "failed")
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class StageRecord:
+    kind: str
+    status: str = "pending"
+    attempts: int = 0
+    config_hash: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    wandb_run_id: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    wall_time_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunManifest:
+    """The pipeline's record. Only rank 0 saves it, always atomically."""
+
+    path: Path
+    run_id: str
+    pipeline: str
+    code_version: str = __version__
+    created_at: str = field(default_factory=now_iso)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    @classmethod
+    def load_or_create(cls, run_dir: Path, pipeline: str) -> RunManifest:
+        path = Path(run_dir) / MANIFEST_NAME
+        if not path.exists():
+            run_id = f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            return cls(path=path, run_id=run_id, pipeline=pipeline)
+        try:
+            raw = json.loads(path.read_text())
+            stages = {name: StageRecord(**rec) for name, rec in raw.pop("stages").items()}
+            return cls(path=path, stages=stages, **raw)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a readable pipeline manifest ({err})") from err
+
+    def stage(self, name: str, kind: str) -> StageRecord:
+        return self.stages.setdefault(name, StageRecord(kind=kind))
+
+    def save(self) -> None:
+        payload = {k: v for k, v in asdict(self).items() if k != "path"}
+        artifacts.write_json(self.path, payload)

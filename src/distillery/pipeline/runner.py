@@ -1,0 +1,248 @@
+"""The pipeline runner: stages in order, each one skipped, resumed or run from scratch."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from distillery import artifacts
+from distillery.config.validation import stage_data, stage_trainer, validate
+from distillery.data.datamodule import AudioDataModule
+from distillery.pipeline.checkpoints import AtomicCheckpointIO, epoch_checkpointing, latest_checkpoint
+from distillery.pipeline.manifest import RunManifest, StageRecord, now_iso
+from distillery.pipeline.progress import StageProgressBar
+from distillery.pipeline.report import write_results
+from distillery.pipeline.tracking import build_loggers, finish_loggers
+from distillery.stages.registry import stage_class
+
+log = logging.getLogger(__name__)
+
+#: Trainer settings that change how a stage is shown, not what it computes.
+UNHASHED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "enable_model_summary")
+
+
+def stage_config_hash(cfg: DictConfig, name: str, upstream_hash: str) -> str:
+    """Hash of everything that determines a stage's result, chained to the stages before it."""
+    trainer = {k: v for k, v in stage_trainer(cfg, name).items() if k not in UNHASHED_TRAINER_KEYS}
+    payload = {
+        "stage": OmegaConf.to_container(cfg.pipeline.stages[name], resolve=True),
+        "data": OmegaConf.to_container(stage_data(cfg, name), resolve=True),
+        "trainer": trainer,
+        "seed": cfg.seed,
+        "upstream": upstream_hash,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    config_hash: str
+    action: str  # skip | resume | fresh
+    reason: str
+
+
+class Runner:
+    """Runs ``cfg.pipeline`` in ``cfg.run_dir``.
+
+    Every rank runs the same plan: it is derived from ``pipeline.json`` alone, which only
+    rank 0 writes, and all ranks meet at a barrier after each stage's artifacts are written.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.is_rank_zero = rank_zero_only.rank == 0
+        self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
+
+    # -- planning -------------------------------------------------------------------------
+    def plan(self) -> list[StagePlan]:
+        plans, upstream, rerun_upstream = [], "", False
+        for name in self.cfg.pipeline.order:
+            kind = self.cfg.pipeline.stages[name].kind
+            config_hash = stage_config_hash(self.cfg, name, upstream)
+            upstream = config_hash
+            record = self.manifest.stages.get(name)
+            last = latest_checkpoint(self.run_dir / name)
+            if record is None or not record.config_hash:
+                action, reason = "fresh", "not run before"
+            elif record.config_hash != config_hash:
+                action, reason = "fresh", f"config changed ({record.config_hash} -> {config_hash})"
+            elif rerun_upstream:
+                action, reason = "fresh", "an earlier stage is re-run"
+            elif record.status == "done" and all(Path(p).exists() for p in record.artifacts.values()):
+                action, reason = "skip", "done with the same config"
+            elif last is not None:
+                action, reason = "resume", f"{record.status}; resuming from {last}"
+            else:
+                action, reason = "fresh", f"{record.status} without a checkpoint"
+            rerun_upstream |= action != "skip"
+            plans.append(StagePlan(name, kind, config_hash, action, reason))
+        return plans
+
+    # -- execution ------------------------------------------------------------------------
+    def run(self) -> dict[str, StageRecord]:
+        plans = self.plan()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("pipeline %s in %s", self.cfg.pipeline.name, self.run_dir)
+        for p in plans:
+            log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
+        for plan in plans:
+            if plan.action == "skip":
+                continue
+            self._run_stage(plan)
+        if self.is_rank_zero:
+            table = write_results(self.run_dir, self.manifest)
+            log.info("results (also in %s):\n%s", self.run_dir / "results.md", table)
+        return self.manifest.stages
+
+    def _save_manifest(self) -> None:
+        if self.is_rank_zero:
+            self.manifest.save()
+
+    def _resolve_inputs(self, name: str) -> tuple[dict[str, str], dict[str, str]]:
+        """``module.<arg>`` and ``data.<arg>`` keyword arguments from earlier stages' artifacts."""
+        module_kwargs, data_kwargs = {}, {}
+        for dest, source in self.cfg.pipeline.stages[name].inputs.items():
+            producer, _, artifact = source.partition(".")
+            path = self.manifest.stages[producer].artifacts.get(artifact)
+            if path is None:
+                raise RuntimeError(
+                    f"pipeline.stages.{name}.inputs.{dest}: stage {producer!r} finished "
+                    f"without writing {artifact!r} (see {self.manifest.path})"
+                )
+            target, _, arg = dest.partition(".")
+            (module_kwargs if target == "module" else data_kwargs)[arg] = path
+        return module_kwargs, data_kwargs
+
+    def _run_stage(self, plan: StagePlan) -> None:
+        name, cfg = plan.name, self.cfg
+        stage_cfg = cfg.pipeline.stages[name]
+        stage_dir = self.run_dir / name
+        record = self.manifest.stage(name, plan.kind)
+        if plan.action == "fresh":  # a fresh stage keeps nothing of a previous attempt
+            if self.is_rank_zero and stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            record = self.manifest.stages[name] = StageRecord(kind=plan.kind)
+        record.wandb_run_id = record.wandb_run_id or uuid.uuid4().hex[:8]
+        record.status, record.config_hash, record.started_at = "running", plan.config_hash, now_iso()
+        record.error, record.attempts = None, record.attempts + 1
+        self._save_manifest()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module_inputs, data_inputs = self._resolve_inputs(name)
+        datamodule = AudioDataModule(stage_data(cfg, name), **data_inputs)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        module = self._build_module(name, datamodule, module_inputs)
+        loggers = build_loggers(
+            OmegaConf.to_container(cfg.logger, resolve=True),
+            stage=name,
+            stage_dir=stage_dir,
+            run_dir=self.run_dir,
+            run_id=self.manifest.run_id,
+            wandb_run_id=record.wandb_run_id,
+            attempt=record.attempts,
+            config=OmegaConf.to_container(cfg, resolve=True) | {"stage": name},
+        )
+        trainer = self._build_trainer(name, stage_dir, loggers, module)
+        start = time.perf_counter()
+        log.info("stage %s (%s): %s -> %s", name, plan.kind, plan.action, stage_dir)
+        try:
+            ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            metrics = _floats(trainer.callback_metrics)
+            if stage_cfg.evaluate and _overrides(module, "test_step"):
+                for result in trainer.test(module, datamodule=datamodule, verbose=False):
+                    metrics.update(_floats(result))
+            if self.is_rank_zero:
+                record.artifacts = self._export(module, trainer, stage_dir)
+        except BaseException as err:
+            record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+            record.wall_time_s = round(time.perf_counter() - start, 2)
+            self._save_manifest()
+            raise
+        finally:
+            finish_loggers(loggers)
+        record.metrics = metrics
+        record.status, record.finished_at = "done", now_iso()
+        record.wall_time_s = round(time.perf_counter() - start, 2)
+        self._save_manifest()
+        trainer.strategy.barrier("artifacts-written")
+        if not self.is_rank_zero:  # pick up the artifact paths rank 0 recorded
+            self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
+        log.info("stage %s done in %.1f s; artifacts: %s", name, record.wall_time_s, record.artifacts)
+
+    def _build_module(self, name: str, datamodule: AudioDataModule, inputs: dict[str, str]) -> pl.LightningModule:
+        stage_cfg = self.cfg.pipeline.stages[name]
+        module_cfg = OmegaConf.to_container(stage_cfg.module, resolve=True)
+        cls = stage_class(stage_cfg.kind, module_cfg)
+        module_cfg.pop("_target_", None)
+        params = inspect.signature(cls).parameters
+        injected: dict[str, Any] = {"stage_name": name}
+        if "num_classes" in params:
+            injected["num_classes"] = datamodule.num_classes
+        if "num_pseudo_classes" in params:
+            injected["num_pseudo_classes"] = datamodule.num_pseudo_classes
+        return cls(**(module_cfg | inputs), **injected)  # artifacts wired by `inputs` win
+
+    def _build_trainer(self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule) -> pl.Trainer:
+        stage_cfg = self.cfg.pipeline.stages[name]
+        callbacks: list[pl.Callback] = [epoch_checkpointing(stage_dir)]
+        for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
+            if callback_cfg:
+                callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
+        trainer_args = stage_trainer(self.cfg, name)
+        if trainer_args.get("enable_progress_bar", True):
+            callbacks.append(StageProgressBar(name, leave=True))
+        return pl.Trainer(
+            **trainer_args,
+            default_root_dir=str(stage_dir),
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
+        )
+
+    def _export(self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path) -> dict[str, str]:
+        written = {"checkpoint": str(latest_checkpoint(stage_dir))}
+        written |= module.export_artifacts(stage_dir) if hasattr(module, "export_artifacts") else {}
+        for callback in trainer.callbacks:
+            written |= getattr(callback, "artifacts", {})
+        artifacts.write_json(stage_dir / "artifacts.json", written)
+        return written
+
+
+def _instantiate_callback(cfg: dict[str, Any], stage_dir: Path) -> pl.Callback:
+    cls = get_class(cfg["_target_"])
+    extra = {"out_dir": str(stage_dir)} if "out_dir" in inspect.signature(cls).parameters else {}
+    return instantiate(cfg, **extra)
+
+
+def _overrides(module: pl.LightningModule, hook: str) -> bool:
+    return getattr(type(module), hook) is not getattr(pl.LightningModule, hook)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, int | float):
+            out[key] = round(float(value), 6)
+    return out

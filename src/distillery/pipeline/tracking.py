@@ -1,0 +1,72 @@
+"""Per-stage experiment loggers: one W&B run per stage, grouped by the pipeline run."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(
+    logger_cfg: dict[str, Any],
+    *,
+    stage: str,
+    stage_dir: Path,
+    run_dir: Path,
+    run_id: str,
+    wandb_run_id: str,
+    attempt: int,
+    config: dict[str, Any],
+) -> list[Logger]:
+    """Instantiate the configured loggers with the stage's names and directories filled in.
+
+    W&B resumes the stage's run across attempts; file loggers write one folder per attempt
+    (``logs/attempt-<n>``) so a resumed stage never overwrites the history before it.
+    """
+    loggers: list[Logger] = []
+    for cfg in logger_cfg.values():
+        if not cfg:
+            continue
+        cls = get_class(cfg["_target_"])
+        extra: dict[str, Any]
+        if issubclass(cls, WandbLogger):
+            if "offline" not in cfg and not wandb_has_credentials():
+                os.environ.setdefault("WANDB_MODE", "offline")
+            extra = {
+                "save_dir": str(run_dir),
+                "name": f"{run_id}/{stage}",
+                "group": run_id,
+                "job_type": stage,
+                "id": wandb_run_id,
+                "resume": "allow",
+                "config": config,
+            }
+        elif issubclass(cls, (CSVLogger, TensorBoardLogger)):
+            extra = {"save_dir": str(stage_dir), "name": "logs", "version": f"attempt-{attempt}"}
+        else:
+            extra = {}
+        loggers.append(instantiate(cfg, **extra))
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close W&B runs so the next stage (or the next multirun job) starts a new one."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

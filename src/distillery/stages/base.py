@@ -1,0 +1,71 @@
+"""What every stage module shares: metric naming, optimizer construction, artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from distillery.models.io import save_encoder
+
+
+class StageModule(pl.LightningModule):
+    """Base class of stage modules.
+
+    Subclasses hold their method's training step and nothing else. The runner passes
+    ``stage_name`` (used in metric keys ``<stage>/<split>/<name>``) and, when the constructor
+    takes them, ``num_classes`` and ``inputs`` resolved from earlier stages.
+
+    ``optimizer`` is a ``_partial_`` config called with the parameters; ``scheduler`` an
+    optional ``_partial_`` config called with the optimizer (stepped per epoch).
+    """
+
+    #: Artifact names this kind writes, checked against other stages' ``inputs`` at start-up.
+    produces: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+    def __init__(
+        self,
+        stage_name: str = "stage",
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.stage_name = stage_name
+        self.optimizer_cfg = optimizer or {
+            "_target_": "torch.optim.Adam",
+            "_partial_": True,
+            "lr": 1e-3,
+        }
+        self.scheduler_cfg = scheduler
+
+    def log_split(self, split: str, metrics: dict[str, torch.Tensor | float], **kwargs: Any) -> None:
+        """Log ``metrics`` as ``<stage>/<split>/<name>``."""
+        kwargs.setdefault("sync_dist", split != "train")
+        self.log_dict({f"{self.stage_name}/{split}/{k}": v for k, v in metrics.items()}, **kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.optimizer_cfg)(self.trainable_parameters())
+        if not self.scheduler_cfg:
+            return optimizer
+        scheduler = instantiate(self.scheduler_cfg)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def encoder_for_eval(self) -> nn.Module | None:
+        """The encoder this stage yields (evaluated and exported, built from ``self.encoder_cfg``)."""
+        return None
+
+    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
+        """Write this stage's artifacts (rank 0 only) and return their paths by name."""
+        encoder = self.encoder_for_eval()
+        if encoder is None:
+            return {}
+        path = stage_dir / "encoder.pt"
+        save_encoder(path, encoder, self.encoder_cfg)
+        return {"encoder": str(path)}

@@ -1,0 +1,71 @@
+"""Test utilities: config composition, fault injection, reading offline W&B runs."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import lightning.pytorch as pl
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from distillery.cli import CONF_DIR
+from distillery.config.schema import register_configs
+
+#: Small, fast settings every pipeline test starts from.
+FAST = ["debug=smoke", "logger=csv", "trainer.enable_progress_bar=false"]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The real config tree, composed as the CLI does (no run-dir side effects)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+class FailOnceAtEpoch(pl.Callback):
+    """Raise at the start of epoch ``epoch`` unless ``marker`` exists (then create it).
+
+    The config stays identical between the failing run and the re-run, as after a crash.
+    """
+
+    def __init__(self, epoch: int, marker: str) -> None:
+        self.epoch = epoch
+        self.marker = Path(marker)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError(f"injected failure at epoch {self.epoch}")
+
+
+def read_wandb_records(path: Path) -> list:
+    """Parse an offline ``.wandb`` file: a LevelDB-style log of ``Record`` protobufs.
+
+    Layout: a 7-byte header (':W&B', magic 0xBEE1, version), then 32 KiB blocks of chunks,
+    each ``crc32 (4) | length (2, little-endian) | type (1) | data``; types 1 = full,
+    2 = first, 3 = middle, 4 = last. A block tail shorter than a chunk header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B log"
+    block_size, header, pos = 32768, 7, 7
+    records, pending = [], b""
+    while pos + header <= len(data):
+        left_in_block = block_size - pos % block_size
+        if left_in_block < header:
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        chunk = data[pos + header : pos + header + length]
+        pos += header + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

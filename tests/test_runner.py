@@ -1,0 +1,104 @@
+"""Runner semantics: skip what is done, re-run what changed, resume what was interrupted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from distillery.pipeline.checkpoints import latest_checkpoint
+from distillery.pipeline.manifest import RunManifest
+from distillery.pipeline.runner import Runner
+from tests.helpers import FAST, compose_config
+
+
+def smoke_config(run_dir: Path, cache: Path, *extra: str) -> DictConfig:
+    return compose_config(
+        ["experiment=supervised", *FAST, f"run_dir={run_dir}", f"data.cache_dir={cache}", *extra]
+    )
+
+
+def with_probe_stage(cfg: DictConfig) -> DictConfig:
+    """supervised -> a linear probe of the trained encoder: two stages wired by an artifact."""
+    with open_dict(cfg):
+        probe = OmegaConf.to_container(cfg.pipeline.stages.finetune)
+        probe["module"]["mode"] = "linear"
+        probe["inputs"] = {"module.pretrained": "finetune.encoder"}
+        cfg.pipeline.stages = OmegaConf.merge(cfg.pipeline.stages, {"probe": probe})
+        cfg.pipeline.order = ["finetune", "probe"]
+    return cfg
+
+
+def test_stage_runs_records_and_is_skipped_next_time(tmp_path: Path, data_cache: Path) -> None:
+    cfg = smoke_config(tmp_path / "run", data_cache)
+    stages = Runner(cfg).run()
+    record = stages["finetune"]
+    assert record.status == "done"
+    assert set(record.artifacts) == {"checkpoint", "encoder"}
+    assert all(Path(p).exists() for p in record.artifacts.values())
+    assert "finetune/test/acc" in record.metrics and "finetune/train/loss_epoch" in record.metrics
+    assert record.wall_time_s > 0
+
+    on_disk = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert on_disk["stages"]["finetune"]["status"] == "done"
+    assert (tmp_path / "run" / "results.md").read_text().count("finetune/test/acc") == 0  # keyed by split
+    assert "test/acc" in (tmp_path / "run" / "results.md").read_text()
+
+    again = Runner(smoke_config(tmp_path / "run", data_cache))
+    assert [p.action for p in again.plan()] == ["skip"]
+    assert again.run()["finetune"].finished_at == record.finished_at
+
+
+def test_changed_stage_reruns_with_everything_after_it(tmp_path: Path, data_cache: Path) -> None:
+    run_dir = tmp_path / "run"
+    Runner(with_probe_stage(smoke_config(run_dir, data_cache))).run()
+    assert [p.action for p in Runner(with_probe_stage(smoke_config(run_dir, data_cache))).plan()] == ["skip", "skip"]
+
+    # Changing the probe re-runs the probe only.
+    changed_probe = with_probe_stage(smoke_config(run_dir, data_cache))
+    changed_probe.pipeline.stages.probe.module.optimizer.lr = 0.01
+    assert [p.action for p in Runner(changed_probe).plan()] == ["skip", "fresh"]
+
+    # Changing the first stage re-runs it and the stage that consumes its encoder.
+    changed_first = with_probe_stage(smoke_config(run_dir, data_cache, "pipeline.stages.finetune.module.optimizer.lr=0.01"))
+    plan = Runner(changed_first).plan()
+    assert [p.action for p in plan] == ["fresh", "fresh"]
+    assert "config changed" in plan[0].reason
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path, data_cache: Path) -> None:
+    marker = tmp_path / "failed-once"
+    cfg = smoke_config(
+        tmp_path / "run",
+        data_cache,
+        "debug.trainer.max_epochs=3",
+        "+pipeline.stages.finetune.callbacks.fault._target_=tests.helpers.FailOnceAtEpoch",
+        "+pipeline.stages.finetune.callbacks.fault.epoch=2",
+        f"+pipeline.stages.finetune.callbacks.fault.marker={marker}",
+    )
+    with pytest.raises(RuntimeError, match="injected failure"):
+        Runner(cfg).run()
+    manifest = RunManifest.load_or_create(tmp_path / "run", "supervised")
+    failed = manifest.stages["finetune"]
+    assert failed.status == "failed" and "injected failure" in failed.error
+    last = latest_checkpoint(tmp_path / "run" / "finetune")
+    assert torch.load(last, weights_only=False)["epoch"] == 1  # epochs 0 and 1 completed
+
+    runner = Runner(cfg)
+    assert [p.action for p in runner.plan()] == ["resume"]
+    record = runner.run()["finetune"]
+    assert record.status == "done" and record.wandb_run_id == failed.wandb_run_id
+    checkpoint = torch.load(latest_checkpoint(tmp_path / "run" / "finetune"), weights_only=False)
+    assert checkpoint["epoch"] == 2
+    # 3 epochs x 3 batches: the resumed run did epoch 2 only, it did not start over.
+    assert checkpoint["global_step"] == 9
+    assert record.attempts == 2
+    logs = tmp_path / "run" / "finetune" / "logs"
+    epochs = [
+        {int(line.split(",")[0]) for line in (logs / f"attempt-{n}" / "metrics.csv").read_text().splitlines()[1:]}
+        for n in (1, 2)
+    ]
+    assert epochs == [{0, 1}, {2}]  # each attempt's history is kept
