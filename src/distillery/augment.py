@@ -159,8 +159,12 @@ class RandomResizeCrop(nn.Module):
         h = (_uniform(*self.freq_scale, batch, generator) * f).floor().clamp(1, canvas_f)
         w = (_uniform(*self.time_scale, batch, generator) * t).floor().clamp(1, canvas_t)
         # Uniform integer positions in [0, canvas - size], as random.randint in BYOL-A.
-        i = (torch.rand(batch, generator=generator, dtype=torch.float64) * (canvas_f - h + 1)).floor()
-        j = (torch.rand(batch, generator=generator, dtype=torch.float64) * (canvas_t - w + 1)).floor()
+        i = (
+            torch.rand(batch, generator=generator, dtype=torch.float64) * (canvas_f - h + 1)
+        ).floor()
+        j = (
+            torch.rand(batch, generator=generator, dtype=torch.float64) * (canvas_t - w + 1)
+        ).floor()
         return torch.stack([i, j, h, w], dim=1)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

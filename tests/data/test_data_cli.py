@@ -42,13 +42,15 @@ def test_info_on_synthetic_cache_dir(tmp_path, capsys):
     assert "files: 6" in out and "classes: 3" in out
     assert "total duration: 3.0 s" in out
     assert "8000: 6 files" in out and "1: 6 files" in out
+    # The cache root holds generated sets, not class folders: point at the set instead.
+    assert main(["info", str(tmp_path)]) == 2
+    assert str(cache) in capsys.readouterr().err
 
 
 def test_info_on_folder_with_mixed_files(tmp_path, capsys):
-    sf.write(
-        tmp_path / "a" / "x.wav" if (tmp_path / "a").mkdir() is None else "", np.zeros(16000), 16000
-    )
-    (tmp_path / "b").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    sf.write(tmp_path / "a" / "x.wav", np.zeros(16000), 16000)
     sf.write(tmp_path / "b" / "y.flac", np.zeros((22050, 2)), 22050)
     sf.write(tmp_path / "b" / "z.wav", np.zeros(8000), 16000)
     assert main(["info", str(tmp_path)]) == 0

@@ -100,6 +100,10 @@ def test_manifest_with_missing_file_is_regenerated(tmp_path):
 
 def test_different_specs_use_different_folders():
     assert spec_hash(SMALL) == spec_hash(SyntheticSpec(**SMALL.__dict__))
+    # Numerically equal values from a config (1 vs 1.0) name the same data set.
+    assert spec_hash(SyntheticSpec(clip_seconds=1, sample_rate=16000.0)) == spec_hash(
+        SyntheticSpec()
+    )
     assert spec_hash(SMALL) != spec_hash(SyntheticSpec(**{**SMALL.__dict__, "snr_db_max": 10.0}))
 
 
@@ -176,6 +180,7 @@ def test_generated_audio_reads_back(tmp_path):
         ("sample_rate", 4000, "sample_rate"),
         ("clip_seconds", 0.0, "clip_seconds"),
         ("seed", -1, "seed"),
+        ("seed", 1.5, "integer"),
         ("snr_db_min", 30.0, "snr_db_min"),
     ],
 )

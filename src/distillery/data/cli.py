@@ -1,8 +1,8 @@
 """``distillery-data``: generate the synthetic data set, or inspect a data source.
 
-    distillery-data synthetic --out DIR [--num-classes N] [--clips-per-class N] ...
-    distillery-data info PATH        # a manifest, a class-per-folder tree, or a folder
-                                     # holding manifest.csv / manifest.jsonl
+distillery-data synthetic --out DIR [--num-classes N] [--clips-per-class N] ...
+distillery-data info PATH        # a manifest, a class-per-folder tree, or a folder
+                                 # holding manifest.csv / manifest.jsonl
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--snr-db-max", type=float, default=defaults.snr_db_max)
 
     info = commands.add_parser("info", help="summarise a manifest or a folder of audio")
-    info.add_argument("path", type=Path, help="manifest file, class-per-folder root, or cache folder")
+    info.add_argument(
+        "path", type=Path, help="manifest file, class-per-folder root, or cache folder"
+    )
     return parser
 
 
@@ -67,6 +69,12 @@ def _load_table(path: Path) -> SourceTable:
         for name in _MANIFEST_NAMES:
             if (path / name).is_file():
                 return read_manifest(path / name)
+        # A cache folder holds synthetic-<hash>/ sets; scanning it as class folders
+        # would report each set as one class, so ask for the set instead.
+        generated = sorted(path.glob("synthetic-*/manifest.csv"))
+        if generated:
+            listing = "\n  ".join(str(p.parent) for p in generated)
+            raise ValueError(f"{path} is a synthetic cache folder; pass one of:\n  {listing}")
         return scan_folder(path)
     raise FileNotFoundError(f"{str(path)!r} does not exist")
 

@@ -234,7 +234,9 @@ def load_source(
     """
     if source == "synthetic":
         if cache_dir is None:
-            raise ValueError("data.source=synthetic needs data.cache_dir (where to write the audio)")
+            raise ValueError(
+                "data.source=synthetic needs data.cache_dir (where to write the audio)"
+            )
         return read_manifest(generate_synthetic(synthetic or SyntheticSpec(), cache_dir))
     if source == "folder":
         if root is None or str(root) == "":

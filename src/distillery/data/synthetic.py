@@ -198,6 +198,21 @@ class SyntheticSpec:
     snr_db_max: float = 20.0
 
     def __post_init__(self) -> None:
+        # Config values may arrive as 1 vs 1.0 (or numpy scalars); fix the types so that
+        # equal specs hash equally and the seed is a valid SeedSequence entry.
+        for name, kind in (
+            ("num_classes", int),
+            ("clips_per_class", int),
+            ("sample_rate", int),
+            ("seed", int),
+            ("clip_seconds", float),
+            ("snr_db_min", float),
+            ("snr_db_max", float),
+        ):
+            value = getattr(self, name)
+            if kind is int and float(value) != int(value):
+                raise ValueError(f"synthetic {name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, kind(value))
         if not 1 <= self.num_classes <= len(CLASS_NAMES):
             raise ValueError(
                 f"synthetic num_classes must be between 1 and {len(CLASS_NAMES)} "

@@ -7,6 +7,9 @@ means "unlabeled": such rows are ignored wherever labels are needed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,12 @@ UNLABELED = -1
 #: Upper bound on the (test chunk x train) similarity block of the kNN classifier: 32 Mi
 #: float32 values, i.e. 128 MiB, whatever the size of the train set.
 _KNN_BLOCK_ELEMENTS = 1 << 25
+
+#: Linear probe: target mini-batches per epoch, and the smallest mini-batch.
+_PROBE_BATCHES_PER_EPOCH = 10
+_PROBE_MIN_BATCH = 32
+#: Linear probe steps with fewer multiply-adds than this run on one thread.
+_PROBE_SINGLE_THREAD_MACS = 1 << 22
 
 ArrayLike = np.ndarray | Tensor
 
@@ -62,6 +71,20 @@ def _labeled(x: ArrayLike, y: ArrayLike, name: str) -> tuple[np.ndarray, np.ndar
     if not keep.any():
         raise ValueError(f"{name}: no labeled rows (every label is {UNLABELED})")
     return x[keep], y[keep]
+
+
+@contextmanager
+def _at_most_threads(n: int) -> Iterator[None]:
+    """Temporarily cap torch's intra-op threads (OpenMP and MKL) at ``n``."""
+    before = torch.get_num_threads()
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def knn_accuracy(
@@ -142,8 +165,9 @@ def linear_probe_accuracy(
     Features are standardised with the mean and std of all train rows (labeled or not),
     then a zero-initialised linear layer is trained with Adam (L2 ``weight_decay``) and a
     cosine learning-rate decay for ``epochs`` passes over the labeled train rows, in
-    shuffled mini-batches of ``batch_size`` (full batch for small sets). Deterministic for
-    a given ``seed`` (it only drives the shuffling).
+    shuffled mini-batches of at most ``batch_size`` rows. Small sets get smaller batches
+    (about 10 per epoch, at least 32 rows each) so the probe still takes enough steps to
+    converge. Deterministic for a given ``seed`` (it only drives the shuffling).
 
     Args:
         train_x: (n_train, d) train embeddings.
@@ -165,6 +189,9 @@ def linear_probe_accuracy(
     yte = _labels(test_y, xte.shape[0], "test")
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"train and test dims differ: {xtr.shape[1]} vs {xte.shape[1]}")
+    scored = yte != UNLABELED
+    if not scored.any():
+        raise ValueError(f"test: no labeled rows (every label is {UNLABELED})")
 
     # float64 statistics: float32 sums over many rows lose precision.
     mean = all_train.mean(axis=0, dtype=np.float64)
@@ -173,16 +200,22 @@ def linear_probe_accuracy(
     classes, ytr_idx = np.unique(ytr, return_inverse=True)
     n, d, n_classes = len(ytr), xtr.shape[1], len(classes)
 
+    # Full-batch training would take only `epochs` steps on a small labeled set, far
+    # from converged at lr 1e-2 (low-label probes came out several points too low).
+    batch = min(batch_size, n, max(_PROBE_MIN_BATCH, -(-n // _PROBE_BATCHES_PER_EPOCH)))
+    steps_per_epoch = -(-n // batch)
+    # Tiny matmuls gain nothing from threads, and on a busy machine every threaded call
+    # waits for descheduled workers: small probes ran 50x slower with 2 threads.
+    threads = 1 if batch * d * n_classes < _PROBE_SINGLE_THREAD_MACS else torch.get_num_threads()
+
     # Fresh tensors with grad enabled, so this also works when called under
     # torch.inference_mode() / no_grad() (e.g. from a Lightning test loop).
-    with torch.inference_mode(False), torch.enable_grad():
+    with _at_most_threads(threads), torch.inference_mode(False), torch.enable_grad():
         x = torch.from_numpy(((xtr - mean) / std).astype(np.float32))
         y = torch.from_numpy(ytr_idx.reshape(-1).astype(np.int64))
         weight = torch.zeros(n_classes, d, requires_grad=True)
         bias = torch.zeros(n_classes, requires_grad=True)
         optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
-        batch = min(batch_size, n)
-        steps_per_epoch = -(-n // batch)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=epochs * steps_per_epoch
         )
@@ -201,9 +234,6 @@ def linear_probe_accuracy(
             xt = torch.from_numpy(((xte - mean) / std).astype(np.float32))
             pred_idx = F.linear(xt, weight, bias).argmax(dim=1).numpy()
     predictions = classes[pred_idx].astype(np.int64)
-    scored = yte != UNLABELED
-    if not scored.any():
-        raise ValueError(f"test: no labeled rows (every label is {UNLABELED})")
     return float((predictions[scored] == yte[scored]).mean()), predictions
 
 

@@ -22,6 +22,8 @@ __all__ = ["plot_cluster_sizes", "plot_confusion_matrix", "plot_embedding_map"]
 
 #: Above this many classes the confusion-matrix cells are not annotated (unreadable).
 MAX_ANNOTATED_CLASSES = 30
+#: t-SNE of fewer points than this runs on one thread.
+_TSNE_THREADED_MIN_POINTS = 1000
 
 
 def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
@@ -65,11 +67,14 @@ def _tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
         out[:, : min(2, x.shape[1])] = x[:, :2]
         return out
     from sklearn.manifold import TSNE  # imported here: slow import, only needed here
+    from threadpoolctl import threadpool_limits
 
     # Perplexity must stay below n; ~n/3 keeps small sets from collapsing to a ball.
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return tsne.fit_transform(x.astype(np.float32))
+    # Small maps gain nothing from OpenMP threads, which on a busy machine mostly wait.
+    with threadpool_limits(limits=1 if n < _TSNE_THREADED_MIN_POINTS else None):
+        return tsne.fit_transform(x.astype(np.float32))
 
 
 def plot_embedding_map(
@@ -174,9 +179,8 @@ def plot_confusion_matrix(
     image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ticks = np.arange(n)
-    fontsize = "small" if n <= MAX_ANNOTATED_CLASSES else "xx-small"
-    ax.set_xticks(ticks, labels=names, rotation=90, fontsize=fontsize)
-    ax.set_yticks(ticks, labels=names, fontsize=fontsize)
+    ax.set_xticks(ticks, labels=names, rotation=90, fontsize="small")
+    ax.set_yticks(ticks, labels=names, fontsize="small")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{title} (n = {len(y_true)})")

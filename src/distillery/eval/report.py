@@ -142,9 +142,11 @@ def evaluate_encoder(
     names = [*(f"knn{k}_acc" for k in knn_k), "linear_acc", "nmi", "ari"]
     shown = [f"{name}={metrics[name]:.4f}" for name in names if name in metrics]
     log.info(
-        "encoder eval: %s params=%.3gM dim=%d (train n=%d, test n=%d)",
+        "encoder eval: %s params=%s dim=%d (train n=%d, test n=%d)",
         " ".join(shown) or "(no labels)",
-        metrics["params"] / 1e6,
+        f"{metrics['params'] / 1e6:.2f}M"
+        if metrics["params"] >= 1e5
+        else f"{metrics['params']:.0f}",
         int(metrics["embed_dim"]),
         len(train_x),
         len(test_x),

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def build_loggers(
             extra = {"save_dir": str(stage_dir), "name": "logs", "version": f"attempt-{attempt}"}
         else:
             extra = {}
-        loggers.append(instantiate(cfg, **extra))
+        # Built directly, not with hydra's instantiate: the logged config holds `_target_`
+        # nodes that must stay plain data.
+        args = {k: v for k, v in cfg.items() if k != "_target_"}
+        loggers.append(cls(**(args | extra)))
     return loggers
 
 

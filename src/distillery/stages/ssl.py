@@ -123,7 +123,9 @@ class SSLStage(StageModule):
         self.update_target()
 
     # -- objective ------------------------------------------------------------------------
-    def _views(self, features: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def _views(
+        self, features: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Two augmented views, each (B, 1, n_mels, T)."""
         return self.augment(features, generator), self.augment(features, generator)
 

@@ -1,0 +1,45 @@
+"""The `distillery` console script, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def distillery(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "distillery.cli", *args, f"data.cache_dir={cache}"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_smoke_run_then_skip(tmp_path: Path, data_cache: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = distillery("experiment=supervised", "debug=smoke", "logger=csv", f"run_dir={run_dir}", cache=data_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((run_dir / "pipeline.json").read_text())
+    assert manifest["stages"]["finetune"]["status"] == "done"
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert "| finetune | finetune | done |" in (run_dir / "results.md").read_text()
+
+    second = distillery("experiment=supervised", "debug=smoke", "logger=csv", f"run_dir={run_dir}", cache=data_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "skip" in second.stdout + second.stderr
+    assert json.loads((run_dir / "pipeline.json").read_text()) == manifest
+
+
+def test_typo_fails_at_start_up_naming_the_key(tmp_path: Path, data_cache: Path) -> None:
+    result = distillery(
+        "experiment=supervised", "+pipeline.stages.finetune.module.lr=0.1", f"run_dir={tmp_path / 'r'}", cache=data_cache
+    )
+    assert result.returncode != 0
+    assert "pipeline.stages.finetune.module.lr: unknown argument of FinetuneStage" in result.stdout + result.stderr
+    assert not (tmp_path / "r" / "pipeline.json").exists()
+
+
+def test_help_lists_groups_and_experiments(data_cache: Path) -> None:
+    result = distillery("--help", cache=data_cache)
+    assert result.returncode == 0
+    assert "experiment: " in result.stdout and "supervised" in result.stdout
