@@ -49,10 +49,11 @@ class MixupWithPastBatches(nn.Module):
     output equals the input.
 
     The memory is updated only in training mode, so validation batches never leak into the
-    training mix; in eval mode the (frozen) memory is still used. It is a non-persistent
-    buffer: it follows ``.to(device)`` but is not saved in checkpoints (it refills within
-    ``memory_size / B`` steps, and a 2048-example memory would add tens of MB per checkpoint).
-    A batch whose (F, T) differs from the memory's restarts the memory.
+    training mix; in eval mode the (frozen) memory is still used. It is a plain tensor
+    attribute, not a buffer: it is not saved in checkpoints (it refills within
+    ``memory_size / B`` steps, and a 2048-example memory would add tens of MB to each), and
+    DDP never broadcasts it, so every rank keeps its own past examples. It follows the
+    batch's device. A batch whose (F, T) differs from the memory's restarts the memory.
 
     Shapes: x (B, 1, F, T) -> (B, 1, F, T).
     """
@@ -67,7 +68,7 @@ class MixupWithPastBatches(nn.Module):
             raise ValueError(f"memory_size must be >= 1, got {memory_size}")
         self.ratio = float(ratio)
         self.memory_size = int(memory_size)
-        self.register_buffer("memory", None, persistent=False)  # (memory_size, F, T) once used
+        self.memory = None  # (memory_size, F, T) once used
         self._filled = 0  # valid rows of the memory
         self._next = 0  # ring-buffer write position
 
@@ -94,6 +95,8 @@ class MixupWithPastBatches(nn.Module):
         _check_batch(x)
         b = x.shape[0]
         out = x
+        if self.memory is not None and self.memory.device != x.device:
+            self.memory = self.memory.to(x.device)
         if self._filled > 0 and self.memory is not None and self.memory.shape[1:] == x.shape[2:]:
             lam = _uniform(0.0, self.ratio, b, generator).to(x.dtype).to(x.device).view(b, 1, 1, 1)
             picks = torch.randint(self._filled, (b,), generator=generator).to(x.device)

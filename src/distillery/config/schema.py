@@ -90,7 +90,7 @@ class PipelineConfig:
 class EvalConfig:
     """Shared evaluation of every stage that yields an encoder."""
 
-    knn_k: int = 10
+    knn_k: list[int] = field(default_factory=lambda: [10, 20])
     probe_epochs: int = 100
     plots: bool = True
 

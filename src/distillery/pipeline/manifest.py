@@ -7,7 +7,6 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from distillery import __version__, artifacts
 

@@ -22,11 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from distillery import artifacts
 from distillery.config.validation import stage_data, stage_trainer, validate
 from distillery.data.datamodule import AudioDataModule
-from distillery.pipeline.checkpoints import AtomicCheckpointIO, epoch_checkpointing, latest_checkpoint
+from distillery.eval.report import evaluate_encoder
+from distillery.pipeline.checkpoints import (
+    AtomicCheckpointIO,
+    epoch_checkpointing,
+    latest_checkpoint,
+)
 from distillery.pipeline.manifest import RunManifest, StageRecord, now_iso
 from distillery.pipeline.progress import StageProgressBar
 from distillery.pipeline.report import write_results
-from distillery.pipeline.tracking import build_loggers, finish_loggers
+from distillery.pipeline.tracking import build_loggers, finish_loggers, log_to_loggers
+from distillery.stages.base import StageModule
 from distillery.stages.registry import stage_class
 
 log = logging.getLogger(__name__)
@@ -175,6 +181,8 @@ class Runner:
                     metrics.update(_floats(result))
             if self.is_rank_zero:
                 record.artifacts = self._export(module, trainer, stage_dir)
+                if stage_cfg.evaluate and module.encoder_for_eval() is not None:
+                    metrics |= self._evaluate(name, module, datamodule, trainer, stage_dir)
         except BaseException as err:
             record.status, record.error = "failed", f"{type(err).__name__}: {err}"
             record.wall_time_s = round(time.perf_counter() - start, 2)
@@ -220,6 +228,32 @@ class Runner:
             logger=loggers or False,
             plugins=[AtomicCheckpointIO()],
         )
+
+    def _evaluate(
+        self, name: str, module: StageModule, datamodule: AudioDataModule, trainer: pl.Trainer, stage_dir: Path
+    ) -> dict[str, float]:
+        """The shared encoder evaluation (kNN, linear probe, clustering, plots) on rank 0."""
+        table = datamodule.table
+        train = table.indices("train")
+        labeled = train[table.visible_labels[train] >= 0]
+        eval_cfg = self.cfg.eval
+        scores, plots = evaluate_encoder(
+            module.encoder_for_eval(),
+            datamodule.dataloader("train", indices=labeled),
+            datamodule.dataloader("test"),
+            datamodule.featurize,
+            class_names=datamodule.class_names,
+            out_dir=stage_dir / "eval",
+            knn_k=tuple(eval_cfg.knn_k),
+            probe_epochs=eval_cfg.probe_epochs,
+            plots=eval_cfg.plots,
+            device=trainer.strategy.root_device,
+            seed=self.cfg.seed,
+        )
+        metrics = {f"{name}/eval/{k}": float(v) for k, v in scores.items()}
+        images = {f"{name}/eval/{k}": v for k, v in plots.items()}
+        log_to_loggers(trainer.loggers, metrics, images=images, step=trainer.global_step)
+        return metrics
 
     def _export(self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path) -> dict[str, str]:
         written = {"checkpoint": str(latest_checkpoint(stage_dir))}

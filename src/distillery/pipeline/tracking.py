@@ -73,3 +73,14 @@ def finish_loggers(loggers: list[Logger]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def log_to_loggers(
+    loggers: list[Logger], metrics: dict[str, float], *, images: dict[str, str] | None = None, step: int
+) -> None:
+    """Log metrics computed outside the training loop; images (PNG paths) go to W&B."""
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        if images and isinstance(logger, WandbLogger):
+            for key, path in images.items():
+                logger.log_image(key=key, images=[path], step=step)

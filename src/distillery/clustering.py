@@ -1,0 +1,614 @@
+"""k-means between pipeline stages: pseudo-labels from embeddings, and their diagnostics.
+
+The entry point is :func:`kmeans`, which combines
+
+1. greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with local trials as in
+   scikit-learn) on a random sample of the points,
+2. FAISS Lloyd iterations from those seeds on a random subsample of at most
+   ``max_points_per_centroid * k`` points,
+3. a few Lloyd iterations on *all* points, which remove the centroid noise that the
+   subsample leaves behind,
+4. a final, chunked (memory-bounded) assignment of every point, with re-seeding of any
+   empty cluster so that the result has ``k`` non-empty clusters whenever ``n >= k``.
+
+FAISS' own random initialisation lands in clearly worse optima than k-means++ on
+well-separated data (one centroid pair per blob, none for another blob, which Lloyd
+iterations cannot undo), hence step 1.
+
+Helpers: :func:`assign` (nearest centroid), :func:`cluster_stats` (sizes, imbalance,
+NMI/ARI), :func:`pca_whiten` and :func:`l2_normalize` (pre-processing before k-means).
+All arrays are numpy; embeddings are float32 ``(n, d)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+__all__ = [
+    "KMeansResult",
+    "PCAWhitening",
+    "assign",
+    "cluster_stats",
+    "kmeans",
+    "l2_normalize",
+    "pca_whiten",
+]
+
+log = logging.getLogger(__name__)
+
+#: FAISS' default cap on training points per centroid; 256 points per centroid leave a
+#: centroid error of about 1/256 of the within-cluster variance, which the full-data
+#: refinement iterations then remove.
+DEFAULT_MAX_POINTS_PER_CENTROID = 256
+#: Seeding sample: ``INIT_POINTS_PER_CENTROID * k`` points, at least ``INIT_MIN_POINTS``.
+INIT_POINTS_PER_CENTROID = 20
+INIT_MIN_POINTS = 2048
+#: Fewest local trials per greedy k-means++ step (scikit-learn uses 2 + ln k, about 6
+#: for k = 100). On well-separated blobs 2 + ln k misses a blob in most runs (two seeds
+#: in one blob, none in another); with 32 trials the candidate set nearly always contains
+#: a point of an uncovered blob. The trials are scored in one matrix product, so they
+#: are cheap on the seeding sample.
+MIN_LOCAL_TRIALS = 32
+#: Re-seeding rounds in the final assignment before ties are broken by hand.
+_RESEED_ROUNDS = 3
+
+
+@dataclass
+class KMeansResult:
+    """Outcome of :func:`kmeans`.
+
+    Attributes:
+        centroids: (k, d) float32 cluster centres.
+        labels: (n,) int64 index of the nearest centroid of every point.
+        inertia: sum over all points of the squared distance to their centroid.
+        n_iter: Lloyd iterations run (subsample and full-data ones together).
+        n_reseeded: empty clusters that were re-seeded, counting both the splits FAISS
+            made during training and the re-seeds on the full data set.
+    """
+
+    centroids: np.ndarray
+    labels: np.ndarray
+    inertia: float
+    n_iter: int
+    n_reseeded: int
+
+
+@dataclass
+class PCAWhitening:
+    """A fitted PCA projection with eigenvalue scaling, as returned by :func:`pca_whiten`.
+
+    Attributes:
+        mean: (d,) float64 mean of the fitted data.
+        components: (dim, d) float64 principal directions, by decreasing variance.
+        eigenvalues: (dim,) float64 variance along each direction.
+        scale: (dim,) float64 factor applied to each projected coordinate
+            (``eigenvalue ** eig_power``).
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    eigenvalues: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
+
+    def apply(self, x: np.ndarray, chunk_size: int = 65536) -> np.ndarray:
+        """Project and scale (n, d) data to (n, dim) float32, ``chunk_size`` rows at a time."""
+        x = _as_matrix(x, "x")
+        if x.shape[1] != self.components.shape[1]:
+            raise ValueError(
+                f"x: expected {self.components.shape[1]} columns, got shape {x.shape}"
+            )
+        w = (self.components * self.scale[:, None]).T.astype(np.float32)  # (d, dim)
+        shift = (self.mean @ w.astype(np.float64)).astype(np.float32)  # (dim,)
+        out = np.empty((x.shape[0], self.dim), dtype=np.float32)
+        for lo in range(0, x.shape[0], chunk_size):
+            hi = min(lo + chunk_size, x.shape[0])
+            # (x - mean) @ w without materialising the centred chunk.
+            np.subtract(x[lo:hi] @ w, shift, out=out[lo:hi])
+        return out
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """C-contiguous float32 (n, d) view or copy of ``x``; checks shape only."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (n, d) array, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name}: expected a non-empty (n, d) array, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_finite(x: np.ndarray, name: str, chunk_size: int) -> None:
+    # Chunked: np.isfinite on the whole array would allocate n * d bytes at once.
+    for lo in range(0, x.shape[0], chunk_size):
+        block = x[lo : lo + chunk_size]
+        if not np.isfinite(block).all():
+            row = lo + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise ValueError(f"{name}: contains NaN or inf (first in row {row})")
+
+
+def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+# ------------------------------------------------------------------------- assignment
+
+
+def _sq_dist_to(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(m,) float32 exact ``||x_i - c_{labels_i}||^2``.
+
+    Computed from the differences, not from ``|x|^2 - 2 x.c + |c|^2`` as in the BLAS
+    search, which loses precision when the data sit far from the origin.
+    """
+    diff = x - centroids[labels]
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def _assign(
+    x: np.ndarray, centroids: np.ndarray, chunk_size: int, exact: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`assign` without input checks.
+
+    ``exact=False`` keeps FAISS' expanded-form distances (clamped at 0), which is enough
+    for intermediate Lloyd iterations and saves a pass over the data.
+    """
+    n, d = x.shape
+    index = faiss.IndexFlatL2(d)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(n, dtype=np.int64)
+    sq = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, chunk_size):
+        hi = min(lo + chunk_size, n)
+        dist, ids = index.search(x[lo:hi], 1)
+        labels[lo:hi] = ids[:, 0]
+        if exact:
+            sq[lo:hi] = _sq_dist_to(x[lo:hi], centroids, labels[lo:hi])
+        else:
+            np.maximum(dist[:, 0], 0.0, out=sq[lo:hi])
+    return labels, sq
+
+
+def assign(
+    x: np.ndarray, centroids: np.ndarray, chunk_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (squared L2) of every point, ``chunk_size`` points at a time.
+
+    Args:
+        x: (n, d) points.
+        centroids: (k, d) centroids.
+        chunk_size: points per FAISS search; bounds the temporary memory.
+
+    Returns:
+        ``(labels, sq_distances)``: (n,) int64 centroid indices and (n,) float32 squared
+        distances to that centroid.
+    """
+    x = _as_matrix(x, "x")
+    centroids = _as_matrix(centroids, "centroids")
+    if centroids.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"centroids: expected {x.shape[1]} columns like x, got shape {centroids.shape}"
+        )
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    _check_finite(x, "x", chunk_size)
+    _check_finite(centroids, "centroids", chunk_size)
+    return _assign(x, centroids, chunk_size)
+
+
+# ------------------------------------------------------------------------- seeding
+
+
+def _kmeans_plus_plus(
+    x: np.ndarray, k: int, rng: np.random.Generator, n_local_trials: int
+) -> np.ndarray:
+    """Greedy k-means++ seeds: (k, d) float32 rows of the (m, d) sample ``x``.
+
+    Each step draws ``n_local_trials`` candidates with probability proportional to the
+    squared distance to the nearest seed so far and keeps the one that lowers the
+    potential (sum of those squared distances) most. Cost: O(k * trials * m * d).
+    """
+    m = x.shape[0]
+    sq_norms = np.einsum("ij,ij->i", x, x)
+    seeds = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(m))
+    seeds[0] = x[first]
+    closest = np.maximum(sq_norms - 2.0 * (x @ x[first]) + sq_norms[first], 0.0)
+    for j in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        targets = rng.random(n_local_trials) * cumulative[-1]
+        candidates = np.minimum(np.searchsorted(cumulative, targets), m - 1)
+        # (trials, m) squared distances of every sample point to every candidate.
+        dist = x[candidates] @ x.T
+        dist *= -2.0
+        dist += sq_norms[candidates][:, None]
+        dist += sq_norms[None, :]
+        np.maximum(dist, 0.0, out=dist)
+        np.minimum(dist, closest[None, :], out=dist)
+        best = int(np.argmin(dist.sum(axis=1, dtype=np.float64)))
+        closest = dist[best]
+        seeds[j] = x[candidates[best]]
+    return seeds
+
+
+# ------------------------------------------------------------------------- Lloyd steps
+
+
+def _faiss_lloyd(
+    x: np.ndarray, init: np.ndarray, niter: int, tol: float, seed: int, verbose: bool
+) -> tuple[np.ndarray, int, int]:
+    """FAISS Lloyd iterations on all of ``x`` from ``init`` centroids.
+
+    FAISS stops before ``niter`` iterations once the objective decreases by less than
+    the fraction ``tol`` in one iteration.
+
+    Returns:
+        ``(centroids, n_iter, n_split)``: (k, d) float32 centroids, iterations run and
+        empty clusters FAISS split.
+    """
+    k, d = init.shape
+    params = faiss.ClusteringParameters()
+    params.niter = niter
+    params.early_stop_threshold = tol
+    params.seed = seed % (2**31)
+    params.verbose = verbose
+    # x is already subsampled: FAISS must use all of it, and not warn that there are
+    # few points per centroid (the caller validated k <= n).
+    params.max_points_per_centroid = max(1, math.ceil(x.shape[0] / k))
+    params.min_points_per_centroid = 1
+    clus = faiss.Clustering(d, k, params)
+    faiss.copy_array_to_vector(np.ascontiguousarray(init, dtype=np.float32).ravel(), clus.centroids)
+    clus.train(x, faiss.IndexFlatL2(d))
+    centroids = faiss.vector_float_to_array(clus.centroids).reshape(k, d).copy()
+    stats = clus.iteration_stats
+    n_split = sum(int(stats.at(i).nsplit) for i in range(stats.size()))
+    return centroids, int(stats.size()), n_split
+
+
+def _centroid_means(
+    x: np.ndarray, labels: np.ndarray, previous: np.ndarray, chunk_size: int
+) -> np.ndarray:
+    """(k, d) float32 mean of each cluster; an empty cluster keeps its ``previous`` centre."""
+    k, d = previous.shape
+    sums = np.zeros((k, d), dtype=np.float64)
+    for lo in range(0, x.shape[0], chunk_size):
+        hi = min(lo + chunk_size, x.shape[0])
+        onehot = sp.csr_matrix(
+            (np.ones(hi - lo, dtype=np.float32), (labels[lo:hi], np.arange(hi - lo))),
+            shape=(k, hi - lo),
+        )
+        sums += onehot @ x[lo:hi]
+    counts = np.bincount(labels, minlength=k)
+    out = previous.copy()
+    filled = counts > 0
+    out[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return out
+
+
+def _reseed_empty(
+    x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, sq: np.ndarray, k: int
+) -> dict[int, int]:
+    """Move every empty cluster onto a far point of a cluster that can spare one.
+
+    Points are taken by decreasing distance to their centroid, never emptying their own
+    cluster; each taken point becomes its new cluster's centroid and only member.
+    Modifies ``centroids``, ``labels`` and ``sq`` in place.
+
+    Returns:
+        ``{cluster: point index}`` of the re-seeded clusters.
+    """
+    counts = np.bincount(labels, minlength=k)
+    empty = np.flatnonzero(counts == 0)
+    seeded: dict[int, int] = {}
+    if empty.size == 0:
+        return seeded
+    for p in np.argsort(-sq, kind="stable"):
+        if len(seeded) == empty.size:
+            break
+        owner = labels[p]
+        if counts[owner] < 2:
+            continue
+        j = int(empty[len(seeded)])
+        counts[owner] -= 1
+        counts[j] = 1
+        centroids[j] = x[p]
+        labels[p] = j
+        sq[p] = 0.0
+        seeded[j] = int(p)
+    return seeded
+
+
+def _hand_over_ties(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    labels: np.ndarray,
+    sq: np.ndarray,
+    seeded: dict[int, int],
+) -> int:
+    """Give each still-empty re-seeded cluster back its seed point; returns new re-seeds.
+
+    A cluster re-seeded on point p and then left empty by the search lost a tie: p lies
+    at distance 0 from it and from the centroid it went to (duplicate points, or
+    round-off of the BLAS distances). Handing p over keeps a nearest-centroid
+    assignment. Clusters that cannot be filled that way are re-seeded again.
+    """
+    k = centroids.shape[0]
+    counts = np.bincount(labels, minlength=k)
+    for j in np.flatnonzero(counts == 0):
+        p = seeded.get(int(j))
+        if p is not None and counts[labels[p]] >= 2:
+            counts[labels[p]] -= 1
+            counts[j] = 1
+            labels[p] = j
+            sq[p] = _sq_dist_to(x[p : p + 1], centroids, labels[p : p + 1])[0]
+    return len(_reseed_empty(x, centroids, labels, sq, k))
+
+
+# ------------------------------------------------------------------------- k-means
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    init_sample: int | None = None,
+    max_points_per_centroid: int | None = None,
+    chunk_size: int = 65536,
+    verbose: bool = False,
+    tol: float = 1e-4,
+    refine_iter: int = 2,
+    n_local_trials: int | None = None,
+) -> KMeansResult:
+    """k-means (squared L2) of the rows of ``x``: k-means++ seeds, FAISS Lloyd iterations.
+
+    Args:
+        x: (n, d) float32 points (other float dtypes are converted).
+        k: number of clusters, ``1 <= k <= n``.
+        seed: seeds the numpy generator (samples, k-means++) and FAISS; equal seeds give
+            equal results.
+        niter: most Lloyd iterations on the training subsample.
+        init_sample: points drawn for k-means++ seeding (at least ``k``); by default
+            ``max(20 * k, 2048)``, capped by the training subsample size.
+        max_points_per_centroid: the Lloyd iterations use a random subsample of at most
+            ``max_points_per_centroid * k`` points (default 256 per centroid).
+        chunk_size: points per block in the full-data passes; bounds temporary memory.
+        verbose: log progress (and let FAISS print its iterations).
+        tol: the subsample iterations stop once the objective decreases by less than
+            this fraction in one iteration (0: only when it stops changing). On the
+            subsample, changes below ~1e-4 are smaller than the subsampling noise.
+        refine_iter: Lloyd iterations on all points after the subsample ones (skipped
+            when the subsample is the whole data set).
+        n_local_trials: candidates per greedy k-means++ step; by default
+            ``max(2 + ln k, 32)``.
+
+    Returns:
+        A :class:`KMeansResult`; its labels and inertia are for the final centroids, and
+        no cluster is empty.
+
+    Raises:
+        ValueError: if ``x`` is not a finite non-empty 2-D array, or an argument is out
+            of range (the message names it and its value).
+    """
+    x = _as_matrix(x, "x")
+    n, d = x.shape
+    k = _check_int(k, "k", 1, n)
+    niter = _check_int(niter, "niter", 1)
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    refine_iter = _check_int(refine_iter, "refine_iter", 0)
+    seed = _check_int(seed, "seed", 0)
+    if not 0.0 <= tol <= 1.0:
+        raise ValueError(f"tol must be in [0, 1], got {tol}")
+    if max_points_per_centroid is None:
+        max_points_per_centroid = DEFAULT_MAX_POINTS_PER_CENTROID
+    max_points_per_centroid = _check_int(max_points_per_centroid, "max_points_per_centroid", 1)
+    n_train = min(n, k * max_points_per_centroid)
+    if init_sample is None:
+        init_sample = max(INIT_POINTS_PER_CENTROID * k, INIT_MIN_POINTS)
+    init_sample = min(_check_int(init_sample, "init_sample", k), n_train)
+    if n_local_trials is None:
+        n_local_trials = max(2 + int(math.log(k)), MIN_LOCAL_TRIALS)
+    n_local_trials = _check_int(n_local_trials, "n_local_trials", 1)
+    _check_finite(x, "x", chunk_size)
+
+    rng = np.random.default_rng(seed)
+    # Sorted indices: the gathers read x front to back.
+    train = x if n_train == n else x[np.sort(rng.choice(n, size=n_train, replace=False))]
+    init_idx = np.sort(rng.choice(n_train, size=init_sample, replace=False))
+    seeds = _kmeans_plus_plus(train[init_idx], k, rng, n_local_trials)
+    centroids, n_iter, n_reseeded = _faiss_lloyd(train, seeds, niter, tol, seed, verbose)
+    if verbose:
+        log.info(
+            "k-means: %d iterations on %d of %d points (k=%d, d=%d), %d FAISS splits",
+            n_iter, n_train, n, k, d, n_reseeded,
+        )
+
+    if n_train < n:
+        for _ in range(refine_iter):
+            labels, sq = _assign(x, centroids, chunk_size, exact=False)
+            n_reseeded += len(_reseed_empty(x, centroids, labels, sq, k))
+            centroids = _centroid_means(x, labels, centroids, chunk_size)
+            n_iter += 1
+            if verbose:
+                log.info("k-means: full-data iteration, inertia %.6g", float(sq.sum(dtype=np.float64)))
+
+    labels, sq = _assign(x, centroids, chunk_size)
+    seeded: dict[int, int] = {}
+    for _ in range(_RESEED_ROUNDS):
+        moved = _reseed_empty(x, centroids, labels, sq, k)
+        if not moved:
+            break
+        n_reseeded += len(moved)
+        seeded.update(moved)
+        labels, sq = _assign(x, centroids, chunk_size)
+    else:
+        n_reseeded += _hand_over_ties(x, centroids, labels, sq, seeded)
+
+    inertia = float(sq.sum(dtype=np.float64))
+    if verbose:
+        log.info("k-means: inertia %.6g, %d clusters re-seeded", inertia, n_reseeded)
+    return KMeansResult(
+        centroids=centroids.astype(np.float32, copy=False),
+        labels=labels,
+        inertia=inertia,
+        n_iter=n_iter,
+        n_reseeded=n_reseeded,
+    )
+
+
+# ------------------------------------------------------------------------- diagnostics
+
+
+def cluster_stats(
+    labels: np.ndarray,
+    k: int,
+    true_labels: np.ndarray | None = None,
+    previous_labels: np.ndarray | None = None,
+    tiny_threshold: int | None = None,
+) -> dict[str, float | int]:
+    """Size and agreement summary of a clustering; every value is a plain int or float.
+
+    Args:
+        labels: (n,) cluster indices in ``[0, k)``.
+        k: number of clusters (clusters absent from ``labels`` count as empty).
+        true_labels: optional (n,) reference classes; entries equal to -1 are ignored.
+        previous_labels: optional (n,) earlier cluster indices (e.g. from the previous
+            stage); entries equal to -1 are ignored.
+        tiny_threshold: a cluster with fewer members than this is "tiny"; by default
+            ``max(5, ceil(0.1 * n / k))``.
+
+    Returns:
+        ``k``, ``n``, ``n_empty``, ``n_tiny``, ``tiny_threshold``, ``min_size``,
+        ``max_size``, ``mean_size``, ``median_size``, ``imbalance`` (largest size over
+        mean size), and when given and with at least one usable entry: ``nmi`` and
+        ``ari`` against ``true_labels`` (over ``n_labeled`` points), ``nmi_previous``
+        against ``previous_labels``.
+    """
+    k = _check_int(k, "k", 1)
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    n = int(labels.size)
+    if n and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(
+            f"labels must lie in [0, k={k}), got range [{labels.min()}, {labels.max()}]"
+        )
+    if tiny_threshold is None:
+        tiny_threshold = max(5, math.ceil(0.1 * n / k))
+    tiny_threshold = _check_int(tiny_threshold, "tiny_threshold", 0)
+    sizes = np.bincount(labels, minlength=k)
+    mean_size = n / k
+    stats: dict[str, float | int] = {
+        "k": k,
+        "n": n,
+        "n_empty": int((sizes == 0).sum()),
+        "n_tiny": int((sizes < tiny_threshold).sum()),
+        "tiny_threshold": int(tiny_threshold),
+        "min_size": int(sizes.min()),
+        "max_size": int(sizes.max()),
+        "mean_size": float(mean_size),
+        "median_size": float(np.median(sizes)),
+        "imbalance": float(sizes.max() / mean_size) if n else 0.0,
+    }
+    for name, other in (("true_labels", true_labels), ("previous_labels", previous_labels)):
+        if other is None:
+            continue
+        other = np.asarray(other).reshape(-1)
+        if other.shape[0] != n:
+            raise ValueError(f"{name}: expected {n} entries like labels, got {other.shape[0]}")
+        keep = other != -1
+        if not keep.any():
+            continue
+        if name == "true_labels":
+            stats["nmi"] = float(normalized_mutual_info_score(other[keep], labels[keep]))
+            stats["ari"] = float(adjusted_rand_score(other[keep], labels[keep]))
+            stats["n_labeled"] = int(keep.sum())
+        else:
+            stats["nmi_previous"] = float(normalized_mutual_info_score(other[keep], labels[keep]))
+    return stats
+
+
+# ------------------------------------------------------------------------- pre-processing
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of (n, d) ``x`` scaled to unit L2 norm (rows of norm < ``eps`` are divided by ``eps``).
+
+    Returns:
+        (n, d) float32 array (a new one).
+    """
+    x = _as_matrix(x, "x")
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return (x / np.maximum(norms, eps)[:, None]).astype(np.float32, copy=False)
+
+
+def pca_whiten(
+    x: np.ndarray, dim: int = 128, eig_power: float = -0.5, seed: int = 0
+) -> tuple[np.ndarray, PCAWhitening]:
+    """PCA to ``dim`` dimensions, each scaled by ``eigenvalue ** eig_power``.
+
+    ``eig_power=-0.5`` whitens (unit variance along every kept direction), ``0`` is plain
+    PCA (same convention as ``faiss.PCAMatrix``). The covariance is accumulated in
+    float64 and diagonalised exactly, so ``seed`` does not change the result; it is
+    accepted for a uniform call signature. Principal directions have a fixed sign (their
+    largest-magnitude entry is positive), so equal inputs give equal outputs.
+
+    Args:
+        x: (n, d) data to fit, n >= 2.
+        dim: output dimension, ``1 <= dim <= d``.
+        eig_power: exponent applied to the eigenvalues.
+        seed: unused (see above).
+
+    Returns:
+        ``(y, whitening)``: (n, dim) float32 transformed ``x`` and the fitted
+        :class:`PCAWhitening` (its ``apply`` transforms new data the same way).
+    """
+    del seed
+    x = _as_matrix(x, "x")
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"x: PCA needs at least 2 rows, got shape {x.shape}")
+    dim = _check_int(dim, "dim", 1, d)
+    if not math.isfinite(eig_power):
+        raise ValueError(f"eig_power must be finite, got {eig_power}")
+    chunk = 65536
+    _check_finite(x, "x", chunk)
+    mean = np.zeros(d, dtype=np.float64)
+    for lo in range(0, n, chunk):
+        mean += x[lo : lo + chunk].sum(axis=0, dtype=np.float64)
+    mean /= n
+    cov = np.zeros((d, d), dtype=np.float64)
+    for lo in range(0, n, chunk):
+        block = x[lo : lo + chunk].astype(np.float64) - mean
+        cov += block.T @ block
+    cov /= n - 1
+    eigenvalues, vectors = np.linalg.eigh(cov)  # ascending
+    order = np.argsort(eigenvalues)[::-1][:dim]
+    eigenvalues = np.maximum(eigenvalues[order], 0.0)
+    components = vectors[:, order].T  # (dim, d)
+    flip = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
+    components *= np.where(flip == 0, 1.0, flip)[:, None]
+    # Floor tiny eigenvalues: a rank-deficient direction would otherwise be scaled by
+    # ~1/sqrt(0) and turn round-off into unit-variance noise of any size.
+    floor = max(float(eigenvalues[0]), 1e-30) * 1e-10
+    scale = np.maximum(eigenvalues, floor) ** eig_power
+    whitening = PCAWhitening(mean=mean, components=components, eigenvalues=eigenvalues, scale=scale)
+    return whitening.apply(x, chunk_size=chunk), whitening
