@@ -83,7 +83,7 @@ class MixupWithPastBatches(nn.Module):
     def _push(self, x: Tensor) -> None:
         """Append ``x`` (B, F, T) to the FIFO memory."""
         if self.memory is None or self.memory.shape[1:] != x.shape[1:]:
-            self.memory = x.new_empty((self.memory_size, *x.shape[1:]))
+            self.memory = x.new_zeros((self.memory_size, *x.shape[1:]))  # rows >= _filled unused
             self._filled = self._next = 0
         x = x[-self.memory_size :]  # a batch larger than the memory keeps its newest rows
         rows = (self._next + torch.arange(x.shape[0])) % self.memory_size
@@ -101,7 +101,7 @@ class MixupWithPastBatches(nn.Module):
             lam = _uniform(0.0, self.ratio, b, generator).to(x.dtype).to(x.device).view(b, 1, 1, 1)
             picks = torch.randint(self._filled, (b,), generator=generator).to(x.device)
             past = self.memory[picks].unsqueeze(1).to(x.dtype)
-            # log((1-l) e^x + l e^m) computed as a logaddexp: no overflow, and l = 0 gives x exactly.
+            # log((1-l) e^x + l e^m) as a logaddexp: no overflow, and l = 0 gives x exactly.
             out = torch.logaddexp(torch.log1p(-lam) + x, torch.log(lam) + past)
         if self.training:
             self._push(x.detach().squeeze(1))

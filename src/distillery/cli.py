@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -32,8 +33,17 @@ def _main(cfg: DictConfig) -> float | None:
     return None
 
 
+def quiet_third_party_logs() -> None:
+    """Keep the console to what the pipeline is doing: Lightning's tips and device banners,
+    and deprecation notices from inside dependencies, are not actionable for a user."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
+
+
 def main() -> None:
     register_configs()
+    quiet_third_party_logs()
     _main()
 
 

@@ -69,8 +69,9 @@ class KMeansResult:
         labels: (n,) int64 index of the nearest centroid of every point.
         inertia: sum over all points of the squared distance to their centroid.
         n_iter: Lloyd iterations run (subsample and full-data ones together).
-        n_reseeded: empty clusters that were re-seeded, counting both the splits FAISS
-            made during training and the re-seeds on the full data set.
+        n_reseeded: re-seeds of empty clusters: the splits FAISS made, summed over its
+            iterations, plus the clusters re-seeded in each full-data iteration and in
+            the final assignment. 0 unless some cluster ran empty.
     """
 
     centroids: np.ndarray
@@ -340,13 +341,16 @@ def _hand_over_ties(
     labels: np.ndarray,
     sq: np.ndarray,
     seeded: dict[int, int],
-) -> int:
-    """Give each still-empty re-seeded cluster back its seed point; returns new re-seeds.
+) -> dict[int, int]:
+    """Give each still-empty re-seeded cluster back its seed point.
 
     A cluster re-seeded on point p and then left empty by the search lost a tie: p lies
     at distance 0 from it and from the centroid it went to (duplicate points, or
     round-off of the BLAS distances). Handing p over keeps a nearest-centroid
     assignment. Clusters that cannot be filled that way are re-seeded again.
+
+    Returns:
+        ``{cluster: point index}`` of the clusters re-seeded again.
     """
     k = centroids.shape[0]
     counts = np.bincount(labels, minlength=k)
@@ -357,7 +361,7 @@ def _hand_over_ties(
             counts[j] = 1
             labels[p] = j
             sq[p] = _sq_dist_to(x[p : p + 1], centroids, labels[p : p + 1])[0]
-    return len(_reseed_empty(x, centroids, labels, sq, k))
+    return _reseed_empty(x, centroids, labels, sq, k)
 
 
 # ------------------------------------------------------------------------- k-means
@@ -455,11 +459,13 @@ def kmeans(
         moved = _reseed_empty(x, centroids, labels, sq, k)
         if not moved:
             break
-        n_reseeded += len(moved)
         seeded.update(moved)
         labels, sq = _assign(x, centroids, chunk_size)
     else:
-        n_reseeded += _hand_over_ties(x, centroids, labels, sq, seeded)
+        extra = _hand_over_ties(x, centroids, labels, sq, seeded)
+        seeded.update(extra)
+    # Clusters re-seeded in several rounds (ties between duplicates) count once.
+    n_reseeded += len(seeded)
 
     inertia = float(sq.sum(dtype=np.float64))
     if verbose:

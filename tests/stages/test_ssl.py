@@ -208,10 +208,12 @@ def test_training_and_validation_steps_need_no_labels() -> None:
     loss = stage.training_step(batch, 0)
     assert loss.ndim == 0 and torch.isfinite(loss)
     stage.eval()
-    memory = stage.augment.mixup.memory.clone()
+    mixup = stage.augment.mixup
+    filled, memory = len(mixup), mixup.memory.clone()
     with torch.no_grad():
         stage.validation_step(batch, 0)
-    assert torch.equal(stage.augment.mixup.memory, memory)  # validation does not feed the mixup
+    # validation does not feed the mixup memory
+    assert len(mixup) == filled == 16 and torch.equal(mixup.memory, memory)
 
 
 class _Clips(Dataset):

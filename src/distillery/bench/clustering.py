@@ -39,7 +39,7 @@ __all__ = ["make_embedding_like", "run"]
 REPEATS = 3
 #: (name, n, d, k) of the full and of the quick (smoke-test) runs.
 FULL_SIZES = {"blobs": (100_000, 128, 100), "embedding-like": (50_000, 256, 64)}
-QUICK_SIZES = {"blobs": (4_000, 32, 20), "embedding-like": (3_000, 64, 16)}
+QUICK_SIZES = {"blobs": (2_000, 16, 10), "embedding-like": (2_000, 32, 8)}
 
 #: Fits (n, d) float32 data into k clusters with a seed; returns the (k, d) centroids
 #: and the (n,) labels.

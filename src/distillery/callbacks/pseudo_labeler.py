@@ -14,6 +14,7 @@ from distillery import artifacts
 from distillery.clustering import assign, cluster_stats, kmeans, l2_normalize, pca_whiten
 from distillery.eval.embed import embed
 from distillery.eval.plots import plot_cluster_sizes
+from distillery.pipeline.tracking import log_to_loggers
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class PseudoLabeler(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.assign_splits = tuple(assign_splits)
         self.artifacts: dict[str, str] = {}
+        self.metrics: dict[str, float] = {}  # of the latest clustering, on rank 0
         self._previous: np.ndarray | None = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -109,9 +111,12 @@ class PseudoLabeler(pl.Callback):
         meta: dict[str, Any] = {}
         if trainer.is_global_zero:
             meta = self._cluster_and_write(got_idx, feats, fit_idx, table.true_labels, trainer.current_epoch)
-            for logger in trainer.loggers:
-                scalars = {k: v for k, v in meta.items() if isinstance(v, float | int) and not isinstance(v, bool)}
-                logger.log_metrics({f"{pl_module.stage_name}/pseudo/{k}": v for k, v in scalars.items()}, step=trainer.global_step)
+            self.metrics = {
+                f"{pl_module.stage_name}/pseudo/{k}": float(v)
+                for k, v in meta.items()
+                if isinstance(v, float | int) and not isinstance(v, bool)
+            }
+            log_to_loggers(trainer.loggers, self.metrics, step=trainer.global_step)
         trainer.strategy.barrier("pseudo-labels-written")
         self.artifacts = {"pseudo_labels": str(self.out_dir / "labels.npy")}
         return meta

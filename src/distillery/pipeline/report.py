@@ -7,32 +7,41 @@ from pathlib import Path
 from distillery import artifacts
 from distillery.pipeline.manifest import RunManifest
 
-#: Metric splits shown in the table; training-time values stay in the loggers.
-REPORTED_SPLITS = ("test", "eval")
+#: Columns of the table, in order, when a stage reports them (``<stage>/<column>``).
+COLUMNS = (
+    "test/acc",
+    "eval/knn10_acc",
+    "eval/knn20_acc",
+    "eval/linear_acc",
+    "eval/nmi",
+    "eval/ari",
+    "pseudo/nmi",
+    "eval/params",
+)
 
 
-def reported_metrics(stage: str, metrics: dict[str, float]) -> dict[str, float]:
-    """``<stage>/<split>/<name>`` metrics of the reported splits, keyed ``<split>/<name>``."""
-    out = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == stage and parts[1] in REPORTED_SPLITS:
-            out[f"{parts[1]}/{parts[2]}"] = value
-    return out
+def _format(column: str, value: float) -> str:
+    if column.endswith("params"):
+        return f"{value / 1e6:.2f}M"
+    return f"{value:.4f}"
 
 
 def results_markdown(manifest: RunManifest) -> str:
+    present = [c for c in COLUMNS if any(f"{n}/{c}" in r.metrics for n, r in manifest.stages.items())]
+    header = ["stage", "kind", "status", "wall time (s)", *present]
     lines = [
         f"# Results of {manifest.run_id}",
         "",
-        "| stage | kind | status | wall time (s) | metrics |",
-        "| --- | --- | --- | --- | --- |",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
     ]
     for name, record in manifest.stages.items():
-        shown = reported_metrics(name, record.metrics)
-        metrics = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(shown.items())) or "-"
         wall = f"{record.wall_time_s:.1f}" if record.wall_time_s is not None else "-"
-        lines.append(f"| {name} | {record.kind} | {record.status} | {wall} | {metrics} |")
+        cells = [name, record.kind, record.status, wall]
+        for column in present:
+            value = record.metrics.get(f"{name}/{column}")
+            cells.append("-" if value is None else _format(column, value))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

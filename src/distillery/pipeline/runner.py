@@ -179,6 +179,9 @@ class Runner:
             if stage_cfg.evaluate and _overrides(module, "test_step"):
                 for result in trainer.test(module, datamodule=datamodule, verbose=False):
                     metrics.update(_floats(result))
+            for callback in trainer.callbacks:  # e.g. the PseudoLabeler's cluster statistics
+                if isinstance(extra := getattr(callback, "metrics", None), dict):
+                    metrics |= extra
             if self.is_rank_zero:
                 record.artifacts = self._export(module, trainer, stage_dir)
                 if stage_cfg.evaluate and module.encoder_for_eval() is not None:
