@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= outputs/demo
 
-.PHONY: install demo test test-full lint bench clean
+.PHONY: install demo test test-full lint reproduce-unfused clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/distillery experiment=supervised run_dir=$(RUN_DIR)
+	$(BIN)/distillery experiment=unfused run_dir=$(RUN_DIR)
 
 test: install
 	$(BIN)/pytest -m "not slow" -q
@@ -27,6 +27,15 @@ test-full: install
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+# UnFuSeD claim on the built-in data, 3 seeds; resumable (re-run to continue).
+SEEDS ?= 0 1 2
+reproduce-unfused: install
+	for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=unfused_compare seed=$$seed logger=csv \
+	    run_dir=experiments/unfused/runs/seed$$seed || exit 1; \
+	done
+	$(BIN)/python experiments/unfused/report.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache .pytest_cache

@@ -243,7 +243,7 @@ def test_cluster_stats_rejects_bad_labels() -> None:
 def _correlated(n: int, d: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(d, d)) * np.linspace(3.0, 0.1, d)[:, None]
-    return (rng.normal(size=(n, d)) @ mixing + 5.0).astype(np.float32)
+    return (rng.normal(size=(n, d)) @ mixing + 1000.0).astype(np.float32)
 
 
 def test_pca_whiten_gives_identity_covariance() -> None:

@@ -103,3 +103,29 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path, data
     ]
     # Each attempt's history is kept; the second starts at epoch 2 (then the test pass logs).
     assert epochs[0] == {0, 1} and min(epochs[1]) == 2
+
+
+def synthetic_dir(cache: Path) -> Path:
+    """The smoke data set's folder (written by any earlier smoke run, or now)."""
+    from distillery.data.datamodule import AudioDataModule
+
+    cfg = compose_config(["experiment=supervised", "debug=smoke", f"data.cache_dir={cache}"])
+    AudioDataModule(cfg.data).prepare_data()
+    return next(cache.glob("synthetic-*"))
+
+
+@pytest.mark.parametrize("source", ["folder", "manifest"])
+def test_user_data_sources_run_with_any_experiment(tmp_path: Path, data_cache: Path, source: str) -> None:
+    root = synthetic_dir(data_cache)
+    data = ["data=folder", f"data.root={root / 'audio'}"] if source == "folder" else [
+        "data=manifest", f"data.path={root / 'manifest.csv'}"]
+    record = Runner(smoke_config(tmp_path / "run", data_cache, *data)).run()["finetune"]
+    assert record.status == "done" and 0 <= record.metrics["finetune/test/acc"] <= 1
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "none"])
+def test_other_loggers(tmp_path: Path, data_cache: Path, logger: str) -> None:
+    cfg = smoke_config(tmp_path / "run", data_cache, f"logger={logger}")
+    assert Runner(cfg).run()["finetune"].status == "done"
+    event_files = list((tmp_path / "run" / "finetune" / "logs").rglob("events.out.tfevents.*"))
+    assert bool(event_files) == (logger == "tensorboard")

@@ -102,7 +102,7 @@ class PCAWhitening:
     def dim(self) -> int:
         return int(self.components.shape[0])
 
-    def apply(self, x: np.ndarray, chunk_size: int = 65536) -> np.ndarray:
+    def apply(self, x: np.ndarray, chunk_size: int = 16384) -> np.ndarray:
         """Project and scale (n, d) data to (n, dim) float32, ``chunk_size`` rows at a time."""
         x = _as_matrix(x, "x")
         if x.shape[1] != self.components.shape[1]:
@@ -110,12 +110,13 @@ class PCAWhitening:
                 f"x: expected {self.components.shape[1]} columns, got shape {x.shape}"
             )
         w = (self.components * self.scale[:, None]).T.astype(np.float32)  # (d, dim)
-        shift = (self.mean @ w.astype(np.float64)).astype(np.float32)  # (dim,)
+        mean = self.mean.astype(np.float32)
         out = np.empty((x.shape[0], self.dim), dtype=np.float32)
         for lo in range(0, x.shape[0], chunk_size):
             hi = min(lo + chunk_size, x.shape[0])
-            # (x - mean) @ w without materialising the centred chunk.
-            np.subtract(x[lo:hi] @ w, shift, out=out[lo:hi])
+            # Centre before projecting: x @ w - mean @ w cancels digits for data far
+            # from the origin.
+            np.matmul(x[lo:hi] - mean, w, out=out[lo:hi])
         return out
 
 
@@ -562,8 +563,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
         (n, d) float32 array (a new one).
     """
     x = _as_matrix(x, "x")
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    return (x / np.maximum(norms, eps)[:, None]).astype(np.float32, copy=False)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    return x / np.maximum(norms, np.float32(eps))[:, None]
 
 
 def pca_whiten(

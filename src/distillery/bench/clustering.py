@@ -120,7 +120,9 @@ def run(quick: bool = False, repeats: int = REPEATS) -> list[dict]:
 
     Returns:
         One row per (data set, method): ``dataset``, ``n``, ``d``, ``k``, ``method``,
-        ``time_s``, ``speedup`` (reference time / time), ``inertia``, ``inertia_ratio``
+        ``time_s`` (wall), ``speedup`` (reference wall time / wall time), ``cpu_s``
+        (process CPU time, all threads; less sensitive to other load on the machine
+        than wall time), ``inertia``, ``inertia_ratio``
         (inertia / reference inertia), ``inertia_ratio_min`` / ``_max`` (over seeds, each
         against the reference's median), ``nmi`` (to the planted labels), ``repeats``,
         ``cpus``. The reference is scikit-learn ``KMeans``.
@@ -128,19 +130,20 @@ def run(quick: bool = False, repeats: int = REPEATS) -> list[dict]:
     rows: list[dict] = []
     for name, (n, d, k) in (QUICK_SIZES if quick else FULL_SIZES).items():
         x, y = _dataset(name, n, d, k)
-        runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in METHODS}
+        runs: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in METHODS}
         for seed in range(repeats):
             for method, fit in METHODS.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 centroids, labels = fit(x, k, seed)
                 elapsed = time.perf_counter() - start
+                cpu = time.process_time() - start_cpu
                 _, sq = assign(x, np.asarray(centroids, dtype=np.float32))
                 nmi = normalized_mutual_info_score(y, np.asarray(labels))
-                runs[method].append((elapsed, float(sq.sum(dtype=np.float64)), float(nmi)))
+                runs[method].append((elapsed, cpu, float(sq.sum(dtype=np.float64)), float(nmi)))
         ref_time = statistics.median(r[0] for r in runs[REFERENCE])
-        ref_inertia = statistics.median(r[1] for r in runs[REFERENCE])
+        ref_inertia = statistics.median(r[2] for r in runs[REFERENCE])
         for method, results in runs.items():
-            times, inertias, nmis = zip(*results, strict=True)
+            times, cpus, inertias, nmis = zip(*results, strict=True)
             rows.append(
                 {
                     "dataset": name,
@@ -150,6 +153,7 @@ def run(quick: bool = False, repeats: int = REPEATS) -> list[dict]:
                     "method": method,
                     "time_s": statistics.median(times),
                     "speedup": ref_time / statistics.median(times),
+                    "cpu_s": statistics.median(cpus),
                     "inertia": statistics.median(inertias),
                     "inertia_ratio": statistics.median(inertias) / ref_inertia,
                     "inertia_ratio_min": min(inertias) / ref_inertia,
@@ -165,14 +169,14 @@ def run(quick: bool = False, repeats: int = REPEATS) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     """The rows of :func:`run` as a markdown table."""
     lines = [
-        "| data set | n x d, k | method | time (s) | speed-up vs sklearn KMeans "
+        "| data set | n x d, k | method | wall (s) | speed-up vs sklearn KMeans | CPU (s) "
         "| inertia | inertia / sklearn KMeans (min-max over seeds) | NMI to planted |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['n']} x {r['d']}, {r['k']} | {r['method']} "
-            f"| {r['time_s']:.3f} | {r['speedup']:.1f}x | {r['inertia']:.4g} "
+            f"| {r['time_s']:.3f} | {r['speedup']:.1f}x | {r['cpu_s']:.2f} | {r['inertia']:.4g} "
             f"| {r['inertia_ratio']:.4f} ({r['inertia_ratio_min']:.4f}-{r['inertia_ratio_max']:.4f}) "
             f"| {r['nmi']:.3f} |"
         )
@@ -184,8 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small data sets (smoke test)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="seeds per method")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     rows = run(quick=args.quick, repeats=args.repeats)
-    print(f"medians over {args.repeats} seeds, {rows[0]['cpus']} CPUs")
+    print(
+        f"medians over {args.repeats} seeds, {rows[0]['cpus']} CPUs, 1-min load average "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
+    )
     print(markdown_table(rows))
 
 

@@ -1,0 +1,88 @@
+"""Aggregate the UnFuSeD reproduction runs into results.json and the table in README.md.
+
+Usage: python experiments/unfused/report.py [RUNS_DIR]   (default: experiments/unfused/runs)
+Each ``RUNS_DIR/seed*/pipeline.json`` is one run of ``experiment=unfused_compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+METHODS = {  # stage-name prefix -> what it is
+    "scratch": "(a) student architecture trained from scratch",
+    "teacher": "(b) SSL teacher finetuned",
+    "student": "(c) UnFuSeD student finetuned",
+}
+FRACTIONS = {"few": "5% labels", "all": "100% labels"}
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "-"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def collect(runs_dir: Path) -> dict:
+    runs = sorted(runs_dir.glob("seed*/pipeline.json"))
+    if not runs:
+        raise SystemExit(f"no runs under {runs_dir}: run `make reproduce-unfused` first")
+    per_seed = []
+    for path in runs:
+        stages = json.loads(path.read_text())["stages"]
+        if any(s["status"] != "done" for s in stages.values()):
+            raise SystemExit(f"{path}: not every stage is done; re-run the same command to resume it")
+        row = {"run": path.parent.name}
+        for method in METHODS:
+            for fraction in FRACTIONS:
+                name = f"{method}_{fraction}"
+                row[name] = stages[name]["metrics"][f"{name}/test/acc"]
+            row[f"{method}_params"] = stages[f"{method}_all"]["metrics"][f"{method}_all/eval/params"]
+        row["teacher_params"] = stages["ssl"]["metrics"]["ssl/eval/params"]
+        row["pseudo_nmi"] = stages["ssl"]["metrics"]["ssl/pseudo/nmi"]
+        row["teacher_knn10"] = stages["ssl"]["metrics"]["ssl/eval/knn10_acc"]
+        row["student_knn10"] = stages["self_distill"]["metrics"]["self_distill/eval/knn10_acc"]
+        per_seed.append(row)
+    return {"runs": per_seed}
+
+
+def table(results: dict) -> str:
+    rows = results["runs"]
+    n = len(rows)
+    lines = [
+        f"Test accuracy, mean ± std over {n} seeds (8 classes, chance 0.125):",
+        "",
+        "| method | params | " + " | ".join(FRACTIONS.values()) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in FRACTIONS) + " |",
+    ]
+    for method, label in METHODS.items():
+        params = rows[0][f"{method}_params"] / 1e6
+        accs = [mean_std([r[f"{method}_{f}"] for r in rows]) for f in FRACTIONS]
+        lines.append(f"| {label} | {params:.2f}M | " + " | ".join(accs) + " |")
+    lines += [
+        "",
+        f"Pseudo-label NMI vs true classes (k = 32): {mean_std([r['pseudo_nmi'] for r in rows])}; "
+        f"kNN-10 test accuracy of the frozen embeddings (all training labels as neighbours): teacher "
+        f"{mean_std([r['teacher_knn10'] for r in rows])}, student {mean_std([r['student_knn10'] for r in rows])}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
+    results = collect(runs_dir)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    readme = HERE / "README.md"
+    body = readme.read_text()
+    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
+    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
