@@ -65,7 +65,9 @@ def test_inertia_matches_sklearn_kmeans_plus_plus(blobs: tuple[np.ndarray, np.nd
         _check_consistent(x, r, 20)
 
 
-def test_subsampled_training_then_full_data_refinement(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+def test_subsampled_training_then_full_data_refinement(
+    blobs: tuple[np.ndarray, np.ndarray],
+) -> None:
     x, y = blobs
     # 20 * 40 = 800 training points out of 5000, then Lloyd steps on all points.
     result = kmeans(x, 20, seed=0, max_points_per_centroid=40, refine_iter=2)
@@ -153,7 +155,12 @@ def test_outlier_clusters_near_k_equals_n() -> None:
     [
         (np.zeros(10, np.float32), 2, {}, r"x: expected a 2-D .*\(10,\)"),
         (np.zeros((0, 3), np.float32), 1, {}, r"x: expected a non-empty .*\(0, 3\)"),
-        (np.array([[0.0, 1.0], [np.nan, 0.0], [1.0, 1.0]]), 2, {}, r"x: contains NaN or inf .*row 1"),
+        (
+            np.array([[0.0, 1.0], [np.nan, 0.0], [1.0, 1.0]]),
+            2,
+            {},
+            r"x: contains NaN or inf .*row 1",
+        ),
         (np.array([[0.0, 1.0], [np.inf, 0.0]]), 1, {}, r"x: contains NaN or inf"),
         (np.zeros((5, 2)), 0, {}, r"k must be in \[1, 5\], got 0"),
         (np.zeros((5, 2)), 6, {}, r"k must be in \[1, 5\], got 6"),
@@ -162,7 +169,12 @@ def test_outlier_clusters_near_k_equals_n() -> None:
         (np.zeros((5, 2)), 2, {"niter": 0}, r"niter must be >= 1, got 0"),
         (np.zeros((5, 2)), 2, {"chunk_size": 0}, r"chunk_size must be >= 1, got 0"),
         (np.zeros((5, 2)), 3, {"init_sample": 2}, r"init_sample must be >= 3, got 2"),
-        (np.zeros((5, 2)), 2, {"max_points_per_centroid": 0}, r"max_points_per_centroid must be >= 1, got 0"),
+        (
+            np.zeros((5, 2)),
+            2,
+            {"max_points_per_centroid": 0},
+            r"max_points_per_centroid must be >= 1, got 0",
+        ),
         (np.zeros((5, 2)), 2, {"seed": -1}, r"seed must be >= 0, got -1"),
         (np.zeros((5, 2)), 2, {"tol": 2.0}, r"tol must be in \[0, 1\], got 2.0"),
     ],
@@ -203,7 +215,9 @@ def test_cluster_stats_on_a_hand_made_example() -> None:
     perm = np.array([2, 0, 3, 1])
     true = perm[labels].copy()
     true[[0, 6]] = -1  # unlabeled entries are ignored
-    stats = cluster_stats(labels, 4, true_labels=true, previous_labels=perm[labels], tiny_threshold=3)
+    stats = cluster_stats(
+        labels, 4, true_labels=true, previous_labels=perm[labels], tiny_threshold=3
+    )
     assert stats["k"] == 4 and stats["n"] == 12
     assert stats["n_empty"] == 1
     assert stats["n_tiny"] == 2  # sizes 0 and 2 are below 3
@@ -288,7 +302,9 @@ def test_l2_normalize() -> None:
 def test_benchmark_quick_smoke() -> None:
     from distillery.bench.clustering import markdown_table, run
 
-    rows = run(quick=True, repeats=1)
+    before = faiss.omp_get_max_threads()
+    rows = run(quick=True, repeats=1, threads=1)
+    assert faiss.omp_get_max_threads() == before
     assert {r["method"] for r in rows} >= {"distillery kmeans", "faiss.Kmeans (defaults)"}
     assert len(rows) == 8
     ours = [r for r in rows if r["method"] == "distillery kmeans"]

@@ -24,13 +24,15 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import normalized_mutual_info_score
+from threadpoolctl import threadpool_limits
 
 from distillery.clustering import assign, kmeans
 
@@ -111,22 +113,44 @@ METHODS: dict[str, Method] = {
 REFERENCE = "sklearn KMeans (k-means++, n_init=1)"
 
 
-def run(quick: bool = False, repeats: int = REPEATS) -> list[dict]:
+@contextmanager
+def _thread_limit(threads: int | None) -> Iterator[None]:
+    """Cap OpenMP and BLAS threads of every method (FAISS and scikit-learn alike)."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    try:
+        with threadpool_limits(limits=threads):
+            faiss.omp_set_num_threads(threads)
+            yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def run(quick: bool = False, repeats: int = REPEATS, threads: int | None = None) -> list[dict]:
     """Time and score every method on both data sets.
 
     Args:
         quick: use small data sets (a smoke test of a few seconds).
         repeats: seeds per method (0, 1, ...); medians are reported.
+        threads: cap on OpenMP/BLAS threads for all methods; default: as configured
+            (all cores). One thread makes the timings robust to other load on the
+            machine, at the price of not measuring parallel scaling.
 
     Returns:
         One row per (data set, method): ``dataset``, ``n``, ``d``, ``k``, ``method``,
         ``time_s`` (wall), ``speedup`` (reference wall time / wall time), ``cpu_s``
-        (process CPU time, all threads; less sensitive to other load on the machine
-        than wall time), ``inertia``, ``inertia_ratio``
-        (inertia / reference inertia), ``inertia_ratio_min`` / ``_max`` (over seeds, each
+        (process CPU time of all threads, OpenMP spin-waiting included), ``inertia``,
+        ``inertia_ratio`` (inertia / reference inertia), ``inertia_ratio_min`` / ``_max`` (over seeds, each
         against the reference's median), ``nmi`` (to the planted labels), ``repeats``,
-        ``cpus``. The reference is scikit-learn ``KMeans``.
+        ``cpus``, ``threads``. The reference is scikit-learn ``KMeans``.
     """
+    with _thread_limit(threads):
+        return _run(quick, repeats, threads)
+
+
+def _run(quick: bool, repeats: int, threads: int | None) -> list[dict]:
     rows: list[dict] = []
     for name, (n, d, k) in (QUICK_SIZES if quick else FULL_SIZES).items():
         x, y = _dataset(name, n, d, k)
@@ -161,6 +185,7 @@ def run(quick: bool = False, repeats: int = REPEATS) -> list[dict]:
                     "nmi": statistics.median(nmis),
                     "repeats": repeats,
                     "cpus": os.cpu_count() or 0,
+                    "threads": threads or faiss.omp_get_max_threads(),
                 }
             )
     return rows
@@ -187,11 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data sets (smoke test)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="seeds per method")
+    parser.add_argument("--threads", type=int, default=None, help="OpenMP/BLAS thread cap")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
-    rows = run(quick=args.quick, repeats=args.repeats)
+    rows = run(quick=args.quick, repeats=args.repeats, threads=args.threads)
     print(
-        f"medians over {args.repeats} seeds, {rows[0]['cpus']} CPUs, 1-min load average "
+        f"medians over {args.repeats} seeds, {rows[0]['cpus']} CPUs, "
+        f"{rows[0]['threads']} threads, 1-min load average "
         f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after"
     )
     print(markdown_table(rows))

@@ -44,7 +44,7 @@ class StageModule(pl.LightningModule):
 
     def log_split(self, split: str, metrics: dict[str, torch.Tensor | float], **kwargs: Any) -> None:
         """Log ``metrics`` as ``<stage>/<split>/<name>``."""
-        kwargs.setdefault("sync_dist", split != "train")
+        kwargs.setdefault("sync_dist", True)  # epoch values averaged over ranks under DDP
         self.log_dict({f"{self.stage_name}/{split}/{k}": v for k, v in metrics.items()}, **kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
