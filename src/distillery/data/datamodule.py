@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -151,13 +152,7 @@ class AudioDataModule(pl.LightningDataModule):
     def _read_source(self) -> SourceTable:
         cfg = self.cfg
         spec = SyntheticSpec(
-            num_classes=cfg.synthetic.num_classes,
-            clips_per_class=cfg.synthetic.clips_per_class,
-            sample_rate=cfg.sample_rate,
-            clip_seconds=cfg.clip_seconds,
-            seed=cfg.synthetic.seed,
-            snr_db_min=cfg.synthetic.snr_db_min,
-            snr_db_max=cfg.synthetic.snr_db_max,
+            **dataclasses.asdict(cfg.synthetic), sample_rate=cfg.sample_rate, clip_seconds=cfg.clip_seconds
         )
         return load_source(
             cfg.source, root=cfg.root, path=cfg.path, cache_dir=cfg.cache_dir, synthetic=spec

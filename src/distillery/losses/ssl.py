@@ -14,6 +14,11 @@ from torch import Tensor
 __all__ = ["barlow_twins_loss", "byol_loss", "nt_xent"]
 
 
+
+def _check_pair(z1: Tensor, z2: Tensor) -> None:
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"expected two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+
 def byol_loss(online_pred: Tensor, target_proj: Tensor) -> Tensor:
     """BYOL regression loss ``2 - 2 cos(p, z)``, mean over the batch.
 
@@ -49,10 +54,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     Returns:
         scalar.
     """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(
-            f"expected two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
+    _check_pair(z1, z2)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)  # (2B, D)
     logits = z @ z.t() / temperature  # (2B, 2B)
@@ -80,10 +82,7 @@ def barlow_twins_loss(
     Returns:
         scalar.
     """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(
-            f"expected two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
+    _check_pair(z1, z2)
     n = z1.shape[0]
     if n < 2:
         raise ValueError("barlow_twins_loss needs a batch of at least 2 to standardise features")
