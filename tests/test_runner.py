@@ -129,3 +129,23 @@ def test_other_loggers(tmp_path: Path, data_cache: Path, logger: str) -> None:
     assert Runner(cfg).run()["finetune"].status == "done"
     event_files = list((tmp_path / "run" / "finetune" / "logs").rglob("events.out.tfevents.*"))
     assert bool(event_files) == (logger == "tensorboard")
+
+
+@pytest.mark.parametrize("on_bad_file", ["error", "skip"])
+def test_bad_audio_files_are_reported_together_or_skipped(tmp_path: Path, data_cache: Path, on_bad_file: str) -> None:
+    import shutil
+
+    root = tmp_path / "audio"
+    shutil.copytree(synthetic_dir(data_cache) / "audio", root)
+    first, second = sorted(p for p in root.iterdir() if p.is_dir())[:2]
+    bad = [first / "broken.wav", second / "empty.wav"]
+    bad[0].write_bytes(b"RIFF not really a wav file")
+    bad[1].write_bytes(b"")
+    cfg = smoke_config(tmp_path / "run", data_cache, "data=folder", f"data.root={root}", f"data.on_bad_file={on_bad_file}")
+    if on_bad_file == "error":
+        with pytest.raises(ValueError) as err:
+            Runner(cfg).run()
+        assert all(str(p) in str(err.value) for p in bad) and "data.on_bad_file=skip" in str(err.value)
+    else:
+        record = Runner(cfg).run()["finetune"]
+        assert record.status == "done" and record.metrics["finetune/data/skipped_files"] == 2

@@ -142,6 +142,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.cache: dict[int, np.ndarray] | None = None
         self.pseudo_labels: np.ndarray | None = None
         self.features: LogMel | None = None
+        self.skipped_files: list[str] = []
 
     # -- set-up ---------------------------------------------------------------------------
     def _load_source(self) -> SourceTable:
@@ -168,8 +169,9 @@ class AudioDataModule(pl.LightningDataModule):
         self.table = resolve_splits(self._load_source(), self.cfg)
         if self.pseudo_labels_path:
             self.pseudo_labels = self._read_pseudo_labels(Path(self.pseudo_labels_path))
-        if self.cfg.preload:
-            self.cache = self._decode_all()
+        if self.cfg.preload or self.cfg.on_bad_file == "skip":  # skipping needs every file checked
+            decoded = self._decode_all()
+            self.cache = decoded if self.cfg.preload else None
         self.features = self._fit_features()
         counts = {s: len(self.table.indices(s)) for s in SPLITS}
         log.info(
@@ -189,16 +191,31 @@ class AudioDataModule(pl.LightningDataModule):
         return labels.astype(np.int64)
 
     def _decode_all(self) -> dict[int, np.ndarray]:
+        """Decode every clip once: kept in memory with ``preload``, checked either way.
+
+        Bad files are all reported in one error (``on_bad_file=error``), or left out of
+        every split and counted in ``skipped_files`` (``on_bad_file=skip``); dataset indices
+        of the other clips do not move, so pseudo-labels stay aligned.
+        """
         records = self.table.source.records
-        cache, bad = {}, []
+        cache, bad = {}, {}
         for i, record in enumerate(track(records, description="decoding audio", transient=True)):
             try:
-                cache[i] = read_audio(record.path, self.cfg.sample_rate)
+                audio = read_audio(record.path, self.cfg.sample_rate)
             except AudioFileError as err:
-                bad.append(str(err))
+                bad[i] = str(err)
+                continue
+            if self.cfg.preload:
+                cache[i] = audio
+        if bad and self.cfg.on_bad_file == "error":
+            listing = "\n  ".join(bad.values())
+            raise AudioFileError(
+                f"{len(bad)} unreadable audio file(s) (set data.on_bad_file=skip to leave them out):\n  {listing}"
+            )
         if bad:
-            listing = "\n  ".join(bad)
-            raise AudioFileError(f"{len(bad)} unreadable audio file(s):\n  {listing}")
+            self.table.splits[list(bad)] = "skipped"
+            self.skipped_files = list(bad.values())
+            log.warning("data: skipped %d unreadable file(s), e.g. %s", len(bad), next(iter(bad.values())))
         return cache
 
     def _fit_features(self) -> LogMel:

@@ -176,6 +176,7 @@ class Runner:
             ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
             metrics = _floats(trainer.callback_metrics)
+            metrics[f"{name}/data/skipped_files"] = float(len(datamodule.skipped_files))
             if stage_cfg.evaluate and _overrides(module, "test_step"):
                 for result in trainer.test(module, datamodule=datamodule, verbose=False):
                     metrics.update(_floats(result))
