@@ -69,3 +69,19 @@ def read_wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def pseudo_label_worker(fabric, encoder_path: str, overrides: list[str], out_dir: str, k: int) -> None:
+    """Pseudo-label a data set with a saved encoder on every rank of ``fabric``; each rank
+    saves the labels it holds as ``labels-w<world>-r<rank>.npy``."""
+    import numpy as np
+
+    from distillery.callbacks.pseudo_labeler import label_dataset
+    from distillery.data.datamodule import AudioDataModule
+    from distillery.models.io import load_encoder
+
+    data = AudioDataModule(compose_config(overrides).data)
+    data.setup()
+    encoder, _ = load_encoder(encoder_path)
+    labels, *_ = label_dataset(fabric, encoder, data, k=k, seed=0)
+    np.save(Path(out_dir) / f"labels-w{fabric.world_size}-r{fabric.global_rank}.npy", labels)

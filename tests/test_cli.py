@@ -43,3 +43,24 @@ def test_help_lists_groups_and_experiments(data_cache: Path) -> None:
     result = distillery("--help", cache=data_cache)
     assert result.returncode == 0
     assert "experiment: " in result.stdout and "supervised" in result.stdout
+
+
+def test_multirun_gives_each_job_its_run_dir_and_wandb_group(tmp_path: Path, data_cache: Path) -> None:
+    from tests.helpers import read_wandb_records
+
+    sweep = tmp_path / "sweep"
+    result = distillery(
+        "-m", "experiment=supervised", "debug=smoke", "logger=wandb", "seed=0,1", f"hydra.sweep.dir={sweep}",
+        cache=data_cache,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = set()
+    for job in ("0", "1"):
+        manifest = json.loads((sweep / job / "pipeline.json").read_text())
+        record = manifest["stages"]["finetune"]
+        assert record["status"] == "done"
+        (run_file,) = (sweep / job / "wandb").glob(f"offline-run-*/run-{record['wandb_run_id']}.wandb")
+        run = next(r.run for r in read_wandb_records(run_file) if r.HasField("run"))
+        assert run.run_group == manifest["run_id"]
+        groups.add(run.run_group)
+    assert len(groups) == 2

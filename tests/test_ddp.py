@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from distillery.data.datamodule import AudioDataModule
 from tests.helpers import compose_config
@@ -32,6 +33,55 @@ def test_unfused_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> Non
     assert (labels[train] >= 0).all() and (labels[data.table.indices("test")] == -1).all()
     # One run dir for both processes: the child wrote into it, not into a directory of its own.
     assert {p.name for p in run_dir.iterdir()} == {
-        ".hydra", "distillery.log", "train_ddp_process_1.log", "pipeline.json", "results.md",
+        ".hydra", "distillery.log", "ddp_rank1.log", "pipeline.json", "results.md",
         "ssl", "self_distill", "finetune",
     }
+
+
+@pytest.mark.ddp
+def test_pseudo_labels_identical_on_every_rank_and_world_size(tmp_path: Path, data_cache: Path) -> None:
+    from lightning.fabric import Fabric
+
+    from distillery.models.encoders import AudioNTT
+    from distillery.models.io import save_encoder
+    from tests.helpers import pseudo_label_worker
+
+    torch.manual_seed(0)
+    encoder_cfg = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 64, "channels": 8, "dim": 64}
+    encoder_path = tmp_path / "teacher.pt"
+    save_encoder(encoder_path, AudioNTT(n_mels=64, channels=8, dim=64).eval(), encoder_cfg)
+    # 3 classes x 15 clips: 33 training + 6 validation clips, an odd count for 2 ranks.
+    overrides = ["experiment=unfused", f"data.cache_dir={data_cache}", "data.synthetic.num_classes=3",
+                 "data.synthetic.clips_per_class=15", "data.batch_size=8"]
+    data = AudioDataModule(compose_config(overrides).data)
+    data.setup()
+    labeled = np.concatenate([data.table.indices("train"), data.table.indices("val")])
+    assert len(labeled) % 2 == 1
+
+    single = Fabric(accelerator="cpu", devices=1)
+    pseudo_label_worker(single, str(encoder_path), overrides, str(tmp_path), 5)
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(
+        pseudo_label_worker, str(encoder_path), overrides, str(tmp_path), 5
+    )
+    one = np.load(tmp_path / "labels-w1-r0.npy")
+    rank0, rank1 = (np.load(tmp_path / f"labels-w2-r{r}.npy") for r in (0, 1))
+    np.testing.assert_array_equal(rank0, rank1)
+    np.testing.assert_array_equal(rank0, one)
+    # Every train/val clip labeled exactly once, nothing else labeled, all 5 clusters used.
+    assert (one[labeled] >= 0).all() and (np.delete(one, labeled) == -1).all()
+    assert set(one[labeled]) == set(range(5))
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_multirun_of_ddp_jobs(tmp_path: Path, data_cache: Path) -> None:
+    """Each job of a sweep starts its own rank-1 process, in its own run dir."""
+    sweep = tmp_path / "sweep"
+    result = distillery(
+        "-m", "experiment=supervised", "debug=smoke", "trainer=ddp", "trainer.devices=2",
+        "trainer.accelerator=cpu", "logger=csv", "seed=0,1", f"hydra.sweep.dir={sweep}", cache=data_cache,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "pipeline.json").read_text())["stages"]["finetune"]["status"] == "done"
+        assert (sweep / job / "ddp_rank1.log").exists()

@@ -20,13 +20,17 @@ log = logging.getLogger("distillery")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    from distillery.pipeline import launch
     from distillery.pipeline.runner import Runner  # heavy imports after Hydra parsed argv
+
+    launch.install()
 
     # The run dir Hydra created is the one every process (and DDP child) agrees on.
     with open_dict(cfg):
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
-        Runner(cfg).run()
+        with launch.job_processes():
+            Runner(cfg).run()
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
