@@ -30,11 +30,20 @@ def _main(cfg: DictConfig) -> float | None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
         with launch.job_processes():
-            Runner(cfg).run()
+            stages = Runner(cfg).run()
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
-    return None
+    return optimized_value(stages, cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+def optimized_value(stages: dict, metric: str) -> float:
+    """The value of ``optimized_metric`` (``<stage>/<split>/<name>``) for a sweeper."""
+    stage = metric.split("/")[0]
+    metrics = stages[stage].metrics if stage in stages else {}
+    if metric not in metrics:
+        raise KeyError(f"optimized_metric={metric!r} was not produced (stage {stage!r} has: {sorted(metrics)})")
+    return metrics[metric]
 
 
 def quiet_third_party_logs() -> None:

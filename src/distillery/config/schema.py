@@ -114,6 +114,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     experiment_name: str | None = None
+    #: ``<stage>/<split>/<name>`` returned to a Hydra sweeper (e.g. Optuna) after the run.
+    optimized_metric: str | None = None
 
 
 def register_configs() -> None:

@@ -189,6 +189,7 @@ def validate(cfg: DictConfig) -> None:
     problems += check_targets(OmegaConf.to_container(cfg.logger), "logger")
     trainer_args = OmegaConf.to_container(cfg.trainer)
     problems += check_call_args(pl.Trainer, trainer_args, "trainer", reserved=INJECTED_TRAINER_ARGS)
+    problems += check_targets(trainer_args, "trainer")
     data_problems = check_data(OmegaConf.to_container(cfg.data), "data")
     problems += data_problems
 

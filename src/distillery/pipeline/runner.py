@@ -222,7 +222,10 @@ class Runner:
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
             if callback_cfg:
                 callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
-        trainer_args = stage_trainer(self.cfg, name)
+        trainer_args = {  # e.g. `strategy: {_target_: DDPStrategy, timeout: ...}`
+            k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v
+            for k, v in stage_trainer(self.cfg, name).items()
+        }
         if trainer_args.get("enable_progress_bar", True):
             callbacks.append(StageProgressBar(name, leave=True))
         return pl.Trainer(
