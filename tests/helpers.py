@@ -34,8 +34,9 @@ class FailOnceAtEpoch(pl.Callback):
         self.marker = Path(marker)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch and not self.marker.exists():
-            self.marker.touch()
+        marker = self.marker.with_name(f"{self.marker.name}.rank{trainer.global_rank}")  # every rank fails
+        if trainer.current_epoch == self.epoch and not marker.exists():
+            marker.touch()
             raise RuntimeError(f"injected failure at epoch {self.epoch}")
 
 

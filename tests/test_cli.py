@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def distillery(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline"}
+    repo = Path(__file__).resolve().parents[1]  # so `_target_: tests.helpers...` imports
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "distillery.cli", *args, f"data.cache_dir={cache}"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 

@@ -85,3 +85,30 @@ def test_multirun_of_ddp_jobs(tmp_path: Path, data_cache: Path) -> None:
     for job in ("0", "1"):
         assert json.loads((sweep / job / "pipeline.json").read_text())["stages"]["finetune"]["status"] == "done"
         assert (sweep / job / "ddp_rank1.log").exists()
+
+
+@pytest.mark.ddp
+def test_interrupted_ddp_stage_resumes_with_its_wandb_run(tmp_path: Path, data_cache: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [
+        "experiment=supervised", "debug=smoke", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "logger=wandb", "debug.trainer.max_epochs=2", f"run_dir={run_dir}",
+        "+pipeline.stages.finetune.callbacks.fault._target_=tests.helpers.FailOnceAtEpoch",
+        "+pipeline.stages.finetune.callbacks.fault.epoch=1",
+        f"+pipeline.stages.finetune.callbacks.fault.marker={tmp_path / 'failed'}",
+    ]
+    first = distillery(*args, cache=data_cache)
+    assert first.returncode != 0 and "injected failure" in first.stderr
+    failed = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert failed["status"] == "failed"
+
+    second = distillery(*args, cache=data_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    done = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert done["status"] == "done" and done["attempts"] == 2
+    assert done["wandb_run_id"] == failed["wandb_run_id"]
+    # Both attempts wrote to the same W&B run (one offline directory each).
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{done['wandb_run_id']}"))) == 2
+    checkpoint = torch.load(next((run_dir / "finetune" / "checkpoints").glob("epoch=1-*.ckpt")), weights_only=False)
+    # 32 training clips over 2 ranks, batches of 8: 2 steps per epoch; 2 epochs, not 3.
+    assert checkpoint["global_step"] == 4

@@ -20,8 +20,12 @@ log = logging.getLogger("distillery")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    # Heavy imports only once Hydra has parsed argv, so `--help` stays quick.
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     from distillery.pipeline import launch
-    from distillery.pipeline.runner import Runner  # heavy imports after Hydra parsed argv
+    from distillery.pipeline.runner import Runner
+    from distillery.pipeline.tracking import report_to_wandb_sweep
 
     launch.install()
 
@@ -34,6 +38,8 @@ def _main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
+    if rank_zero_only.rank == 0:
+        report_to_wandb_sweep({k: v for record in stages.values() for k, v in record.metrics.items()})
     return optimized_value(stages, cfg.optimized_metric) if cfg.optimized_metric else None
 
 

@@ -40,15 +40,27 @@ def quiet() -> None:
 
 
 @contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Cap torch's intra-op threads for the block (``None``: leave as configured)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+def thread_limit(threads: int | None) -> Iterator[None]:
+    """Cap torch, BLAS/OpenMP (threadpoolctl) and FAISS threads for the block.
+
+    ``None`` leaves everything as configured. On a small machine shared with other jobs,
+    one thread keeps baseline and candidate equally exposed to the background load.
+    """
+    if threads is None:
         yield
+        return
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        with threadpool_limits(limits=threads):
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+            yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(torch_before)
+        faiss.omp_set_num_threads(faiss_before)
 
 
 def _cpu_model() -> str:

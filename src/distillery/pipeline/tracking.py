@@ -84,3 +84,19 @@ def log_to_loggers(
         if images and isinstance(logger, WandbLogger):
             for key, path in images.items():
                 logger.log_image(key=key, images=[path], step=step)
+
+
+def report_to_wandb_sweep(metrics: dict[str, float]) -> None:
+    """Under ``wandb agent``, log the pipeline's final metrics to the agent's own run.
+
+    The agent watches the run it created (``WANDB_RUN_ID``); the stages log to runs of their
+    own, so the sweep's objective (e.g. ``finetune/test/acc``) is reported here too.
+    """
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        return
+    import wandb
+
+    run = wandb.init()
+    run.summary.update(metrics)
+    run.log(metrics)
+    run.finish()
