@@ -22,7 +22,7 @@ from distillery.stages.registry import stage_class, stage_kinds
 #: Constructor arguments the runner fills in itself; a config may not set them.
 INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes")
 #: Trainer arguments the runner owns.
-INJECTED_TRAINER_ARGS = ("default_root_dir", "callbacks", "logger", "plugins")
+INJECTED_TRAINER_ARGS = ("default_root_dir", "callbacks", "logger", "plugins", "use_distributed_sampler")
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distillery.config.schema import DataConfig
 from distillery.data.audio_io import AudioFileError, read_audio
@@ -275,26 +275,46 @@ class AudioDataModule(pl.LightningDataModule):
             pseudo_labels=self.pseudo_labels,
         )
 
-    def dataloader(self, split: str, *, train: bool = False, indices: np.ndarray | None = None) -> DataLoader:
-        """A loader over ``split`` (or explicit ``indices``); ``train`` shuffles and crops randomly."""
+    def dataloader(
+        self, split: str, *, train: bool = False, indices: np.ndarray | None = None, sharded: bool = False
+    ) -> DataLoader:
+        """A loader over ``split`` (or explicit ``indices``); ``train`` shuffles and crops randomly.
+
+        ``sharded``: under DDP, this rank's part only. Training uses a DistributedSampler
+        (shuffled per epoch, equal shard sizes); evaluation takes a strided shard without
+        padding, so no clip is counted twice in validation or test metrics.
+        """
         indices = self.split_indices(split) if indices is None else indices
+        dataset = self._dataset(indices, train=train)
+        sampler = self._shard_sampler(dataset, train) if sharded else None
         return DataLoader(
-            self._dataset(indices, train=train),
+            dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and len(indices) > self.cfg.batch_size,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
         )
 
+    def _shard_sampler(self, dataset: ClipDataset, train: bool) -> Sampler | None:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        world, rank = trainer.world_size, trainer.global_rank
+        if train:
+            # Same seed on every rank (all ranks are seeded alike), different per run seed.
+            return DistributedSampler(dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31)
+        return list(range(rank, len(dataset), world))
+
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", train=True)
+        return self.dataloader("train", train=True, sharded=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
+        return self.dataloader("val", sharded=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test")
+        return self.dataloader("test", sharded=True)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Log-mel runs wherever the batch now lives (the accelerator, when there is one).

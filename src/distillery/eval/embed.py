@@ -1,23 +1,132 @@
-"""Run a frozen encoder over a data loader and collect its embeddings."""
+"""Run a frozen encoder over a data loader and collect its embeddings.
+
+Embeddings are kept in memory by default; with a :class:`NpyFeatureWriter` as ``out``
+they stream batch by batch into a ``.npy`` file instead, so that embedding millions of
+clips needs memory for one batch only.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 from rich.progress import track
 from torch import Tensor, nn
 
-__all__ = ["embed"]
+__all__ = ["FEATURE_DTYPES", "NpyFeatureWriter", "embed"]
 
 #: Loaders with more batches than this show a progress bar; smaller runs stay quiet.
 PROGRESS_MIN_BATCHES = 20
 
 
+#: Storage dtypes of on-disk features. float16 halves disk and page-cache use; its
+#: ~3 significant digits are far below the spread of embeddings that k-means separates.
+FEATURE_DTYPES = ("float32", "float16")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
 def _flat_int64(value: Any) -> np.ndarray:
     return torch.as_tensor(value).reshape(-1).cpu().numpy().astype(np.int64)
+
+
+class NpyFeatureWriter:
+    """Streams (B, d) embedding batches into the ``.npy`` file ``path``, all-or-nothing.
+
+    Rows go into a memory-mapped temporary file next to ``path`` (``open_memmap``, created
+    when the first batch tells the width d). :meth:`close` checks that exactly ``n_rows``
+    rows arrived, flushes, renames the file to ``path`` and returns it reopened read-only
+    (``mmap_mode="r"``); :meth:`abort` deletes the temporary file. A process killed while
+    writing therefore never leaves a half-written file under ``path``; at worst an orphan
+    ``.<name>.*.tmp``, which the next writer to ``path`` deletes.
+
+    Args:
+        path: destination ``.npy`` file; its directory is created when needed.
+        n_rows: rows that will be written, in total.
+        dtype: storage dtype, one of :data:`FEATURE_DTYPES`.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_rows: int, dtype: str = "float32") -> None:
+        if str(dtype) not in FEATURE_DTYPES:
+            raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+        if n_rows < 0:
+            raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+        self.path = Path(path)
+        self.n_rows = int(n_rows)
+        self.dtype = np.dtype(str(dtype))
+        self.rows_written = 0
+        self._tmp: Path | None = None
+        self._array: np.memmap | None = None
+
+    def _new_tmp(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Orphans of a writer that was killed: never read, only in the way.
+        for orphan in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                orphan.unlink()
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        self._tmp = Path(tmp)
+        return self._tmp
+
+    def write(self, batch: np.ndarray) -> None:
+        """Append (B, d) rows (any float dtype; stored as ``dtype``)."""
+        batch = np.asarray(batch)
+        if batch.ndim != 2:
+            raise ValueError(f"expected a (B, d) batch, got shape {batch.shape}")
+        if self._array is None:
+            shape = (self.n_rows, batch.shape[1])
+            self._array = open_memmap(self._new_tmp(), mode="w+", dtype=self.dtype, shape=shape)
+        if batch.shape[1] != self._array.shape[1]:
+            raise ValueError(f"batch has {batch.shape[1]} columns, earlier ones {self._array.shape[1]}")
+        lo, hi = self.rows_written, self.rows_written + len(batch)
+        if hi > self.n_rows:
+            raise ValueError(f"more rows than the {self.n_rows} announced to the writer of {self.path}")
+        if self.dtype == np.float16 and batch.size and np.abs(batch).max() > _FLOAT16_MAX:
+            # Would silently become inf and fail much later, in clustering.
+            raise ValueError(
+                f"embeddings exceed the float16 range ({_FLOAT16_MAX}); store them as float32"
+            )
+        self._array[lo:hi] = batch
+        self.rows_written = hi
+
+    def close(self) -> np.ndarray:
+        """Finish the file and return it as a read-only (n_rows, d) memory map.
+
+        With no rows at all the file holds a (0, 0) array, returned in memory.
+        """
+        if self.rows_written != self.n_rows:
+            self.abort()
+            raise ValueError(
+                f"{self.path}: {self.rows_written} of the {self.n_rows} announced rows were written"
+            )
+        if self._array is None:  # n_rows == 0: nothing to map
+            empty = np.zeros((0, 0), dtype=self.dtype)
+            tmp = self._new_tmp()
+            with tmp.open("wb") as f:
+                np.save(f, empty)
+            os.replace(tmp, self.path)
+            self._tmp = None
+            return empty
+        self._array.flush()
+        self._array = None  # unmaps
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+        return np.load(self.path, mmap_mode="r")
+
+    def abort(self) -> None:
+        """Delete the unfinished file (nothing happens under ``path``)."""
+        self._array = None
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+            self._tmp = None
 
 
 def embed(
@@ -25,6 +134,8 @@ def embed(
     loader: Iterable[dict[str, Any]],
     featurize: Callable[[Tensor], Tensor],
     device: torch.device | str = "cpu",
+    *,
+    out: NpyFeatureWriter | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings of every item of ``loader``, in loader order.
 
@@ -38,9 +149,13 @@ def embed(
             ``label`` (B,) (``-1`` for unlabeled items).
         featurize: (B, samples) audio on ``device`` -> encoder input (e.g. log-mel).
         device: where the audio is moved before ``featurize``.
+        out: stream the embeddings into this writer's file instead of memory (it must
+            expect exactly n rows); on error its unfinished file is deleted.
 
     Returns:
         ``(indices, embeddings, labels)``: (n,) int64, (n, d) float32 and (n,) int64.
+        With ``out``, embeddings is the finished file as a read-only (n, d) memory map
+        of ``out.dtype``.
     """
     device = torch.device(device)
     # Per-module flags, not just encoder.training: a module may keep e.g. frozen
@@ -71,12 +186,26 @@ def embed(
                         f"batch of {len(z)} items has {len(index)} indices, {len(label)} labels"
                     )
                 indices.append(index)
-                embeddings.append(z.float().cpu().numpy())
                 labels.append(label)
+                if out is None:
+                    embeddings.append(z.float().cpu().numpy())
+                else:
+                    out.write(z.float().cpu().numpy())
+    except BaseException:
+        if out is not None:
+            out.abort()
+        raise
     finally:
         for module, training in modes.items():
             module.training = training
 
+    if out is not None:
+        empty = np.zeros(0, dtype=np.int64)
+        return (
+            np.concatenate(indices) if indices else empty,
+            out.close(),
+            np.concatenate(labels) if labels else empty.copy(),
+        )
     if not embeddings:
         empty = np.zeros(0, dtype=np.int64)
         return empty, np.zeros((0, 0), dtype=np.float32), empty.copy()

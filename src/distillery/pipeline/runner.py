@@ -234,6 +234,7 @@ class Runner:
             callbacks=callbacks,
             logger=loggers or False,
             plugins=[AtomicCheckpointIO()],
+            use_distributed_sampler=False,  # the data module shards itself, without padding eval sets
         )
 
     def _evaluate(
