@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= outputs/demo
 
-.PHONY: install demo test test-full lint reproduce-unfused clean
+.PHONY: install demo test test-full lint reproduce-unfused bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ reproduce-unfused: install
 	    run_dir=experiments/unfused/runs/seed$$seed || exit 1; \
 	done
 	$(BIN)/python experiments/unfused/report.py
+
+# Benchmarks (each figure a ratio against a baseline of the same run) -> bench/results.{json,md}
+bench: install
+	$(BIN)/python -m distillery.bench
 
 clean:
 	rm -rf $(VENV) outputs multirun .cache .pytest_cache

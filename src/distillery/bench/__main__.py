@@ -23,12 +23,18 @@ from distillery.bench.timing import Comparison, stopwatch
 NAMES = ("clustering", "training", "input_pipeline", "pseudo_labels", "end_to_end")
 
 
-def _clustering(quick: bool, cache_dir: Path, threads: int | None) -> tuple[dict[str, Any], list[Comparison]]:
+def _clustering(
+    quick: bool, cache_dir: Path, threads: int | None
+) -> tuple[dict[str, Any], list[Comparison]]:
     rows = clustering.run(quick=quick, repeats=1 if quick else clustering.REPEATS, threads=threads)
-    return {"rows": rows, "reference": clustering.REFERENCE}, report.clustering_rows(rows, clustering.REFERENCE)
+    return {"rows": rows, "reference": clustering.REFERENCE}, report.clustering_rows(
+        rows, clustering.REFERENCE
+    )
 
 
-BENCHMARKS: dict[str, Callable[[bool, Path, int | None], tuple[dict[str, Any], list[Comparison]]]] = {
+BENCHMARKS: dict[
+    str, Callable[[bool, Path, int | None], tuple[dict[str, Any], list[Comparison]]]
+] = {
     "clustering": _clustering,
     "training": lambda quick, cache, threads: training.run(quick, cache),
     "input_pipeline": lambda quick, cache, threads: input_pipeline.run(quick, cache),
@@ -38,8 +44,12 @@ BENCHMARKS: dict[str, Callable[[bool, Path, int | None], tuple[dict[str, Any], l
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m distillery.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of a few seconds each")
+    parser = argparse.ArgumentParser(
+        prog="python -m distillery.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: a smoke test of a few seconds each"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -48,8 +58,12 @@ def main(argv: list[str] | None = None) -> str:
         "which keeps both sides of a comparison equally exposed to other load on a small machine",
     )
     parser.add_argument("--out", type=Path, default=Path("bench"), help="where results.json/.md go")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/distillery"), help="synthetic data cache")
-    parser.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES), help="a subset of benchmarks")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(".cache/distillery"), help="synthetic data cache"
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=NAMES, default=list(NAMES), help="a subset of benchmarks"
+    )
     args = parser.parse_args(argv)
     threads = args.threads or None
     cache_dir = args.cache_dir.resolve()  # also used by subprocesses
@@ -63,14 +77,30 @@ def main(argv: list[str] | None = None) -> str:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             with stopwatch() as watch:
                 raw, comparisons = BENCHMARKS[name](args.quick, cache_dir, threads)
-            benchmarks[name] = {"wall_s": watch.seconds, "raw": raw, "rows": [c.to_dict() for c in comparisons]}
+            benchmarks[name] = {
+                "wall_s": watch.seconds,
+                "raw": raw,
+                "rows": [c.to_dict() for c in comparisons],
+            }
             rows += comparisons
             print(f"[bench] {name} done in {watch.seconds:.0f} s", file=sys.stderr, flush=True)
     described["load_average_1min_end"] = os.getloadavg()[0]
-    settings = {"quick": args.quick, "threads": threads, "only": args.only, "cache_dir": str(cache_dir)}
-    command = " ".join(["python -m distillery.bench", *(argv if argv is not None else sys.argv[1:])])
+    settings = {
+        "quick": args.quick,
+        "threads": threads,
+        "only": args.only,
+        "cache_dir": str(cache_dir),
+    }
+    command = " ".join(
+        ["python -m distillery.bench", *(argv if argv is not None else sys.argv[1:])]
+    )
     text = report.write(
-        args.out, command=command, machine=described, settings=settings, benchmarks=benchmarks, rows=rows
+        args.out,
+        command=command,
+        machine=described,
+        settings=settings,
+        benchmarks=benchmarks,
+        rows=rows,
     )
     print(text)
     return text

@@ -14,7 +14,8 @@ overhead, so only the data path differs) and time the epochs after a warm-up one
   workers, started in the warm-up epoch).
 
 Each step is split into: waiting for the loader's next batch, log-mel, and the training
-step proper; the data-wait fraction is the first over the whole step time.
+step proper; the data-wait fraction is the first over the whole step time. Throughput is
+the median over the timed epochs of all repeats, time shares the median over repeats.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from distillery.bench.training import (
     QUICK,
     Sizes,
     build_datamodule,
+    epoch_throughput,
     fresh_module,
     plain_loop,
     stage_config,
@@ -39,7 +41,7 @@ from distillery.bench.training import (
 from distillery.data.datamodule import AudioDataModule
 
 WORKERS = 2
-FULL_SIZES = Sizes(epochs=3, repeats=3, overrides=FULL.overrides)
+FULL_SIZES = Sizes(epochs=4, repeats=3, overrides=FULL.overrides)
 QUICK_SIZES = Sizes(epochs=2, repeats=1, overrides=QUICK.overrides)
 
 
@@ -76,14 +78,20 @@ def precomputed_loader(datamodule: AudioDataModule) -> DataLoader:
 def run(quick: bool, cache_dir: Path, seed: int = 0) -> tuple[dict[str, Any], list[Comparison]]:
     """Interleave the three variants; medians of throughput and of time shares."""
     sizes = QUICK_SIZES if quick else FULL_SIZES
-    names = {"fly0": "on the fly, 0 workers", "pre": "precomputed log-mel", "fly2": f"on the fly, {WORKERS} workers"}
+    names = {
+        "fly0": "on the fly, 0 workers",
+        "pre": "precomputed log-mel",
+        "fly2": f"on the fly, {WORKERS} workers",
+    }
     shares: dict[str, dict[str, list[float]]] = {
         key: {"samples_per_s": [], "data_wait": [], "featurize": [], "compute": []} for key in names
     }
 
     with tempfile.TemporaryDirectory(prefix="distillery-bench-") as tmp:
         cfg = stage_config(Path(tmp) / "run", cache_dir, sizes)
-        cfg_workers = stage_config(Path(tmp) / "run", cache_dir, sizes, (f"data.num_workers={WORKERS}",))
+        cfg_workers = stage_config(
+            Path(tmp) / "run", cache_dir, sizes, (f"data.num_workers={WORKERS}",)
+        )
         serial, workers = build_datamodule(cfg), build_datamodule(cfg_workers)
         loaders = {
             "fly0": (serial.train_dataloader(), serial.featurize),
@@ -98,7 +106,7 @@ def run(quick: bool, cache_dir: Path, seed: int = 0) -> tuple[dict[str, Any], li
                 module, optimizer = fresh_module(cfg, serial, seed)
                 times = plain_loop(module, optimizer, loader, featurize, sizes.epochs)
                 record = shares[key]
-                record["samples_per_s"].append(times.samples / times.seconds)
+                record["samples_per_s"] += epoch_throughput(times.epochs)  # pooled over repeats
                 for part in ("data_wait", "featurize", "compute"):
                     record[part].append(getattr(times, part) / times.seconds)
                 return times.seconds
@@ -106,8 +114,7 @@ def run(quick: bool, cache_dir: Path, seed: int = 0) -> tuple[dict[str, Any], li
             return go
 
         seconds = interleaved({key: variant(key) for key in names}, sizes.repeats)
-        # Shut the worker processes down before the temporary directory goes.
-        del loaders
+        loaders.clear()  # shuts the worker processes down before the temporary directory goes
 
     med = {key: {k: median(v) for k, v in record.items()} for key, record in shares.items()}
     raw = {
@@ -120,8 +127,10 @@ def run(quick: bool, cache_dir: Path, seed: int = 0) -> tuple[dict[str, Any], li
         "runs": shares,
         "medians": med,
         "ratios": {
-            "precomputed_vs_on_the_fly_throughput": med["pre"]["samples_per_s"] / med["fly0"]["samples_per_s"],
-            "workers_vs_serial_throughput": med["fly2"]["samples_per_s"] / med["fly0"]["samples_per_s"],
+            "precomputed_vs_on_the_fly_throughput": med["pre"]["samples_per_s"]
+            / med["fly0"]["samples_per_s"],
+            "workers_vs_serial_throughput": med["fly2"]["samples_per_s"]
+            / med["fly0"]["samples_per_s"],
         },
     }
     rows = [

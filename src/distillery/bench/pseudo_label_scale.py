@@ -6,12 +6,16 @@ Synthetic embedding-like features (an imbalanced mixture of anisotropic Gaussian
 straight into a float32 ``.npy`` memmap, so generating them stays bounded too; a float16
 copy is streamed through :class:`~distillery.eval.embed.NpyFeatureWriter`, as embedding
 with ``feature_dir`` writes it. Each variant then runs in its own subprocess (so that the
-peak resident set, ``VmHWM``, is that variant's alone) on a single-process comm:
+peak resident set, ``VmHWM``, is that variant's alone; not ``ru_maxrss``, which a child
+inherits from its parent's high-water mark) on a single-process comm:
 
 - ``a``: features in memory as float32, k-means and PCA fitted on all points
   (``fit_sample=None``); the baseline.
 - ``b``: features in memory as float32, fitted on ``fit_sample`` = 100k points.
 - ``c``: float16 features read through a read-only memmap, ``fit_sample`` = 100k.
+- ``a'``: ``a`` with another seed (k-means++ seeding and subsamples); its agreement with
+  ``a`` is the yardstick for b's and c's, since k-means lands in a different but equally
+  good optimum whenever anything changes.
 
 Wall time covers :func:`pseudo_label` only (loading the in-memory features, which stands
 for embedding them, is timed apart). Agreement with ``a``: NMI of the labels, and the
@@ -45,17 +49,21 @@ import torch
 from numpy.lib.format import open_memmap
 from sklearn.metrics import normalized_mutual_info_score
 
+from distillery.eval.embed import release_pages
+
 __all__ = ["LocalComm", "make_features", "markdown_table", "run"]
 
 #: Clips k-means is fitted on in variants b and c (the PseudoLabeler default).
 FIT_SAMPLE = 100_000
 #: Rows generated (and converted) per block.
 GEN_CHUNK = 65536
-#: variant -> (description, storage, uses the fit sample).
-VARIANTS: dict[str, tuple[str, str, bool]] = {
-    "a": ("in memory, float32, fit on all points", "memory", False),
-    "b": ("in memory, float32, fit_sample", "memory", True),
-    "c": ("memmap, float16 on disk, fit_sample", "float16", True),
+#: variant -> (description, storage, uses the fit sample, seed).
+VARIANTS: dict[str, tuple[str, str, bool, int]] = {
+    "a": ("in memory, float32, fit on all points", "memory", False, 0),
+    "b": ("in memory, float32, fit_sample", "memory", True, 0),
+    "c": ("memmap, float16 on disk, fit_sample", "float16", True, 0),
+    # How much two equally good runs of the baseline agree: the scale for b's and c's NMI.
+    "a'": ("as a, with seed 1", "memory", False, 1),
 }
 
 
@@ -115,6 +123,7 @@ def make_features(
             points[rows] += z[rows] @ mixing[c].T
         block = points @ projection + noise * rng.normal(size=(hi - lo, dim))
         out[lo:hi] = block
+        release_pages(out, lo, hi)  # written pages would otherwise stay in our RSS
         y[lo:hi] = yc
     out.flush()
     del out
@@ -134,22 +143,23 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     base_rss = _vm_kib("VmRSS") / 1024  # interpreter + torch + faiss, before any data
     start = time.perf_counter()
-    if spec["storage"] == "memory":
-        x = np.load(spec["f32"])  # all of it, as embed() without feature_dir returns it
-    else:
-        x = np.load(spec["f16"], mmap_mode="r")
+    # In memory: all of it, as embed() returns it without feature_dir.
+    x = np.load(spec["f32"]) if spec["storage"] == "memory" else np.load(spec["f16"], mmap_mode="r")
     load_s = time.perf_counter() - start
     n = len(x)
     indices = np.arange(n, dtype=np.int64)
     start = time.perf_counter()
     labels, model, result = pseudo_label(
-        LocalComm(), indices, x, indices, n, k=spec["k"], fit_sample=spec["fit_sample"], seed=0
+        LocalComm(), indices, x, indices, n, k=spec["k"], fit_sample=spec["fit_sample"],
+        seed=spec["seed"],
     )
     wall = time.perf_counter() - start
     np.save(spec["labels"], labels)
     with open(spec["model"], "wb") as f:
         pickle.dump(model, f)
-    peak_kib = max(_vm_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # Not ru_maxrss: on Linux it starts from the parent's high-water mark (inherited at
+    # fork/exec), which would hide the child's own peak below the parent's.
+    peak_kib = _vm_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "wall_s": wall,
         "load_s": load_s,
@@ -202,7 +212,7 @@ def run(
     Args:
         n, dim, k: points, feature dimension, clusters (also the planted components).
         quick: a few-second smoke test: n = 4000, dim = 16, k = 8, fit_sample n / 4.
-        repeats: runs of each variant (interleaved a, b, c, a, ...); medians reported.
+        repeats: runs of each variant (interleaved a, b, c, a', a, ...); medians reported.
         workdir: where the feature files go (a temporary folder, deleted afterwards,
             by default). n * dim * 6 bytes of disk.
 
@@ -210,7 +220,8 @@ def run(
         One row per variant: ``variant``, ``method``, ``n``, ``dim``, ``k``,
         ``fit_sample``, ``n_fit``, ``wall_s``, ``load_s``, ``peak_rss_mib`` (VmHWM of the
         child), ``base_rss_mib`` (its RSS after imports, before any data),
-        ``time_ratio`` / ``rss_ratio`` (over variant a), ``nmi_vs_a``,
+        ``time_ratio`` / ``rss_ratio`` (over variant a), ``data_rss_mib`` (peak - base)
+        and ``data_rss_ratio`` (over variant a's), ``nmi_vs_a``,
         ``inertia_ratio`` (see the module docstring), ``nmi_planted``, ``repeats``.
     """
     from distillery.callbacks.pseudo_labeler import iter_chunks
@@ -233,30 +244,33 @@ def run(
 
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for rep in range(repeats):
-            for variant, (_, storage, sampled) in VARIANTS.items():
+            for variant, (_, storage, sampled, seed) in VARIANTS.items():
                 spec = {
                     "variant": variant,
+                    "seed": seed,
                     "storage": storage,
                     "k": k,
                     "fit_sample": fit_sample if sampled else None,
                     "f32": str(f32),
                     "f16": str(f16),
-                    "labels": str(root / f"labels-{variant}.npy"),
-                    "model": str(root / f"model-{variant}.pkl"),
+                    "labels": str(root / f"labels-{list(VARIANTS).index(variant)}.npy"),
+                    "model": str(root / f"model-{list(VARIANTS).index(variant)}.pkl"),
                 }
                 out = _run_child(spec)
                 if rep == 0:  # labels are deterministic: score the first run's
                     out["labels"] = np.load(spec["labels"])
                     with open(spec["model"], "rb") as f:
-                        out["model"] = pickle.load(f)  # noqa: S301 - written by this run
+                        out["model"] = pickle.load(f)  # written by this run
                 runs[variant].append(out)
 
         model_a, labels_a = runs["a"][0]["model"], runs["a"][0]["labels"]
         objective_a = _objective(x, model_a, labels_a, k)
         med = {v: {key: statistics.median(r[key] for r in rs) for key in
                    ("wall_s", "load_s", "peak_rss_mib", "base_rss_mib")} for v, rs in runs.items()}
+        # Above the RSS after imports (~0.9 GiB of torch, faiss, lightning): what the data cost.
+        data = {v: m["peak_rss_mib"] - m["base_rss_mib"] for v, m in med.items()}
         rows = []
-        for variant, (method, _, sampled) in VARIANTS.items():
+        for variant, (method, _, sampled, _) in VARIANTS.items():
             labels = runs[variant][0]["labels"]
             rows.append(
                 {
@@ -270,6 +284,8 @@ def run(
                     **med[variant],
                     "time_ratio": med[variant]["wall_s"] / med["a"]["wall_s"],
                     "rss_ratio": med[variant]["peak_rss_mib"] / med["a"]["peak_rss_mib"],
+                    "data_rss_mib": data[variant],
+                    "data_rss_ratio": data[variant] / data["a"],
                     "nmi_vs_a": float(normalized_mutual_info_score(labels_a, labels)),
                     "inertia_ratio": _objective(x, model_a, labels, k) / objective_a,
                     "nmi_planted": float(normalized_mutual_info_score(planted, labels)),
@@ -287,14 +303,15 @@ def markdown_table(rows: list[dict]) -> str:
     """The rows of :func:`run` as a markdown table."""
     lines = [
         "| variant | n x dim, k | fit on | wall (s) | wall / a | peak RSS (MiB) | RSS / a "
-        "| NMI vs a | inertia / a | NMI to planted |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak - base (MiB) | (peak - base) / a | NMI vs a | inertia / a | NMI to planted |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']}: {r['method']} | {r['n']} x {r['dim']}, {r['k']} | {r['n_fit']} "
-            f"| {r['wall_s']:.1f} | {r['time_ratio']:.2f} | {r['peak_rss_mib']:.0f} "
-            f"| {r['rss_ratio']:.2f} | {r['nmi_vs_a']:.4f} | {r['inertia_ratio']:.4f} "
+            f"| {r['wall_s']:.2f} | {r['time_ratio']:.2f} | {r['peak_rss_mib']:.0f} "
+            f"| {r['rss_ratio']:.2f} | {r['data_rss_mib']:.0f} | {r['data_rss_ratio']:.2f} "
+            f"| {r['nmi_vs_a']:.4f} | {r['inertia_ratio']:.4f} "
             f"| {r['nmi_planted']:.3f} |"
         )
     return "\n".join(lines)

@@ -25,7 +25,11 @@ def clustering_rows(rows: list[dict[str, Any]], reference: str) -> list[Comparis
         for method, row in methods.items():
             if method == reference:
                 continue
-            common = {"benchmark": "clustering", "candidate": f"{method} ({size})", "baseline": reference}
+            common = {
+                "benchmark": "clustering",
+                "candidate": f"{method} ({size})",
+                "baseline": reference,
+            }
             out.append(
                 Comparison(
                     **common,
@@ -108,10 +112,12 @@ def write(
         "benchmarks": benchmarks,
         "table": [r.to_dict() for r in rows],
     }
-    artifacts.write_text(out_dir / "results.json", json.dumps(_plain(result), indent=2, allow_nan=False) + "\n")
+    artifacts.write_text(
+        out_dir / "results.json", json.dumps(_plain(result), indent=2, allow_nan=False) + "\n"
+    )
     cpu = f"{machine['cpu_model']}, {machine['cpu_count']} CPUs"
     versions = ", ".join(f"{k} {machine[k]}" for k in ("torch", "lightning", "faiss", "sklearn"))
-    timing = ", ".join(f"{name} {b['wall_s']:.0f} s" for name, b in benchmarks.items())
+    timing = ", ".join(f"{name} {b['wall_s']:.1f} s" for name, b in benchmarks.items())
     text = "\n".join(
         [
             "# distillery benchmarks",

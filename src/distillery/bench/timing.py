@@ -86,7 +86,9 @@ class Comparison:
     ratio: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ratio = self.candidate_value / self.baseline_value if self.baseline_value else float("nan")
+        self.ratio = (
+            self.candidate_value / self.baseline_value if self.baseline_value else float("nan")
+        )
 
     @property
     def goal_met(self) -> bool | None:
