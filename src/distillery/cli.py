@@ -12,7 +12,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from distillery.config.schema import register_configs
-from distillery.config.validation import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("distillery")
@@ -23,6 +22,7 @@ def _main(cfg: DictConfig) -> float | None:
     # Heavy imports only once Hydra has parsed argv, so `--help` stays quick.
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+    from distillery.config.validation import ConfigError
     from distillery.pipeline import launch
     from distillery.pipeline.runner import Runner
     from distillery.pipeline.tracking import report_to_wandb_sweep
