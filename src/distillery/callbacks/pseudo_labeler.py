@@ -10,7 +10,6 @@ reads through a memory map.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from distillery.clustering import (
     l2_normalize,
     pca_whiten,
 )
-from distillery.eval.embed import FEATURE_DTYPES, NpyFeatureWriter, embed
+from distillery.eval.embed import FEATURE_DTYPES, NpyFeatureWriter, embed, release_pages
 from distillery.eval.plots import plot_cluster_sizes
 from distillery.pipeline.tracking import log_to_loggers
 
@@ -107,55 +106,32 @@ def fit_subset(fit_indices: np.ndarray, fit_sample: int | None, seed: int = 0) -
     return np.sort(rng.choice(fit_indices, size=int(fit_sample), replace=False))
 
 
-def _drop_pages(x: np.ndarray, lo: int, hi: int) -> None:
-    """Unmap rows ``[lo, hi)`` of a read-only file-backed memmap from this process.
-
-    Touched pages of a file mapping count in the resident set until unmapped, so one pass
-    over a feature file would leave all of it "resident" (reclaimable page cache, but it
-    is what RSS-policing schedulers see). ``MADV_DONTNEED`` on clean read-only pages only
-    drops the mapping; the data stay in the page cache and on disk. No-op for anything
-    else than a C-contiguous read-only ``np.memmap``.
-    """
-    mm = getattr(x, "_mmap", None)
-    if (
-        mm is None
-        or x.flags.writeable
-        or not x.flags.c_contiguous
-        or not hasattr(mm, "madvise")
-        or not hasattr(mmap, "MADV_DONTNEED")
-    ):
-        return
-    row_bytes = x.strides[0]
-    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-    start = x.ctypes.data - base + lo * row_bytes
-    end = x.ctypes.data - base + hi * row_bytes
-    # Whole pages only: the page holding row ``hi`` may still be needed.
-    start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
 def iter_chunks(
     x: np.ndarray, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """``(lo, hi, x[lo:hi])`` blocks of the rows of (n, d) ``x``, as float32.
 
     A float32 block of an in-memory array is a view; other dtypes (float16 files) are
-    converted one block at a time. Blocks of a read-only memmap are unmapped once the
-    caller is done with them (see :func:`_drop_pages`), so resident memory stays at about
-    one block.
+    converted one block at a time. Blocks of a memmap are unmapped once the caller is done
+    with them (:func:`~distillery.eval.embed.release_pages`), so that resident memory
+    stays at about one block.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for lo in range(0, len(x), chunk_size):
         hi = min(lo + chunk_size, len(x))
         yield lo, hi, np.asarray(x[lo:hi], dtype=np.float32)
-        _drop_pages(x, lo, hi)
+        release_pages(x, lo, hi)
 
 
 def take_rows(x: np.ndarray, mask: np.ndarray, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
-    """``x[mask]`` read in blocks of rows: (mask.sum(), d) in the dtype of (n, d) ``x``."""
+    """``x[mask]`` read in blocks of rows: (mask.sum(), d) in the dtype of (n, d) ``x``.
+
+    An in-memory ``x`` whose rows are all taken is returned as is (no copy; callers only
+    read it).
+    """
+    if mask.all() and x.flags.writeable and not isinstance(x, np.memmap):
+        return x
     out = np.empty((int(mask.sum()), *x.shape[1:]), dtype=x.dtype)
     pos = 0
     for lo in range(0, len(x), chunk_size):
@@ -163,7 +139,7 @@ def take_rows(x: np.ndarray, mask: np.ndarray, chunk_size: int = DEFAULT_CHUNK_S
         rows = x[lo:hi][mask[lo:hi]]
         out[pos : pos + len(rows)] = rows
         pos += len(rows)
-        _drop_pages(x, lo, hi)
+        release_pages(x, lo, hi)
     return out
 
 
@@ -226,6 +202,8 @@ def pseudo_label(
     O(n_local) labels and the caller's features, which a memmap keeps out of memory.
     """
     fit_idx = fit_subset(fit_indices, fit_sample, seed)
+    if k > len(fit_idx):  # checked on every rank: a raise on rank 0 alone would hang the others
+        raise ValueError(f"k={k} is larger than the {len(fit_idx)} clips to fit on (fit_sample={fit_sample})")
     is_fit = np.isin(local_indices, fit_idx)
     fit_rows = take_rows(local_features, is_fit, chunk_size)
     _, fit_x = gather_by_index(comm, local_indices[is_fit], fit_rows)

@@ -8,6 +8,7 @@ clips needs memory for one batch only.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ from numpy.lib.format import open_memmap
 from rich.progress import track
 from torch import Tensor, nn
 
-__all__ = ["FEATURE_DTYPES", "NpyFeatureWriter", "embed"]
+__all__ = ["FEATURE_DTYPES", "NpyFeatureWriter", "embed", "release_pages"]
 
 #: Loaders with more batches than this show a progress bar; smaller runs stay quiet.
 PROGRESS_MIN_BATCHES = 20
@@ -34,6 +35,37 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def _flat_int64(value: Any) -> np.ndarray:
     return torch.as_tensor(value).reshape(-1).cpu().numpy().astype(np.int64)
+
+
+def release_pages(x: np.ndarray, lo: int, hi: int) -> None:
+    """Unmap the pages of rows ``[lo, hi)`` of a file-backed memmap from this process.
+
+    Touched pages of a file mapping count in the process's resident set until unmapped,
+    so one pass over (or one write of) a feature file would leave all of it "resident":
+    reclaimable page cache, but what RSS limits and monitors see. ``MADV_DONTNEED`` on a
+    shared file mapping only drops the mapping; the data, written ones included, stay in
+    the page cache and reach the file. Call it once rows up to ``hi`` are done with: the
+    page holding row ``lo`` is released too (its earlier rows were done before), the one
+    holding row ``hi`` is not. No-op for anything but a C-contiguous ``np.memmap`` of
+    mode "r", "r+" or "w+" (a copy-on-write "c" map would lose its changes).
+    """
+    mm = getattr(x, "_mmap", None)
+    if (
+        mm is None
+        or getattr(x, "mode", None) not in ("r", "r+", "w+")
+        or not x.flags.c_contiguous
+        or not hasattr(mm, "madvise")
+        or not hasattr(mmap, "MADV_DONTNEED")
+        or hi <= lo
+    ):
+        return
+    base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    start = x.ctypes.data - base + lo * x.strides[0]
+    end = x.ctypes.data - base + hi * x.strides[0]
+    start = start // mmap.PAGESIZE * mmap.PAGESIZE
+    end = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class NpyFeatureWriter:
@@ -80,11 +112,6 @@ class NpyFeatureWriter:
         batch = np.asarray(batch)
         if batch.ndim != 2:
             raise ValueError(f"expected a (B, d) batch, got shape {batch.shape}")
-        if self._array is None:
-            shape = (self.n_rows, batch.shape[1])
-            self._array = open_memmap(self._new_tmp(), mode="w+", dtype=self.dtype, shape=shape)
-        if batch.shape[1] != self._array.shape[1]:
-            raise ValueError(f"batch has {batch.shape[1]} columns, earlier ones {self._array.shape[1]}")
         lo, hi = self.rows_written, self.rows_written + len(batch)
         if hi > self.n_rows:
             raise ValueError(f"more rows than the {self.n_rows} announced to the writer of {self.path}")
@@ -93,7 +120,13 @@ class NpyFeatureWriter:
             raise ValueError(
                 f"embeddings exceed the float16 range ({_FLOAT16_MAX}); store them as float32"
             )
+        if self._array is None:
+            shape = (self.n_rows, batch.shape[1])
+            self._array = open_memmap(self._new_tmp(), mode="w+", dtype=self.dtype, shape=shape)
+        if batch.shape[1] != self._array.shape[1]:
+            raise ValueError(f"batch has {batch.shape[1]} columns, earlier ones {self._array.shape[1]}")
         self._array[lo:hi] = batch
+        release_pages(self._array, lo, hi)  # keeps the writer's RSS at about one batch
         self.rows_written = hi
 
     def close(self) -> np.ndarray:
