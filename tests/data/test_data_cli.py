@@ -64,12 +64,16 @@ def test_info_on_folder_with_mixed_files(tmp_path, capsys):
 def test_info_on_manifest_reports_unreadable_files(tmp_path, capsys):
     sf.write(tmp_path / "ok.wav", np.zeros(800), 8000)
     (tmp_path / "bad.wav").write_bytes(b"garbage" * 20)
-    (tmp_path / "m.csv").write_text("path,label,split\nok.wav,a,train\nbad.wav,,test\n")
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\nok.wav,a,train\nbad.wav,,test\nok.wav,b,test\ngone.wav,a,val\n"
+    )
     assert main(["info", str(tmp_path / "m.csv")]) == 1
     out = capsys.readouterr().out
-    assert "files: 2" in out and "(unlabelled)" in out
-    assert "splits: test=1, train=1" in out
-    assert "unreadable: 1 file(s)" in out and "bad.wav" in out
+    assert "files: 4" in out and "(unlabelled)" in out
+    assert "splits: test=2, train=1, val=1" in out
+    assert "bad files: 3" in out and "bad.wav" in out
+    assert "line 4:" in out and "'b' occurs in no train row" in out
+    assert "line 5:" in out and "gone.wav" in out
 
 
 def test_errors_return_nonzero_with_message(tmp_path, capsys):

@@ -52,10 +52,15 @@ class DataConfig:
     split_seed: int = 0
     label_fraction: float = 1.0  # fraction of train labels kept (stratified, seeded)
     train_items: str = "all"  # all | labeled | pseudo_labeled
+    #: The class list, in label-index order; a label outside it is a bad file. Default:
+    #: the folder names, or a manifest's labels (only its train rows' when it has splits).
+    classes: list[str] | None = None
     batch_size: int = 64
     num_workers: int = 0
-    preload: bool = True  # decode every clip once into memory at setup
-    on_bad_file: str = "error"  # error | skip
+    preload: bool = True  # decode every clip once into memory at setup (val/test: centre crop)
+    on_bad_file: str = (
+        "error"  # error | skip: bad files listed in one error before training, or left out
+    )
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
 

@@ -3,12 +3,22 @@
 All waveforms handled here are 1-D float32 arrays of shape ``(samples,)`` with
 values in [-1, 1]. File I/O goes through ``soundfile`` (libsndfile), which reads
 WAV/FLAC/OGG/MP3 without depending on a torchaudio backend.
+
+What counts as a bad file (an :class:`AudioFileError`): missing or unopenable, empty
+(0 bytes), not decodable as audio (whatever its extension), a valid header with zero
+frames, a WAV file cut short (its header declares more data than the file holds: an
+incomplete copy, so it is rejected rather than read as a shorter clip), and NaN/Inf
+samples. :func:`audio_info` finds all but the last from the header alone; NaN/Inf
+samples, and damage inside a compressed stream (e.g. a truncated FLAC), show only when
+:func:`read_audio` decodes the samples. Channels, sample rate and bit depth are
+converted, never errors.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,13 +60,12 @@ def read_audio(path: str | os.PathLike[str], sample_rate: int) -> np.ndarray:
         float32 array of shape ``(samples,)`` with values in [-1, 1].
 
     Raises:
-        AudioFileError: the file is missing, not decodable audio, has no frames,
-            or contains NaN/Inf samples.
+        AudioFileError: naming the file and the reason, for every kind of bad file
+            listed in the module docstring.
     """
     sample_rate = _check_rate(sample_rate)
     path = Path(path)
-    if not path.is_file():
-        raise AudioFileError(path, "file does not exist")
+    _check_complete(path)
     try:
         # always_2d gives (frames, channels) for mono and multichannel alike;
         # dtype=float32 makes libsndfile scale integer PCM (8/16/24/32 bit) to [-1, 1).
@@ -127,17 +136,24 @@ def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sample_rate: int)
 def audio_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Header information of an audio file, without decoding the samples.
 
+    Cheap enough to check every file of a large data set before training.
+
     Returns:
         dict with ``frames`` (int), ``sample_rate`` (Hz), ``channels`` (int),
         ``duration_s`` (float seconds) and ``subtype`` (e.g. ``"PCM_16"``).
+
+    Raises:
+        AudioFileError: for the bad files visible without decoding (see the module
+            docstring): missing, empty, undecodable, zero frames, truncated WAV.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioFileError(path, "file does not exist")
+    _check_complete(path)
     try:
         info = sf.info(str(path))
     except (sf.SoundFileError, RuntimeError, TypeError) as exc:
         raise AudioFileError(path, f"cannot be read as audio ({exc})") from exc
+    if info.frames == 0:
+        raise AudioFileError(path, "contains no audio frames (empty)")
     return {
         "frames": int(info.frames),
         "sample_rate": int(info.samplerate),
@@ -145,3 +161,53 @@ def audio_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "duration_s": float(info.frames) / float(info.samplerate) if info.samplerate else 0.0,
         "subtype": str(info.subtype),
     }
+
+
+# A streaming writer that never went back to fill in the size leaves one of these.
+_UNSET_CHUNK_SIZES = (0, 0xFFFFFFFF)
+
+
+def _check_complete(path: Path) -> None:
+    """Raise AudioFileError for a missing, unopenable or empty file, or a truncated WAV.
+
+    libsndfile reads a WAV file cut mid-data as a shorter clip without complaint, so
+    the ``data`` chunk's declared size is compared with the bytes actually present.
+    """
+    if not path.exists():
+        raise AudioFileError(path, "file does not exist")
+    if not path.is_file():
+        raise AudioFileError(path, "is not a regular file")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            declared, present = _wav_data_bytes(f, size)
+    except OSError as exc:
+        raise AudioFileError(path, f"cannot be opened ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise AudioFileError(path, "is empty (0 bytes)")
+    if present < declared:
+        raise AudioFileError(
+            path,
+            f"is truncated: its WAV header declares {declared} bytes of audio data but the "
+            f"file holds only {present} (an incomplete copy?)",
+        )
+
+
+def _wav_data_bytes(f: io.BufferedReader, size: int) -> tuple[int, int]:
+    """``(declared, present)`` sizes in bytes of a RIFF/RIFX WAVE file's ``data`` chunk;
+    ``(0, 0)`` when the file is not a WAV file, has no data chunk (libsndfile reports
+    it as undecodable), or a streaming writer left the size unset."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        return 0, 0
+    order = "<" if head[:4] == b"RIFF" else ">"
+    position = 12
+    while position + 8 <= size:
+        f.seek(position)
+        chunk_id, chunk_size = struct.unpack(f"{order}4sI", f.read(8))
+        if chunk_id == b"data":
+            if chunk_size in _UNSET_CHUNK_SIZES:
+                return 0, 0
+            return chunk_size, size - position - 8
+        position += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
+    return 0, 0

@@ -100,12 +100,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     rates: Counter[int] = Counter()
     channels: Counter[int] = Counter()
     total_s = 0.0
-    unreadable: list[str] = []
-    for record in table.records:
+    bad: list[str] = []
+    for i, record in enumerate(table.records):
+        if i in table.problems:  # a missing file, or a label outside the class list
+            bad.append(table.problems[i])
+            continue
         try:
             header = audio_info(record.path)  # header only: fast even for large sets
         except AudioFileError as exc:
-            unreadable.append(str(exc))
+            bad.append(str(exc))
             continue
         rates[header["sample_rate"]] += 1
         channels[header["channels"]] += 1
@@ -120,9 +123,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"total duration: {total_s:.1f} s ({total_s / 3600:.2f} h)")
     print(f"sample rates (Hz): {', '.join(f'{r}: {n} files' for r, n in sorted(rates.items()))}")
     print(f"channels: {', '.join(f'{c}: {n} files' for c, n in sorted(channels.items()))}")
-    if unreadable:
-        print(f"unreadable: {len(unreadable)} file(s)")
-        for message in unreadable:
+    if bad:
+        print(f"bad files: {len(bad)} (NaN samples show only when decoded)")
+        for message in bad:
             print(f"  {message}")
         return 1
     return 0

@@ -17,7 +17,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distillery.config.schema import DataConfig
-from distillery.data.audio_io import AudioFileError, read_audio
+from distillery.data.audio_io import AudioFileError, audio_info, read_audio
 from distillery.data.features import LogMel
 from distillery.data.sources import AudioRecord, SourceTable, load_source
 from distillery.data.splits import assign_splits, label_subset
@@ -34,6 +34,12 @@ def as_data_config(cfg: DataConfig | DictConfig | dict[str, Any]) -> DataConfig:
     """Validate a data node against the schema and return the typed object."""
     merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
     return OmegaConf.to_object(merged)
+
+
+def centre_crop(audio: np.ndarray, num_samples: int) -> np.ndarray:
+    """The middle ``num_samples`` of ``audio`` (all of it when shorter): what evaluation reads."""
+    start = max(0, len(audio) - num_samples) // 2
+    return audio[start : start + num_samples]
 
 
 class ClipDataset(Dataset):
@@ -68,13 +74,23 @@ class ClipDataset(Dataset):
     def _audio(self, index: int) -> np.ndarray:
         if self.cache is not None:
             return self.cache[index]
-        return read_audio(self.records[index].path, self.sample_rate)
+        try:
+            return read_audio(self.records[index].path, self.sample_rate)
+        except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
+            raise AudioFileError(
+                err.path,
+                f"{err.reason} (found when first read: with data.preload=false only headers "
+                "are checked before training; data.preload=true or data.on_bad_file=skip "
+                "decodes every file at start-up)",
+            ) from err
 
     def _fixed_length(self, audio: np.ndarray) -> np.ndarray:
         excess = len(audio) - self.num_samples
         if excess < 0:
             return np.pad(audio, (0, -excess))
-        start = int(torch.randint(0, excess + 1, ()).item()) if self.train else excess // 2
+        if not self.train:
+            return centre_crop(audio, self.num_samples)
+        start = int(torch.randint(0, excess + 1, ()).item())
         return audio[start : start + self.num_samples]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -156,7 +172,12 @@ class AudioDataModule(pl.LightningDataModule):
             **dataclasses.asdict(cfg.synthetic), sample_rate=cfg.sample_rate, clip_seconds=cfg.clip_seconds
         )
         return load_source(
-            cfg.source, root=cfg.root, path=cfg.path, cache_dir=cfg.cache_dir, synthetic=spec
+            cfg.source,
+            root=cfg.root,
+            path=cfg.path,
+            cache_dir=cfg.cache_dir,
+            synthetic=spec,
+            classes=cfg.classes,
         )
 
     def prepare_data(self) -> None:
@@ -169,9 +190,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.table = resolve_splits(self._load_source(), self.cfg)
         if self.pseudo_labels_path:
             self.pseudo_labels = self._read_pseudo_labels(Path(self.pseudo_labels_path))
-        if self.cfg.preload or self.cfg.on_bad_file == "skip":  # skipping needs every file checked
-            decoded = self._decode_all()
-            self.cache = decoded if self.cfg.preload else None
+        self.cache = self._check_files()
         self.features = self._fit_features()
         counts = {s: len(self.table.indices(s)) for s in SPLITS}
         log.info(
@@ -190,33 +209,69 @@ class AudioDataModule(pl.LightningDataModule):
             )
         return labels.astype(np.int64)
 
-    def _decode_all(self) -> dict[int, np.ndarray]:
-        """Decode every clip once: kept in memory with ``preload``, checked either way.
+    def _check_files(self) -> dict[int, np.ndarray] | None:
+        """Check every file before training; returns the preloaded clips with ``preload``.
 
-        Bad files are all reported in one error (``on_bad_file=error``), or left out of
-        every split and counted in ``skipped_files`` (``on_bad_file=skip``); dataset indices
-        of the other clips do not move, so pseudo-labels stay aligned.
+        Found here, all together: the source's problems (missing files, labels outside the
+        class list) and every file :func:`audio_info` or :func:`read_audio` rejects. With
+        ``preload`` or ``on_bad_file=skip`` each file is decoded, which also finds NaN/Inf
+        samples and damaged compressed streams (e.g. a truncated FLAC); with
+        ``preload=false`` and ``on_bad_file=error`` only headers are read (fast), and those
+        two show up when the clip is first read, in an error naming the file.
+
+        Preloaded val/test clips keep only their centre crop, all that evaluation reads,
+        so long recordings cost memory only where random training crops need them.
         """
-        records = self.table.source.records
-        cache, bad = {}, {}
-        for i, record in enumerate(track(records, description="decoding audio", transient=True)):
+        records, splits, cfg = self.table.source.records, self.table.splits, self.cfg
+        bad = dict(self.table.source.problems)
+        decode = cfg.preload or cfg.on_bad_file == "skip"
+        cache: dict[int, np.ndarray] = {}
+        short = 0
+        for i in track(range(len(records)), description="checking audio", transient=True):
+            if i in bad:
+                continue
             try:
-                audio = read_audio(record.path, self.cfg.sample_rate)
+                if decode:
+                    audio = read_audio(records[i].path, cfg.sample_rate)
+                    length = len(audio)
+                else:
+                    length = round(audio_info(records[i].path)["duration_s"] * cfg.sample_rate)
             except AudioFileError as err:
                 bad[i] = str(err)
                 continue
-            if self.cfg.preload:
-                cache[i] = audio
-        if bad and self.cfg.on_bad_file == "error":
-            listing = "\n  ".join(bad.values())
+            short += length < self.num_samples
+            if cfg.preload:  # val/test: a copy of the crop, so the full recording is freed
+                crop = splits[i] != "train"
+                cache[i] = centre_crop(audio, self.num_samples).copy() if crop else audio
+        if short:
+            log.info("data: %d clip(s) shorter than %g s are zero-padded", short, cfg.clip_seconds)
+        self._leave_out(bad)
+        return cache if cfg.preload else None
+
+    def _leave_out(self, bad: dict[int, str]) -> None:
+        """Raise one error listing every bad file (``on_bad_file=error``), or take them out
+        of every split and count them in ``skipped_files`` (``on_bad_file=skip``). The other
+        clips keep their dataset indices, so pseudo-labels stay aligned."""
+        if not bad:
+            return
+        listing = [bad[i] for i in sorted(bad)]
+        if self.cfg.on_bad_file == "error":
             raise AudioFileError(
-                f"{len(bad)} unreadable audio file(s) (set data.on_bad_file=skip to leave them out):\n  {listing}"
+                f"{len(bad)} bad audio file(s) (fix or remove them, or set data.on_bad_file=skip "
+                "to leave them out):\n  " + "\n  ".join(listing)
             )
-        if bad:
-            self.table.splits[list(bad)] = "skipped"
-            self.skipped_files = list(bad.values())
-            log.warning("data: skipped %d unreadable file(s), e.g. %s", len(bad), next(iter(bad.values())))
-        return cache
+        self.table.splits = self.table.splits.astype("<U7")  # room for "skipped"
+        self.table.splits[sorted(bad)] = "skipped"
+        self.skipped_files = listing
+        log.warning(
+            "data: skipped %d bad audio file(s) (data.on_bad_file=skip), e.g.\n  %s",
+            len(bad),
+            "\n  ".join(listing[:3]),
+        )
+        if not len(self.table.indices("train")):
+            raise AudioFileError(
+                f"data.on_bad_file=skip left no train clips: every one of them is bad, e.g. {listing[0]}"
+            )
 
     def _fit_features(self) -> LogMel:
         f = self.cfg.features

@@ -2,6 +2,11 @@
 
 Every source resolves to a :class:`SourceTable`: a list of absolute file paths with an
 integer label (``-1`` = unknown) and, when the source defines one, a split name.
+
+A row that cannot be used (a missing file, a label outside the class list) does not
+raise here: it stays in the table, so record indices follow the source, and its reason
+goes to ``SourceTable.problems``; the data module reports those together with the
+undecodable files, or skips them all (``data.on_bad_file``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +55,15 @@ class AudioRecord:
 
 @dataclass
 class SourceTable:
-    """The files of a source; ``label`` values index into ``class_names``."""
+    """The files of a source; ``label`` values index into ``class_names``.
+
+    ``problems`` maps a record's index to why it cannot be used (a message naming the
+    file, and the manifest line where there is one).
+    """
 
     records: list[AudioRecord]
     class_names: list[str]
+    problems: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -97,24 +107,54 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def read_manifest(path: str | os.PathLike[str]) -> SourceTable:
+def _class_list(classes: Sequence[str]) -> list[str]:
+    """``data.classes`` checked: non-empty, distinct, non-blank names."""
+    names = [_text(name) for name in classes]
+    if not names or not all(names):
+        raise ValueError(f"data.classes: must list non-empty class names, got {list(classes)!r}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"data.classes: each class must be listed once; repeated: {duplicates}")
+    return names
+
+
+def _preview(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _warn_classes_without_files(classes: Sequence[str], used: set[str]) -> None:
+    unused = [name for name in classes if name not in used]
+    if unused:  # often a typo in data.classes itself
+        log.warning("data.classes: no files for %d class(es): %s", len(unused), _preview(unused))
+
+
+def read_manifest(
+    path: str | os.PathLike[str], classes: Sequence[str] | None = None
+) -> SourceTable:
     """Read a CSV or JSON-lines manifest with keys ``path``, optional ``label`` and ``split``.
 
     ``label`` is a class name (empty or missing = unknown, -1); ``split`` is one of
     train/val/test or empty. Relative paths are resolved against the manifest's folder.
-    ``class_names`` are the sorted distinct labels.
+
+    The class list is ``classes`` (``data.classes``; label indices follow its order)
+    when given; otherwise, when every row names its split, the sorted labels of the
+    train rows (a val/test label no train row has cannot be learned: a typo, or a
+    class missing from train); otherwise all distinct labels, sorted.
+
+    Rows whose file does not exist or whose label is outside the class list are kept
+    (label -1) and listed in ``problems``, naming the manifest line.
 
     Raises:
         ValueError: naming the file, line and key, for a missing ``path``, an unknown
-            split, or referenced files that do not exist (all of them are listed).
+            split, invalid JSON, or a manifest with no rows.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     base = path.resolve().parent
 
-    entries: list[tuple[Path, str, str | None]] = []
-    missing: list[str] = []
+    rows: list[tuple[int, Path, str, str | None]] = []
     for line, row in _manifest_rows(path):
         file_text = _text(row.get("path"))
         if not file_text:
@@ -128,25 +168,35 @@ def read_manifest(path: str | os.PathLike[str]) -> SourceTable:
         file_path = Path(file_text).expanduser()
         if not file_path.is_absolute():
             file_path = base / file_path
-        if not file_path.is_file():
-            missing.append(f"line {line}: {file_path}")
-        entries.append((file_path, _text(row.get("label")), split))
-
-    if missing:
-        listing = "\n  ".join(missing)
-        raise ValueError(
-            f"{path}: key 'path': {len(missing)} referenced file(s) do not exist:\n  {listing}"
-        )
-    if not entries:
+        rows.append((line, file_path, _text(row.get("label")), split))
+    if not rows:
         raise ValueError(f"{path}: the manifest lists no files")
 
-    class_names = sorted({label for _, label, _ in entries if label})
+    labels = {label for _, _, label, _ in rows if label}
+    if classes is not None:
+        class_names = _class_list(classes)
+        _warn_classes_without_files(class_names, labels)
+        outside = f"is not in data.classes ({_preview(class_names)})"
+    elif all(split is not None for *_, split in rows):
+        class_names = sorted({label for *_, label, split in rows if label and split == "train"})
+        outside = "occurs in no train row, so no model can learn it (fix the label, or list it in data.classes)"
+    else:
+        class_names = sorted(labels)
+        outside = ""
     index = {name: i for i, name in enumerate(class_names)}
-    records = [
-        AudioRecord(file_path, index[label] if label else UNKNOWN_LABEL, split)
-        for file_path, label, split in entries
-    ]
-    return SourceTable(records, class_names)
+
+    records: list[AudioRecord] = []
+    problems: dict[int, str] = {}
+    for line, file_path, label, split in rows:
+        if not file_path.is_file():
+            reason = "file does not exist" if not file_path.exists() else "is not a regular file"
+            problems[len(records)] = f"{path}: line {line}: audio file {str(file_path)!r}: {reason}"
+        elif label and label not in index:
+            problems[len(records)] = (
+                f"{path}: line {line}: audio file {str(file_path)!r}: key 'label': {label!r} {outside}"
+            )
+        records.append(AudioRecord(file_path, index.get(label, UNKNOWN_LABEL), split))
+    return SourceTable(records, class_names, problems)
 
 
 # --------------------------------------------------------------------------- folder
@@ -166,7 +216,9 @@ def _read_split_lists(root: Path) -> dict[str, str] | None:
 
 
 def scan_folder(
-    root: str | os.PathLike[str], extensions: Sequence[str] = AUDIO_EXTENSIONS
+    root: str | os.PathLike[str],
+    extensions: Sequence[str] = AUDIO_EXTENSIONS,
+    classes: Sequence[str] | None = None,
 ) -> SourceTable:
     """Scan a class-per-subfolder tree: ``root/<class>/**/<file>.<ext>``.
 
@@ -175,6 +227,10 @@ def scan_folder(
     unknown label (-1). When ``validation_list.txt`` and ``testing_list.txt`` exist
     in ``root`` (the Speech Commands layout), they define val/test and every other
     file is train; otherwise ``split`` is None.
+
+    The class list is ``classes`` (``data.classes``; label indices follow its order)
+    when given, else the sorted subfolder names. Files of a subfolder outside
+    ``classes`` are kept (label -1) and listed in ``problems``.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -201,7 +257,11 @@ def scan_folder(
         )
 
     split_of = _read_split_lists(root)
-    class_names = sorted(per_class)
+    if classes is None:
+        class_names = sorted(per_class)
+    else:
+        class_names = _class_list(classes)
+        _warn_classes_without_files(class_names, set(per_class))
 
     def record(file_path: Path, label: int) -> AudioRecord:
         split = None
@@ -209,10 +269,18 @@ def scan_folder(
             split = split_of.get(file_path.relative_to(root).as_posix(), "train")
         return AudioRecord(file_path.resolve(), label, split)
 
+    index = {name: i for i, name in enumerate(class_names)}
     records = [record(p, UNKNOWN_LABEL) for p in unlabelled]
-    for label, name in enumerate(class_names):
-        records.extend(record(p, label) for p in per_class[name])
-    return SourceTable(records, class_names)
+    problems: dict[int, str] = {}
+    for name, files in per_class.items():  # sorted by folder name
+        for file_path in files:
+            if name not in index:
+                problems[len(records)] = (
+                    f"audio file {str(file_path)!r}: its folder {name!r} is not in data.classes "
+                    f"({_preview(class_names)})"
+                )
+            records.append(record(file_path, index.get(name, UNKNOWN_LABEL)))
+    return SourceTable(records, class_names, problems)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -225,25 +293,28 @@ def load_source(
     path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     synthetic: SyntheticSpec | None = None,
+    classes: Sequence[str] | None = None,
 ) -> SourceTable:
     """Resolve the configured data source (``data.source``) to a :class:`SourceTable`.
 
     - ``synthetic``: generate (or reuse) the synthetic set under ``cache_dir``.
     - ``folder``: :func:`scan_folder` of ``root``.
     - ``manifest``: :func:`read_manifest` of ``path``.
+
+    ``classes`` (``data.classes``) fixes the class list and its order, when given.
     """
     if source == "synthetic":
         if cache_dir is None:
             raise ValueError(
                 "data.source=synthetic needs data.cache_dir (where to write the audio)"
             )
-        return read_manifest(generate_synthetic(synthetic or SyntheticSpec(), cache_dir))
+        return read_manifest(generate_synthetic(synthetic or SyntheticSpec(), cache_dir), classes)
     if source == "folder":
         if root is None or str(root) == "":
             raise ValueError("data.source=folder needs data.root (a folder of class subfolders)")
-        return scan_folder(root)
+        return scan_folder(root, classes=classes)
     if source == "manifest":
         if path is None or str(path) == "":
             raise ValueError("data.source=manifest needs data.path (a .csv or .jsonl manifest)")
-        return read_manifest(path)
+        return read_manifest(path, classes)
     raise ValueError(f"data.source: unknown value {source!r}; allowed: {', '.join(SOURCES)}")
