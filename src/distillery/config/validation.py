@@ -7,6 +7,7 @@ stage runs: a typo must never surface an hour into a pipeline.
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from typing import Any
@@ -142,6 +143,28 @@ def check_data(data: dict[str, Any], path: str) -> list[str]:
     return problems
 
 
+#: Allowed values of method parameters, by stage kind: key -> (low, high, low_open, high_open).
+METHOD_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
+    "partial_label_sd": {
+        "noise_rate": (0, 1, False, True),
+        "rounds": (1, math.inf, False, True),
+        "epochs": (1, math.inf, False, True),
+        "gce_q": (0, 1, True, False),
+    },
+    "coss_kd": {"l0": (0, math.inf, False, True), "l1": (0, math.inf, False, True)},
+}
+
+
+def _check_method_ranges(kind: str, module: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    for key, (low, high, low_open, high_open) in METHOD_RANGES.get(kind, {}).items():
+        if isinstance(value := module.get(key), int | float) and not isinstance(value, bool):
+            problems += _range(
+                f"{path}.{key}", value, low, high, low_open=low_open, high_open=high_open
+            )
+    return problems
+
+
 def stage_data(cfg: DictConfig, name: str) -> DictConfig:
     """The top-level data node with the stage's overrides merged in (schema-checked)."""
     return OmegaConf.merge(cfg.data, cfg.pipeline.stages[name].data)
@@ -210,6 +233,7 @@ def validate(cfg: DictConfig) -> None:
         inputs = OmegaConf.to_container(stage.inputs)
         problems += check_call_args(target, module_args, f"{path}.module", reserved=INJECTED_MODULE_ARGS)
         problems += check_targets(module_args, f"{path}.module")
+        problems += _check_method_ranges(stage.kind, module_args, f"{path}.module")
         problems += check_targets(OmegaConf.to_container(stage.callbacks), f"{path}.callbacks")
         problems += check_call_args(
             pl.Trainer, OmegaConf.to_container(stage.trainer), f"{path}.trainer", reserved=INJECTED_TRAINER_ARGS

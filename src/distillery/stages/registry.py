@@ -8,6 +8,7 @@ _STAGE_KINDS: dict[str, str] = {
     "finetune": "distillery.stages.finetune.FinetuneStage",
     "ssl": "distillery.stages.ssl.SSLStage",
     "self_distill": "distillery.stages.self_distill.SelfDistillStage",
+    "partial_label_sd": "distillery.stages.partial_label_sd.PartialLabelSDStage",
 }
 
 

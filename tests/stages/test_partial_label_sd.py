@@ -1,0 +1,158 @@
+"""Stage ``partial_label_sd``: every round trained on cached features, selected on val."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+from tests.helpers import FAST, compose_config
+
+from distillery.data.datamodule import AudioDataModule
+from distillery.data.label_noise import add_label_noise
+from distillery.eval.embed import embed
+from distillery.models.encoders import AudioNTT
+from distillery.models.io import load_encoder, save_encoder
+from distillery.pipeline.runner import Runner
+
+ENCODER = {
+    "_target_": "distillery.models.encoders.AudioNTT",
+    "n_mels": 64,
+    "channels": 8,
+    "dim": 32,
+}
+
+
+def pll_only(tmp_path: Path, cache: Path, encoder: Path, *extra: str) -> DictConfig:
+    """``experiment=pll`` without its SSL stage: the probes read a saved encoder."""
+    cfg = compose_config(
+        [
+            "experiment=pll",
+            *FAST,
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={cache}",
+            f"pipeline.stages.pll.module.pretrained={encoder}",
+            *extra,
+        ]
+    )
+    with open_dict(cfg):
+        del cfg.pipeline.stages["ssl"]
+        cfg.pipeline.order = ["pll"]
+        cfg.pipeline.stages.pll.inputs = {}
+    return cfg
+
+
+@pytest.fixture
+def encoder_path(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.pt"
+    save_encoder(path, AudioNTT(n_mels=64, channels=8, dim=32).eval(), ENCODER)
+    return path
+
+
+def test_rounds_noise_and_selection_on_the_validation_split(
+    tmp_path: Path, data_cache: Path, encoder_path: Path
+) -> None:
+    cfg = pll_only(
+        tmp_path,
+        data_cache,
+        encoder_path,
+        "pipeline.stages.pll.module.noise_rate=0.5",
+        "pipeline.stages.pll.module.rounds=2",
+        "pipeline.stages.pll.module.epochs=20",
+        "seed=3",
+    )
+    record = Runner(cfg).run()["pll"]
+    assert record.status == "done"
+    m = record.metrics
+    heads = ["ce", "sd1", "sd2", "pll"]
+    for name in heads:
+        assert 0.0 <= m[f"pll/test/acc_{name}"] <= 1.0
+        assert 0 <= m[f"pll/val/best_epoch_{name}"] < 20
+    assert m["pll/train/teacher_top2_clean"] >= m["pll/train/teacher_top1_clean"]
+
+    # The same noise as the generator gives for the stage's seed, and its realised rate.
+    data = AudioDataModule(cfg.data)
+    data.setup()
+    encoder, _ = load_encoder(encoder_path)
+    splits = {s: embed(encoder, data.dataloader(s), data.featurize) for s in ("train", "val")}
+    train_labels, val_labels = splits["train"][2], splits["val"][2]
+    expected = add_label_noise(train_labels, "symmetric", 0.5, 4, seed=3)
+    payload = torch.load(record.artifacts["heads"], weights_only=False)
+    assert np.array_equal(payload["noisy_train_labels"].numpy(), expected.labels)
+    assert m["pll/train/noise_realised_rate"] == pytest.approx(expected.realised_rate)
+    assert m["pll/train/noisy_label_acc"] == pytest.approx(1 - expected.realised_rate)
+
+    # Every kept head's recorded val accuracy is its accuracy on the noisy *validation* labels.
+    noisy_val = add_label_noise(val_labels, "symmetric", 0.5, 4, seed=4).labels
+    x_val = (torch.from_numpy(splits["val"][1]) - payload["feature_mean"]) / payload["feature_std"]
+    for name in heads:
+        head = torch.nn.Linear(32, 4, bias=False)
+        head.load_state_dict(payload["heads"][name])
+        acc = (head(x_val).argmax(1).numpy() == noisy_val).mean()
+        assert m[f"pll/val/acc_{name}"] == pytest.approx(acc), name
+    assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]["pll"][
+        "artifacts"
+    ]["heads"]
+
+
+def test_clean_labels_and_a_separable_encoder_learn(
+    tmp_path: Path, data_cache: Path, encoder_path: Path
+) -> None:
+    # Random conv features of 4 sound kinds are linearly separable enough to beat chance
+    # (0.25) clearly without noise; with a fresh PLL head the candidates alone train it.
+    cfg = pll_only(
+        tmp_path,
+        data_cache,
+        encoder_path,
+        "pipeline.stages.pll.module.noise_rate=0.0",
+        "pipeline.stages.pll.module.rounds=1",
+        "pipeline.stages.pll.module.epochs=100",
+        "pipeline.stages.pll.module.pll_init=fresh",
+        "pipeline.stages.pll.module.pll_loss=gce",
+    )
+    m = Runner(cfg).run()["pll"].metrics
+    assert m["pll/train/noise_realised_rate"] == 0.0
+    assert m["pll/test/acc_ce"] >= 0.5 and m["pll/test/acc_pll"] >= 0.5, m
+    assert m["pll/test/teacher_top2_acc"] >= m["pll/test/acc_ce"]
+
+
+def test_ranges_are_checked_at_start_up(tmp_path: Path) -> None:
+    from distillery.config.validation import ConfigError, validate
+
+    cfg = compose_config(
+        [
+            "experiment=pll",
+            f"run_dir={tmp_path}",
+            "pipeline.stages.pll.module.noise_rate=1.0",
+            "pipeline.stages.pll.module.rounds=0",
+            "pipeline.stages.pll.module.gce_q=0",
+        ]
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "pipeline.stages.pll.module.noise_rate: 1.0 is outside the allowed range [0, 1)" in str(
+        err.value
+    )
+    assert "pipeline.stages.pll.module.rounds: 0 is outside the allowed range [1, inf)" in str(
+        err.value
+    )
+    assert "pipeline.stages.pll.module.gce_q: 0 is outside the allowed range (0, 1]" in str(
+        err.value
+    )
+
+
+@pytest.mark.slow
+def test_pll_experiment_smoke(tmp_path: Path, data_cache: Path) -> None:
+    cfg = compose_config(
+        ["experiment=pll", *FAST, f"run_dir={tmp_path}", f"data.cache_dir={data_cache}"]
+    )
+    stages = Runner(cfg).run()
+    assert [s.status for s in stages.values()] == ["done", "done"]
+    assert (
+        "pll/test/acc_pll" in stages["pll"].metrics
+        and "ssl/eval/knn10_acc" in stages["ssl"].metrics
+    )
