@@ -136,3 +136,37 @@ def test_audio_info_on_garbage_raises(tmp_path):
     with pytest.raises(AudioFileError) as info:
         audio_info(path)
     assert str(path) in str(info.value)
+
+
+def test_wav_cut_mid_data_is_rejected_not_read_shorter(tmp_path):
+    # libsndfile alone would read the first half as a shorter clip.
+    full = tmp_path / "full.wav"
+    write_wav(full, _sine(seconds=0.5), SR)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2 + 1])
+    for read in (audio_info, lambda p: read_audio(p, SR)):
+        with pytest.raises(AudioFileError, match="is truncated") as info:
+            read(cut)
+        assert str(cut) in str(info.value)
+
+
+def test_wav_with_unset_data_size_is_read_whole(tmp_path):
+    # A streaming writer that never rewrote the header leaves 0xFFFFFFFF sizes.
+    path = tmp_path / "stream.wav"
+    write_wav(path, _sine(seconds=0.25), SR)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[4:8] = data[at + 4 : at + 8] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    assert read_audio(path, SR).shape == (_sine(seconds=0.25).shape[0],)
+
+
+def test_header_checks_find_empty_and_frameless_files(tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    frameless = tmp_path / "frameless.wav"
+    sf.write(frameless, np.zeros(0, dtype=np.float32), SR)
+    with pytest.raises(AudioFileError, match=r"is empty \(0 bytes\)"):
+        audio_info(empty)
+    with pytest.raises(AudioFileError, match="no audio frames"):
+        audio_info(frameless)

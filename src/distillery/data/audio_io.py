@@ -71,7 +71,7 @@ def read_audio(path: str | os.PathLike[str], sample_rate: int) -> np.ndarray:
         # dtype=float32 makes libsndfile scale integer PCM (8/16/24/32 bit) to [-1, 1).
         data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, TypeError) as exc:
-        raise AudioFileError(path, f"cannot be decoded as audio ({exc})") from exc
+        raise AudioFileError(path, f"cannot be decoded as audio ({_reason(exc)})") from exc
     if data.shape[0] == 0:
         raise AudioFileError(path, "contains no audio frames (empty)")
     if not np.isfinite(data).all():
@@ -151,7 +151,7 @@ def audio_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         info = sf.info(str(path))
     except (sf.SoundFileError, RuntimeError, TypeError) as exc:
-        raise AudioFileError(path, f"cannot be read as audio ({exc})") from exc
+        raise AudioFileError(path, f"cannot be read as audio ({_reason(exc)})") from exc
     if info.frames == 0:
         raise AudioFileError(path, "contains no audio frames (empty)")
     return {
@@ -161,6 +161,11 @@ def audio_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "duration_s": float(info.frames) / float(info.samplerate) if info.samplerate else 0.0,
         "subtype": str(info.subtype),
     }
+
+
+def _reason(exc: Exception) -> str:
+    # libsndfile's message repeats the path, which AudioFileError already names.
+    return getattr(exc, "error_string", None) or str(exc)
 
 
 # A streaming writer that never went back to fill in the size leaves one of these.
