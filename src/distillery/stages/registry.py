@@ -9,6 +9,7 @@ _STAGE_KINDS: dict[str, str] = {
     "ssl": "distillery.stages.ssl.SSLStage",
     "self_distill": "distillery.stages.self_distill.SelfDistillStage",
     "partial_label_sd": "distillery.stages.partial_label_sd.PartialLabelSDStage",
+    "coss_kd": "distillery.stages.coss_kd.CoSSDistillStage",
 }
 
 
