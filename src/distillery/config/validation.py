@@ -233,6 +233,11 @@ def validate(cfg: DictConfig) -> None:
         inputs = OmegaConf.to_container(stage.inputs)
         problems += check_call_args(target, module_args, f"{path}.module", reserved=INJECTED_MODULE_ARGS)
         problems += check_targets(module_args, f"{path}.module")
+        for key, high_open in (("target_sparsity", True), ("sparsity_warmup", False)):
+            if isinstance(value := module_args.get(key), int | float):  # prune_distill
+                problems += _range(
+                    f"{path}.module.{key}", value, 0, 1, low_open=False, high_open=high_open
+                )
         problems += _check_method_ranges(stage.kind, module_args, f"{path}.module")
         problems += check_targets(OmegaConf.to_container(stage.callbacks), f"{path}.callbacks")
         problems += check_call_args(
