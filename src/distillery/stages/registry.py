@@ -12,6 +12,8 @@ _STAGE_KINDS: dict[str, str] = {
     "final_distill": "distillery.stages.final_distill.FinalDistillStage",
     "partial_label_sd": "distillery.stages.partial_label_sd.PartialLabelSDStage",
     "coss_kd": "distillery.stages.coss_kd.CoSSDistillStage",
+    "dataset_distill": "distillery.stages.dataset_distill.DatasetDistillStage",
+    "pretrain_synthetic": "distillery.stages.pretrain_synthetic.PretrainSyntheticStage",
 }
 
 
