@@ -11,6 +11,7 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 
+from distillery.config.validation import ConfigError, validate
 from distillery.data.datamodule import AudioDataModule
 from distillery.distill.synthetic_set import load_synthetic_set
 from distillery.losses.krr import krr_distill_loss
@@ -243,3 +244,25 @@ def test_missing_or_bad_synthetic_set_is_a_clear_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="same N"):
         load_synthetic_set(tmp_path / "bad.pt")
+
+
+def test_config_ranges_are_checked_at_start_up() -> None:
+    cfg = compose_config(
+        [
+            "experiment=krr_st",
+            "pipeline.stages.dataset_distill.module.final_lr_factor=0",
+            "pipeline.stages.dataset_distill.module.ridge=-1",
+            "pipeline.stages.pretrain_synthetic.module.batch_size=0",
+        ]
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert sorted(err.value.problems) == [
+        "pipeline.stages.dataset_distill.module.final_lr_factor: 0 is outside the allowed range (0, 1]",
+        "pipeline.stages.dataset_distill.module.ridge: -1 is outside the allowed range (0, inf)",
+        "pipeline.stages.pretrain_synthetic.module.batch_size: 0 is outside the allowed range [1, inf)",
+    ]
+    validate(compose_config(["experiment=krr_st"]))  # the recipe itself is valid
+    validate(
+        compose_config(["experiment=krr_st_compare", "pipeline.stages.distill.module.teacher=t.pt"])
+    )

@@ -152,6 +152,16 @@ METHOD_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
         "gce_q": (0, 1, True, False),
     },
     "coss_kd": {"l0": (0, math.inf, False, True), "l1": (0, math.inf, False, True)},
+    "dataset_distill": {
+        "size": (1, math.inf, False, True),
+        "ridge": (0, math.inf, True, True),
+        "pool_size": (1, math.inf, False, True),
+        "pool_max_steps": (1, math.inf, False, True),
+        "pool_lr": (0, math.inf, True, True),
+        "pool_weight_decay": (0, math.inf, False, True),
+        "final_lr_factor": (0, 1, True, False),
+    },
+    "pretrain_synthetic": {"batch_size": (1, math.inf, False, True)},
 }
 
 
