@@ -123,3 +123,32 @@ def test_load_pruned_rebuilds_the_small_model_without_gates(tmp_path: Path) -> N
         load_pruned(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="kept.ffn.0=999"):
         build_pruned(BASE, {"ffn.0": 999})
+
+
+@pytest.mark.slow
+def test_hubert_base_physical_pruning_equals_masking() -> None:
+    from distillery.models.hubert import HuBERTEncoder
+
+    torch.manual_seed(0)
+    gated = GatedModel(
+        HuBERTEncoder(),
+        ["conv", "heads", "ffn"],
+        {"_target_": "distillery.models.hubert.HuBERTEncoder"},
+    )
+    with torch.no_grad():
+        for gate in gated.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.n) * 3.0)
+        gated.gate("heads.3").log_alpha.fill_(-10.0)  # a layer left without any head
+    pruned, config = gated.eval().export()
+    assert config["kept"]["heads.3"] == 0
+    x = torch.randn(2, 8000)
+    with torch.no_grad():
+        for m, p in zip(
+            gated.forward_hidden_states(x), pruned.forward_hidden_states(x), strict=True
+        ):
+            torch.testing.assert_close(p, m, rtol=1e-4, atol=1e-4)
+    assert (
+        count_parameters(pruned)
+        == gated.deterministic_params()
+        == count_parameters(build_pruned(config["base"], config["kept"]))
+    )

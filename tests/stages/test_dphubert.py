@@ -202,3 +202,27 @@ def test_dphubert_recipe_smoke(tmp_path: Path, data_cache: Path) -> None:
     )
     stages = Runner(cfg).run()
     assert [s.status for s in stages.values()] == ["done", "done", "done"]
+
+
+@pytest.mark.slow
+def test_hubert_base_smoke_prunes_and_exports(tmp_path: Path, data_cache: Path) -> None:
+    """A few steps of both stages on torchaudio's HuBERT Base (random weights, waveforms)."""
+    cfg = compose_config(
+        [
+            "experiment=dphubert_hubert",
+            *FAST,
+            f"run_dir={tmp_path}",
+            f"data.cache_dir={data_cache}",
+            "data.batch_size=2",
+            "debug.trainer.limit_train_batches=2",
+            "debug.trainer.limit_val_batches=1",
+        ]
+    )
+    stages = Runner(cfg).run()
+    assert [s.status for s in stages.values()] == ["done", "done"]
+    summary = json.loads(Path(stages["prune_distill"].artifacts["pruning"]).read_text())
+    assert summary["teacher_params"] == 94_370_944  # hubert_base() as built by torchaudio
+    final = load_pruned(stages["final_distill"].artifacts["encoder"])
+    assert count_parameters(final) == summary["pruned_params"] < summary["teacher_params"]
+    with torch.no_grad():
+        assert final.eval()(torch.randn(1, 16000)).shape == (1, 768)

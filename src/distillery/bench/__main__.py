@@ -3,7 +3,8 @@
 Benchmarks (one module each): ``clustering`` (k-means vs scikit-learn and FAISS),
 ``training`` (Lightning vs a plain loop), ``input_pipeline`` (log-mel on the fly vs
 precomputed; data wait with 0 and 2 workers), ``pseudo_labels`` (embed + cluster + write
-labels vs scikit-learn) and ``end_to_end`` (a whole smoke pipeline in a subprocess).
+labels vs scikit-learn), ``end_to_end`` (a whole smoke pipeline in a subprocess) and
+``pruned_inference`` (a DPHuBERT-pruned encoder vs its teacher).
 Every figure is a ratio against a baseline measured in the same run.
 """
 
@@ -16,11 +17,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distillery.bench import clustering, end_to_end, input_pipeline, pseudo_labels, report, training
+from distillery.bench import (
+    clustering,
+    end_to_end,
+    input_pipeline,
+    pruned_inference,
+    pseudo_labels,
+    report,
+    training,
+)
 from distillery.bench.common import machine, quiet, thread_limit
 from distillery.bench.timing import Comparison, stopwatch
 
-NAMES = ("clustering", "training", "input_pipeline", "pseudo_labels", "end_to_end")
+NAMES = (
+    "clustering",
+    "training",
+    "input_pipeline",
+    "pseudo_labels",
+    "end_to_end",
+    "pruned_inference",
+)
 
 
 def _clustering(
@@ -40,6 +56,7 @@ BENCHMARKS: dict[
     "input_pipeline": lambda quick, cache, threads: input_pipeline.run(quick, cache),
     "pseudo_labels": lambda quick, cache, threads: pseudo_labels.run(quick, cache),
     "end_to_end": lambda quick, cache, threads: end_to_end.run(quick, cache, threads),
+    "pruned_inference": lambda quick, cache, threads: pruned_inference.run(quick, cache),
 }
 
 

@@ -215,7 +215,7 @@ class TransformerPruning(PruningSpec):
                 2 * dim + 1
             )
         fixed = count_parameters(model) - full_variable
-        return torch.as_tensor(variable, dtype=torch.float32) + fixed
+        return torch.as_tensor(variable, dtype=torch.float64) + fixed
 
     @torch.no_grad()
     def prune_(
@@ -376,7 +376,8 @@ class GatedModel(nn.Module):
         return self._run(lambda: self.model(x))
 
     def expected_counts(self) -> dict[str, Tensor]:
-        return {g.name: self.gate(g.name).l0() for g in self.groups}
+        # float64: parameter counts near 1e8 are not exact in float32.
+        return {g.name: self.gate(g.name).l0().double() for g in self.groups}
 
     def expected_params(self) -> Tensor:
         """Expected parameter count of the pruned model, differentiable in the gates."""
@@ -384,7 +385,7 @@ class GatedModel(nn.Module):
 
     def expected_sparsity(self) -> Tensor:
         """``1 - expected params / params of the unpruned model``."""
-        return 1.0 - self.expected_params() / self.full_params
+        return (1.0 - self.expected_params() / self.full_params).float()
 
     def kept_by_kind(self) -> dict[str, float]:
         """Expected kept units summed per kind (``conv``, ``heads``, ``ffn``)."""
@@ -397,7 +398,7 @@ class GatedModel(nn.Module):
     def deterministic_params(self) -> int:
         """Parameter count implied by the eval masks: exactly what :meth:`export` yields."""
         counts = {
-            g.name: torch.count_nonzero(self.gate(g.name).deterministic()).float()
+            g.name: torch.count_nonzero(self.gate(g.name).deterministic()).double()
             for g in self.groups
         }
         return int(round(float(self.spec.param_count(self.model, counts))))
