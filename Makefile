@@ -37,6 +37,19 @@ reproduce-unfused: install
 	done
 	$(BIN)/python experiments/unfused/report.py
 
+# KRR-ST claim on the built-in data: one SSL teacher (the runner skips it once done), then
+# 3 seeds of distilled vs random-subset vs no pretraining; resumable.
+KRR_TEACHER_RUN := experiments/krr_st/runs/teacher
+.PHONY: reproduce-krr-st
+reproduce-krr-st: install
+	$(BIN)/distillery experiment=krr_st_teacher seed=0 logger=csv run_dir=$(KRR_TEACHER_RUN)
+	for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=krr_st_compare seed=$$seed logger=csv \
+	    pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
+	    run_dir=experiments/krr_st/runs/seed$$seed || exit 1; \
+	done
+	$(BIN)/python experiments/krr_st/report.py experiments/krr_st/runs
+
 # Benchmarks (each figure a ratio against a baseline of the same run) -> bench/results.{json,md}
 bench: install
 	$(BIN)/python -m distillery.bench

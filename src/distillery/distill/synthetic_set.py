@@ -88,19 +88,35 @@ def plot_synthetic_examples(
     num_examples: int = 8,
 ) -> Path:
     """Log-mel images of the first ``num_examples`` synthetic inputs (top row) and, when
-    given, the real clips at the same positions (bottom row), on one colour scale per pair."""
+    given, the real clips at the same positions (middle row, same colour scale per column)
+    and their difference (bottom row, symmetric scale: distillation's changes are small)."""
     n = min(num_examples, len(synthetic))
-    rows = [("synthetic", synthetic[:n])] + (
-        [("real (initial)", real[:n])] if real is not None else []
-    )
-    fig = Figure(figsize=(2.0 * n + 0.5, 2.0 * len(rows)))
-    axes = np.asarray(fig.subplots(len(rows), n, squeeze=False))
+    images = {"synthetic": synthetic[:n, 0].detach().float().cpu().numpy()}
+    if real is not None:
+        images["real (initial)"] = real[:n, 0].detach().float().cpu().numpy()
+        images["difference"] = images["synthetic"] - images["real (initial)"]
+    fig = Figure(figsize=(2.0 * n + 0.5, 2.0 * len(images)))
+    axes = np.asarray(fig.subplots(len(images), n, squeeze=False))
     for col in range(n):
-        images = [batch[col, 0].detach().float().cpu().numpy() for _, batch in rows]
-        low, high = min(float(i.min()) for i in images), max(float(i.max()) for i in images)
-        for row, ((label, _), image) in enumerate(zip(rows, images, strict=True)):
+        spectrograms = [images[k][col] for k in images if k != "difference"]
+        low = min(float(i.min()) for i in spectrograms)
+        high = max(float(i.max()) for i in spectrograms)
+        for row, (label, batch) in enumerate(images.items()):
             ax = axes[row, col]
-            ax.imshow(image, origin="lower", aspect="auto", cmap="magma", vmin=low, vmax=high)
+            if label == "difference":
+                bound = max(float(np.abs(batch[col]).max()), 1e-6)
+                ax.imshow(
+                    batch[col],
+                    origin="lower",
+                    aspect="auto",
+                    cmap="RdBu_r",
+                    vmin=-bound,
+                    vmax=bound,
+                )
+            else:
+                ax.imshow(
+                    batch[col], origin="lower", aspect="auto", cmap="magma", vmin=low, vmax=high
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:

@@ -80,7 +80,8 @@ class DatasetDistillStage(StageModule):
             raise ValueError(f"final_lr_factor must be in (0, 1], got {final_lr_factor}")
         if not teacher:
             raise ValueError(
-                f"{stage_name}: module.teacher is required (an encoder.pt artifact, e.g. inputs: {{module.teacher: ssl.encoder}})"
+                f"{stage_name}: module.teacher is required (an encoder.pt artifact, "
+                "e.g. inputs: {module.teacher: ssl.encoder})"
             )
         self.save_hyperparameters()
         self.teacher_path = teacher

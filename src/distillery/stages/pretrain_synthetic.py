@@ -46,7 +46,8 @@ class PretrainSyntheticStage(StageModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not synthetic_set:
             raise ValueError(
-                f"{stage_name}: module.synthetic_set is required (a dataset_distill stage's artifact, e.g. inputs: {{module.synthetic_set: dataset_distill.synthetic_set}})"
+                f"{stage_name}: module.synthetic_set is required (a dataset_distill stage's "
+                "artifact, e.g. inputs: {module.synthetic_set: dataset_distill.synthetic_set})"
             )
         self.save_hyperparameters()
         self.automatic_optimization = False
