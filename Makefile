@@ -38,16 +38,19 @@ reproduce-unfused: install
 	$(BIN)/python experiments/unfused/report.py
 
 # KRR-ST claim on the built-in data: one SSL teacher (the runner skips it once done), then
-# 3 seeds of distilled vs random-subset vs no pretraining; resumable.
+# distilled vs random-subset vs no pretraining at each synthetic-set size N (5% and 1% of the
+# 560 training clips), 3 seeds each; resumable.
 KRR_TEACHER_RUN := experiments/krr_st/runs/teacher
+KRR_SIZES ?= 28 6
 .PHONY: reproduce-krr-st
 reproduce-krr-st: install
 	$(BIN)/distillery experiment=krr_st_teacher seed=0 logger=csv run_dir=$(KRR_TEACHER_RUN)
-	for seed in $(SEEDS); do \
+	for size in $(KRR_SIZES); do for seed in $(SEEDS); do \
 	  $(BIN)/distillery experiment=krr_st_compare seed=$$seed logger=csv \
 	    pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
-	    run_dir=experiments/krr_st/runs/seed$$seed || exit 1; \
-	done
+	    pipeline.stages.distill.module.size=$$size \
+	    run_dir=experiments/krr_st/runs/n$$size/seed$$seed || exit 1; \
+	done; done
 	$(BIN)/python experiments/krr_st/report.py experiments/krr_st/runs
 
 # Benchmarks (each figure a ratio against a baseline of the same run) -> bench/results.{json,md}

@@ -2,7 +2,8 @@
 
 Usage: python experiments/krr_st/report.py [RUNS_DIR]   (default: experiments/krr_st/runs)
 ``RUNS_DIR/teacher/pipeline.json`` is the run of ``experiment=krr_st_teacher`` and each
-``RUNS_DIR/seed*/pipeline.json`` one run of ``experiment=krr_st_compare``.
+``RUNS_DIR/n<N>/seed<S>/pipeline.json`` one run of ``experiment=krr_st_compare`` with a
+synthetic set of N examples.
 """
 
 from __future__ import annotations
@@ -45,89 +46,133 @@ def first_epoch_loss(stage_dir: Path, key: str) -> float | None:
     return None
 
 
+def collect_run(path: Path) -> dict:
+    stages = _stages(path)
+    meta = json.loads((path.parent / "distill" / "synthetic_set" / "meta.json").read_text())
+    row = {"run": f"{path.parent.parent.name}/{path.parent.name}", "size": meta["size"]}
+    row["outer_steps"] = meta["outer_steps"]
+    for method in METHODS:
+        metrics = stages[f"finetune_{method}"]["metrics"]
+        row[f"{method}_test_acc"] = metrics[f"finetune_{method}/test/acc"]
+    for method in ("random", "distilled"):
+        metrics = stages[f"pretrain_{method}"]["metrics"]
+        row[f"{method}_frozen_linear"] = metrics[f"pretrain_{method}/eval/linear_acc"]
+        row[f"{method}_frozen_knn10"] = metrics[f"pretrain_{method}/eval/knn10_acc"]
+        row[f"pretrain_{method}_wall_s"] = stages[f"pretrain_{method}"]["wall_time_s"]
+    row["params"] = stages["finetune_scratch"]["metrics"]["finetune_scratch/eval/params"]
+    row["distill_wall_s"] = stages["distill"]["wall_time_s"]
+    row["distill_first_loss"] = first_epoch_loss(
+        path.parent / "distill", "distill/train/loss_epoch"
+    )
+    row["distill_last_loss"] = stages["distill"]["metrics"]["distill/train/loss_epoch"]
+    row["distill_val_loss"] = stages["distill"]["metrics"].get("distill/val/loss")
+    row["input_shift_rms"] = meta["input_shift_rms"]
+    row["target_shift_rms"] = meta["target_shift_rms"]
+    return row
+
+
 def collect(runs_dir: Path) -> dict:
     teacher_path = runs_dir / "teacher" / "pipeline.json"
-    runs = sorted(runs_dir.glob("seed*/pipeline.json"))
+    runs = sorted(runs_dir.glob("n*/seed*/pipeline.json"))
     if not runs or not teacher_path.exists():
         raise SystemExit(
             f"no teacher or seed runs under {runs_dir}: run `make reproduce-krr-st` first"
         )
     teacher = _stages(teacher_path)["ssl"]
-    per_seed = []
-    for path in runs:
-        stages = _stages(path)
-        meta = json.loads(
-            (
-                Path(stages["distill"]["artifacts"]["synthetic_set"]).with_name("meta.json")
-            ).read_text()
-        )
-        row = {"run": path.parent.name, "size": meta["size"], "outer_steps": meta["outer_steps"]}
-        for method in METHODS:
-            row[f"{method}_test_acc"] = stages[f"finetune_{method}"]["metrics"][
-                f"finetune_{method}/test/acc"
-            ]
-            row[f"{method}_wall_s"] = stages[f"finetune_{method}"]["wall_time_s"]
-        for method in ("random", "distilled"):
-            metrics = stages[f"pretrain_{method}"]["metrics"]
-            row[f"{method}_frozen_linear"] = metrics[f"pretrain_{method}/eval/linear_acc"]
-            row[f"{method}_frozen_knn10"] = metrics[f"pretrain_{method}/eval/knn10_acc"]
-            row[f"pretrain_{method}_wall_s"] = stages[f"pretrain_{method}"]["wall_time_s"]
-        row["params"] = stages["finetune_scratch"]["metrics"]["finetune_scratch/eval/params"]
-        row["distill_wall_s"] = stages["distill"]["wall_time_s"]
-        row["distill_first_loss"] = first_epoch_loss(
-            path.parent / "distill", "distill/train/loss_epoch"
-        )
-        row["distill_train_loss"] = stages["distill"]["metrics"]["distill/train/loss_epoch"]
-        row["distill_val_loss"] = stages["distill"]["metrics"].get("distill/val/loss")
-        row["input_shift_rms"] = meta["input_shift_rms"]
-        row["target_shift_rms"] = meta["target_shift_rms"]
-        per_seed.append(row)
     return {
         "teacher": {
             "wall_s": teacher["wall_time_s"],
             "params": teacher["metrics"]["ssl/eval/params"],
             "knn10_acc": teacher["metrics"]["ssl/eval/knn10_acc"],
         },
-        "runs": per_seed,
+        "runs": [collect_run(path) for path in runs],
     }
 
 
+def _row(label: str, cells: list[str]) -> str:
+    return f"| {label} | {' | '.join(cells)} |"
+
+
 def table(results: dict) -> str:
-    rows, teacher = results["runs"], results["teacher"]
-    n, size = len(rows), rows[0]["size"]
-    col = lambda key: [r[key] for r in rows]  # noqa: E731
+    teacher = results["teacher"]
+    by_size: dict[int, list[dict]] = {}
+    for row in results["runs"]:
+        by_size.setdefault(row["size"], []).append(row)
+    sizes = sorted(by_size)
+
+    def col(size: int, key: str) -> list[float]:
+        return [r[key] for r in by_size[size] if r[key] is not None]
+
+    seeds = sorted({len(rows) for rows in by_size.values()})
+    params = results["runs"][0]["params"] / 1e6
+    head = " | ".join(f"N = {n}" for n in sizes)
+    rule = " | ".join("---" for _ in sizes)
     lines = [
-        f"Mean ± std over {n} seeds; AudioNTT {rows[0]['params'] / 1e6:.2f}M parameters; N = {size} "
-        f"pretraining examples; finetuned and probed with 5% of the labels (8 classes, chance 0.125).",
+        f"Mean ± std over {'/'.join(map(str, seeds))} seeds (8 classes, chance 0.125); AudioNTT "
+        f"{params:.2f}M parameters; N pretraining examples out of 560 training clips.",
         "",
-        "| pretraining | finetune test acc | frozen linear probe | frozen kNN-10 |",
-        "| --- | --- | --- | --- |",
+        "Test accuracy after finetuning with 5% of the labels:",
+        "",
+        f"| pretraining | {head} |",
+        f"| --- | {rule} |",
     ]
     for method, label in METHODS.items():
-        probe = "-" if method == "scratch" else mean_std(col(f"{method}_frozen_linear"))
-        knn = "-" if method == "scratch" else mean_std(col(f"{method}_frozen_knn10"))
-        lines.append(f"| {label} | {mean_std(col(f'{method}_test_acc'))} | {probe} | {knn} |")
-    distill, pretrain = col("distill_wall_s"), col("pretrain_distilled_wall_s")
-    total = [d + p for d, p in zip(distill, pretrain, strict=True)]
+        cells = " | ".join(mean_std(col(n, f"{method}_test_acc")) for n in sizes)
+        lines.append(f"| {label} | {cells} |")
     lines += [
         "",
-        "Wall time on this machine (2 shared CPU cores; seconds, including each stage's evaluation):",
+        "Frozen pretrained encoder before finetuning, linear probe / kNN-10 test accuracy (5% of the labels):",
         "",
-        "| step | wall time (s) |",
-        "| --- | --- |",
-        f"| full SSL pretraining: the BYOL-A teacher on all clips ({teacher['params'] / 1e6:.2f}M, once) "
-        f"| {teacher['wall_s']:.0f} |",
-        f"| KRR-ST distillation to N = {size} ({rows[0]['outer_steps']} outer steps) | {mean_std(distill, 0)} |",
-        f"| pretraining on the distilled set | {mean_std(pretrain, 0)} |",
-        f"| pretraining on the random subset | {mean_std(col('pretrain_random_wall_s'), 0)} |",
-        f"| distillation + pretraining | {mean_std(total, 0)} "
-        f"({statistics.mean(total) / teacher['wall_s']:.0%} of the SSL teacher's) |",
+        f"| pretraining | {head} |",
+        f"| --- | {rule} |",
+    ]
+    for method in ("random", "distilled"):
+        cells = " | ".join(
+            f"{mean_std(col(n, f'{method}_frozen_linear'))} / {mean_std(col(n, f'{method}_frozen_knn10'))}"
+            for n in sizes
+        )
+        lines.append(f"| {METHODS[method]} | {cells} |")
+    distill = {n: col(n, "distill_wall_s") for n in sizes}
+    pretrain = {n: col(n, "pretrain_distilled_wall_s") for n in sizes}
+    total = {n: [d + p for d, p in zip(distill[n], pretrain[n], strict=True)] for n in sizes}
+    ssl_s = teacher["wall_s"]
+    lines += [
         "",
-        f"Distillation moved the set by an RMS of {mean_std(col('input_shift_rms'))} per log-mel "
-        f"value (inputs are standardised) and {mean_std(col('target_shift_rms'))} per target "
-        f"dimension. Outer loss (mean over an epoch): {mean_std(col('distill_first_loss'), 4)} in the "
-        f"first epoch, {mean_std(col('distill_train_loss'), 4)} in the last; on validation clips "
-        f"at the end: {mean_std(col('distill_val_loss'), 4)}.",
+        "Wall time in seconds on this machine (2 CPU cores shared with other jobs, so only rough; "
+        "each stage's includes its evaluation):",
+        "",
+        f"| step | {head} |",
+        f"| --- | {rule} |",
+        _row(
+            f"full SSL pretraining: BYOL-A teacher on all clips, {teacher['params'] / 1e6:.2f}M, once",
+            [f"{ssl_s:.0f}" for _ in sizes],
+        ),
+        _row("KRR-ST distillation", [mean_std(distill[n], 0) for n in sizes]),
+        _row("pretraining on the distilled set", [mean_std(pretrain[n], 0) for n in sizes]),
+        _row(
+            "pretraining on the random subset",
+            [mean_std(col(n, "pretrain_random_wall_s"), 0) for n in sizes],
+        ),
+        _row("distillation + pretraining", [mean_std(total[n], 0) for n in sizes]),
+        _row(
+            "... as a share of the SSL teacher's",
+            [f"{statistics.mean(total[n]) / ssl_s:.0%}" for n in sizes],
+        ),
+        "",
+        f"| distillation diagnostics | {head} |",
+        f"| --- | {rule} |",
+        _row("outer steps", [str(by_size[n][0]["outer_steps"]) for n in sizes]),
+        _row("outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in sizes]),
+        _row("outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in sizes]),
+        _row(
+            "outer loss on validation clips, end",
+            [mean_std(col(n, "distill_val_loss"), 4) for n in sizes],
+        ),
+        _row(
+            "RMS change of the inputs (standardised log-mel)",
+            [mean_std(col(n, "input_shift_rms")) for n in sizes],
+        ),
+        _row("RMS change of the targets", [mean_std(col(n, "target_shift_rms")) for n in sizes]),
     ]
     return "\n".join(lines)
 
