@@ -37,6 +37,29 @@ reproduce-unfused: install
 	done
 	$(BIN)/python experiments/unfused/report.py
 
+# Self-distillation with partial labels and CoSS read the frozen encoder of one SSL teacher
+# run (trained by whichever target runs first; the runner skips it afterwards).
+PLL_TEACHER_RUN := experiments/pll/runs/teacher
+.PHONY: pll-teacher reproduce-pll reproduce-coss
+pll-teacher: install
+	$(BIN)/distillery experiment=pll_teacher seed=0 logger=csv run_dir=$(PLL_TEACHER_RUN)
+
+reproduce-pll: pll-teacher
+	for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=pll_noise seed=$$seed logger=csv \
+	    pipeline.stages.gce_00.module.pretrained=$(PLL_TEACHER_RUN)/ssl/encoder.pt \
+	    run_dir=experiments/pll/runs/seed$$seed || exit 1; \
+	done
+	$(BIN)/python experiments/pll/report.py experiments/pll/runs
+
+reproduce-coss: pll-teacher
+	for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=coss_compare seed=$$seed logger=csv \
+	    pipeline.stages.cosine_random.module.teacher=$(PLL_TEACHER_RUN)/ssl/encoder.pt \
+	    run_dir=experiments/coss/runs/seed$$seed || exit 1; \
+	done
+	$(BIN)/python experiments/coss/report.py experiments/coss/runs $(PLL_TEACHER_RUN)
+
 # KRR-ST claim on the built-in data: one SSL teacher (the runner skips it once done), then
 # distilled vs random-subset vs no pretraining at each synthetic-set size N (5% and 1% of the
 # 560 training clips), 3 seeds each; resumable.
