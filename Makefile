@@ -37,6 +37,15 @@ reproduce-unfused: install
 	done
 	$(BIN)/python experiments/unfused/report.py
 
+# DPHuBERT claim on the built-in data, 3 seeds; resumable (re-run to continue).
+.PHONY: reproduce-dphubert
+reproduce-dphubert: install
+	for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=dphubert_compare seed=$$seed logger=csv \
+	    trainer.enable_progress_bar=false run_dir=experiments/dphubert/runs/seed$$seed || exit 1; \
+	done
+	$(BIN)/python experiments/dphubert/report.py
+
 # Self-distillation with partial labels and CoSS read the frozen encoder of one SSL teacher
 # run (trained by whichever target runs first; the runner skips it afterwards).
 PLL_TEACHER_RUN := experiments/pll/runs/teacher

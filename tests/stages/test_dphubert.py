@@ -226,3 +226,21 @@ def test_hubert_base_smoke_prunes_and_exports(tmp_path: Path, data_cache: Path) 
     assert count_parameters(final) == summary["pruned_params"] < summary["teacher_params"]
     with torch.no_grad():
         assert final.eval()(torch.randn(1, 16000)).shape == (1, 768)
+
+
+def test_checkpoints_leave_the_frozen_teacher_out_and_resume_strictly() -> None:
+    from distillery.stages.prune_distill import PruneDistillStage
+
+    teacher = {"_target_": "distillery.models.encoders.TransformerEncoder", **TINY}
+    stage = PruneDistillStage(teacher, distill_layers=[0, 1, 2])
+    checkpoint = {"state_dict": stage.state_dict()}
+    stage.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and not any(
+        k.startswith("teacher.") for k in checkpoint["state_dict"]
+    )
+    resumed = PruneDistillStage(teacher, distill_layers=[0, 1, 2])
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"], strict=True)
+    for key, value in stage.state_dict().items():
+        if not key.startswith("teacher."):
+            assert torch.equal(resumed.state_dict()[key], value), key

@@ -60,9 +60,12 @@ def kept_for_fraction(base: dict[str, Any], keep: float) -> dict[str, int]:
     return kept
 
 
-def _time_pair(
-    teacher: nn.Module, pruned: nn.Module, x: Tensor, repeats: int, inner: int
+def time_models(
+    models: dict[str, nn.Module], x: Tensor, repeats: int, inner: int
 ) -> dict[str, float]:
+    """Median seconds of one forward of ``x`` per model (``inner`` calls per repeat,
+    repeats interleaved across the models, one warm-up call each)."""
+
     def timed(model: nn.Module) -> Any:
         def call() -> None:
             with torch.inference_mode():
@@ -71,8 +74,9 @@ def _time_pair(
 
         return call
 
-    timed(teacher)(), timed(pruned)()  # warm-up: first-call allocations
-    seconds = interleaved({"teacher": timed(teacher), "pruned": timed(pruned)}, repeats)
+    for model in models.values():  # warm-up: first-call allocations
+        timed(model)()
+    seconds = interleaved({name: timed(model) for name, model in models.items()}, repeats)
     return {name: median(values) / inner for name, values in seconds.items()}
 
 
@@ -83,7 +87,7 @@ def _compare(
     teacher = build_encoder(base).eval()
     kept = kept_for_fraction(base, KEEP)
     pruned = build_pruned(base, kept).eval()
-    seconds = _time_pair(teacher, pruned, x, repeats, inner)
+    seconds = time_models({"teacher": teacher, "pruned": pruned}, x, repeats, inner)
     raw = {
         "input_shape": list(x.shape),
         "teacher_params": count_parameters(teacher),
