@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -34,10 +36,41 @@ class FailOnceAtEpoch(pl.Callback):
         self.marker = Path(marker)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        marker = self.marker.with_name(f"{self.marker.name}.rank{trainer.global_rank}")  # every rank fails
+        marker = self.marker.with_name(
+            f"{self.marker.name}.rank{trainer.global_rank}"
+        )  # every rank fails
         if trainer.current_epoch == self.epoch and not marker.exists():
             marker.touch()
             raise RuntimeError(f"injected failure at epoch {self.epoch}")
+
+
+class NaNWeightsOnce(pl.Callback):
+    """Set the first parameter to NaN before batch ``batch`` of epoch ``epoch`` (once per
+    ``marker``), so that step's loss and gradients are non-finite."""
+
+    def __init__(self, epoch: int, batch: int, marker: str) -> None:
+        self.epoch, self.batch, self.marker = epoch, batch, Path(marker)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if (trainer.current_epoch, batch_idx) == (
+            self.epoch,
+            self.batch,
+        ) and not self.marker.exists():
+            self.marker.touch()
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+class SlowBatches(pl.Callback):
+    """Sleep after every training batch: gives a test time to signal a running stage."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.seconds)
 
 
 def read_wandb_records(path: Path) -> list:
@@ -72,7 +105,9 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def pseudo_label_worker(fabric, encoder_path: str, overrides: list[str], out_dir: str, k: int) -> None:
+def pseudo_label_worker(
+    fabric, encoder_path: str, overrides: list[str], out_dir: str, k: int
+) -> None:
     """Pseudo-label a data set with a saved encoder on every rank of ``fabric``; each rank
     saves the labels it holds as ``labels-w<world>-r<rank>.npy``."""
     import numpy as np

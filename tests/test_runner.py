@@ -44,7 +44,9 @@ def test_stage_runs_records_and_is_skipped_next_time(tmp_path: Path, data_cache:
 
     on_disk = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert on_disk["stages"]["finetune"]["status"] == "done"
-    assert (tmp_path / "run" / "results.md").read_text().count("finetune/test/acc") == 0  # keyed by split
+    assert (tmp_path / "run" / "results.md").read_text().count(
+        "finetune/test/acc"
+    ) == 0  # keyed by split
     assert "test/acc" in (tmp_path / "run" / "results.md").read_text()
 
     again = Runner(smoke_config(tmp_path / "run", data_cache))
@@ -55,7 +57,9 @@ def test_stage_runs_records_and_is_skipped_next_time(tmp_path: Path, data_cache:
 def test_changed_stage_reruns_with_everything_after_it(tmp_path: Path, data_cache: Path) -> None:
     run_dir = tmp_path / "run"
     Runner(with_probe_stage(smoke_config(run_dir, data_cache))).run()
-    assert [p.action for p in Runner(with_probe_stage(smoke_config(run_dir, data_cache))).plan()] == ["skip", "skip"]
+    assert [
+        p.action for p in Runner(with_probe_stage(smoke_config(run_dir, data_cache))).plan()
+    ] == ["skip", "skip"]
 
     # Changing the probe re-runs the probe only.
     changed_probe = with_probe_stage(smoke_config(run_dir, data_cache))
@@ -63,13 +67,17 @@ def test_changed_stage_reruns_with_everything_after_it(tmp_path: Path, data_cach
     assert [p.action for p in Runner(changed_probe).plan()] == ["skip", "fresh"]
 
     # Changing the first stage re-runs it and the stage that consumes its encoder.
-    changed_first = with_probe_stage(smoke_config(run_dir, data_cache, "pipeline.stages.finetune.module.optimizer.lr=0.01"))
+    changed_first = with_probe_stage(
+        smoke_config(run_dir, data_cache, "pipeline.stages.finetune.module.optimizer.lr=0.01")
+    )
     plan = Runner(changed_first).plan()
     assert [p.action for p in plan] == ["fresh", "fresh"]
     assert "config changed" in plan[0].reason
 
 
-def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path, data_cache: Path) -> None:
+def test_interrupted_stage_resumes_from_its_last_checkpoint(
+    tmp_path: Path, data_cache: Path
+) -> None:
     marker = tmp_path / "failed-once"
     cfg = smoke_config(
         tmp_path / "run",
@@ -98,7 +106,10 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path: Path, data
     assert record.attempts == 2
     logs = tmp_path / "run" / "finetune" / "logs"
     epochs = [
-        {int(line.split(",")[0]) for line in (logs / f"attempt-{n}" / "metrics.csv").read_text().splitlines()[1:]}
+        {
+            int(line.split(",")[0])
+            for line in (logs / f"attempt-{n}" / "metrics.csv").read_text().splitlines()[1:]
+        }
         for n in (1, 2)
     ]
     # Each attempt's history is kept; the second starts at epoch 2 (then the test pass logs).
@@ -115,10 +126,15 @@ def synthetic_dir(cache: Path) -> Path:
 
 
 @pytest.mark.parametrize("source", ["folder", "manifest"])
-def test_user_data_sources_run_with_any_experiment(tmp_path: Path, data_cache: Path, source: str) -> None:
+def test_user_data_sources_run_with_any_experiment(
+    tmp_path: Path, data_cache: Path, source: str
+) -> None:
     root = synthetic_dir(data_cache)
-    data = ["data=folder", f"data.root={root / 'audio'}"] if source == "folder" else [
-        "data=manifest", f"data.path={root / 'manifest.csv'}"]
+    data = (
+        ["data=folder", f"data.root={root / 'audio'}"]
+        if source == "folder"
+        else ["data=manifest", f"data.path={root / 'manifest.csv'}"]
+    )
     record = Runner(smoke_config(tmp_path / "run", data_cache, *data)).run()["finetune"]
     assert record.status == "done" and 0 <= record.metrics["finetune/test/acc"] <= 1
 
@@ -132,7 +148,9 @@ def test_other_loggers(tmp_path: Path, data_cache: Path, logger: str) -> None:
 
 
 @pytest.mark.parametrize("on_bad_file", ["error", "skip"])
-def test_bad_audio_files_are_reported_together_or_skipped(tmp_path: Path, data_cache: Path, on_bad_file: str) -> None:
+def test_bad_audio_files_are_reported_together_or_skipped(
+    tmp_path: Path, data_cache: Path, on_bad_file: str
+) -> None:
     import shutil
 
     root = tmp_path / "audio"
@@ -141,11 +159,21 @@ def test_bad_audio_files_are_reported_together_or_skipped(tmp_path: Path, data_c
     bad = [first / "broken.wav", second / "empty.wav"]
     bad[0].write_bytes(b"RIFF not really a wav file")
     bad[1].write_bytes(b"")
-    cfg = smoke_config(tmp_path / "run", data_cache, "data=folder", f"data.root={root}", f"data.on_bad_file={on_bad_file}")
+    cfg = smoke_config(
+        tmp_path / "run",
+        data_cache,
+        "data=folder",
+        f"data.root={root}",
+        f"data.on_bad_file={on_bad_file}",
+    )
     if on_bad_file == "error":
         with pytest.raises(ValueError) as err:
             Runner(cfg).run()
-        assert all(str(p) in str(err.value) for p in bad) and "data.on_bad_file=skip" in str(err.value)
+        assert all(str(p) in str(err.value) for p in bad) and "data.on_bad_file=skip" in str(
+            err.value
+        )
+        failed = RunManifest.load_or_create(tmp_path / "run", "supervised").stages["finetune"]
+        assert failed.status == "failed" and "AudioFileError" in failed.error
     else:
         record = Runner(cfg).run()["finetune"]
         assert record.status == "done" and record.metrics["finetune/data/skipped_files"] == 2

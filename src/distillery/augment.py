@@ -14,6 +14,7 @@ mixup with past examples -> random resize crop -> batch normalisation ("post-nor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,10 @@ class MixupWithPastBatches(nn.Module):
 
     The memory is updated only in training mode, so validation batches never leak into the
     training mix; in eval mode the (frozen) memory is still used. It is a plain tensor
-    attribute, not a buffer: it is not saved in checkpoints (it refills within
-    ``memory_size / B`` steps, and a 2048-example memory would add tens of MB to each), and
-    DDP never broadcasts it, so every rank keeps its own past examples. It follows the
-    batch's device. A batch whose (F, T) differs from the memory's restarts the memory.
+    attribute, not a buffer, so DDP never broadcasts it and every rank keeps its own past
+    examples; its filled rows are saved in checkpoints as the module's extra state, so a
+    resumed run mixes exactly what an uninterrupted one would. It follows the batch's
+    device. A batch whose (F, T) differs from the memory's restarts the memory.
 
     Shapes: x (B, 1, F, T) -> (B, 1, F, T).
     """
@@ -78,6 +79,18 @@ class MixupWithPastBatches(nn.Module):
     def reset(self) -> None:
         """Empty the memory."""
         self.memory, self._filled, self._next = None, 0, 0
+
+    def get_extra_state(self) -> dict[str, Any]:
+        filled = None if self.memory is None else self.memory[: self._filled].cpu()
+        return {"memory": filled, "next": self._next, "size": self.memory_size}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.reset()
+        if state.get("memory") is not None and state.get("size") == self.memory_size:
+            rows = state["memory"]
+            self.memory = rows.new_zeros((self.memory_size, *rows.shape[1:]))
+            self.memory[: len(rows)] = rows
+            self._filled, self._next = len(rows), int(state["next"])
 
     @torch.no_grad()
     def _push(self, x: Tensor) -> None:

@@ -23,8 +23,10 @@ def _main(cfg: DictConfig) -> float | None:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from distillery.config.validation import ConfigError
+    from distillery.data.audio_io import AudioFileError
     from distillery.pipeline import launch
-    from distillery.pipeline.runner import Runner
+    from distillery.pipeline.manifest import RunDirError
+    from distillery.pipeline.runner import Runner, StageInterrupted
     from distillery.pipeline.tracking import report_to_wandb_sweep
 
     launch.install()
@@ -35,11 +37,18 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         with launch.job_processes():
             stages = Runner(cfg).run()
-    except ConfigError as err:
+    except (ConfigError, RunDirError, AudioFileError) as err:  # bad input: the message says it all
         log.error("%s", err)
         sys.exit(2)
+    except (
+        StageInterrupted
+    ) as err:  # SIGTERM: a checkpoint was saved; 128 + SIGTERM, as for a killed job
+        log.warning("%s", err)
+        sys.exit(143)
     if rank_zero_only.rank == 0:
-        report_to_wandb_sweep({k: v for record in stages.values() for k, v in record.metrics.items()})
+        report_to_wandb_sweep(
+            {k: v for record in stages.values() for k, v in record.metrics.items()}
+        )
     return optimized_value(stages, cfg.optimized_metric) if cfg.optimized_metric else None
 
 
@@ -48,7 +57,9 @@ def optimized_value(stages: dict, metric: str) -> float:
     stage = metric.split("/")[0]
     metrics = stages[stage].metrics if stage in stages else {}
     if metric not in metrics:
-        raise KeyError(f"optimized_metric={metric!r} was not produced (stage {stage!r} has: {sorted(metrics)})")
+        raise KeyError(
+            f"optimized_metric={metric!r} was not produced (stage {stage!r} has: {sorted(metrics)})"
+        )
     return metrics[metric]
 
 

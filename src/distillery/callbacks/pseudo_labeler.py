@@ -203,7 +203,9 @@ def pseudo_label(
     """
     fit_idx = fit_subset(fit_indices, fit_sample, seed)
     if k > len(fit_idx):  # checked on every rank: a raise on rank 0 alone would hang the others
-        raise ValueError(f"k={k} is larger than the {len(fit_idx)} clips to fit on (fit_sample={fit_sample})")
+        raise ValueError(
+            f"k={k} is larger than the {len(fit_idx)} clips to fit on (fit_sample={fit_sample})"
+        )
     is_fit = np.isin(local_indices, fit_idx)
     fit_rows = take_rows(local_features, is_fit, chunk_size)
     _, fit_x = gather_by_index(comm, local_indices[is_fit], fit_rows)
@@ -332,6 +334,14 @@ class PseudoLabeler(pl.Callback):
         self.artifacts: dict[str, str] = {}
         self.metrics: dict[str, float] = {}  # of the latest clustering, on rank 0
         self._previous: np.ndarray | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        clips = len(trainer.datamodule.table.indices("train"))
+        if self.k > clips:  # fail before training, not after it
+            raise ValueError(
+                f"PseudoLabeler.k={self.k} is larger than the {clips} training clips it would cluster; "
+                "lower k or use more data"
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

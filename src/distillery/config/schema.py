@@ -121,6 +121,8 @@ class Config:
     experiment_name: str | None = None
     #: ``<stage>/<split>/<name>`` returned to a Hydra sweeper (e.g. Optuna) after the run.
     optimized_metric: str | None = None
+    #: Stages in ``run_dir`` made by another code version: error | rerun | reuse.
+    on_code_change: str = "error"
 
 
 def register_configs() -> None:

@@ -23,7 +23,13 @@ from distillery.stages.registry import stage_class, stage_kinds
 #: Constructor arguments the runner fills in itself; a config may not set them.
 INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes")
 #: Trainer arguments the runner owns.
-INJECTED_TRAINER_ARGS = ("default_root_dir", "callbacks", "logger", "plugins", "use_distributed_sampler")
+INJECTED_TRAINER_ARGS = (
+    "default_root_dir",
+    "callbacks",
+    "logger",
+    "plugins",
+    "use_distributed_sampler",
+)
 
 
 class ConfigError(ValueError):
@@ -59,7 +65,9 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
         return None if any(p is None for p in problems) else problems[0]
     checks = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
     if annotation in checks:
-        ok = isinstance(value, checks[annotation]) and not (annotation is not bool and isinstance(value, bool))
+        ok = isinstance(value, checks[annotation]) and not (
+            annotation is not bool and isinstance(value, bool)
+        )
         return None if ok else f"must be {annotation.__name__}, got {value!r}"
     return None
 
@@ -82,7 +90,9 @@ def check_call_args(
             problems.append(f"{path}.{key}: set by the runner, remove it from the config")
         elif key not in params and not _accepts_any_kwargs(sig):
             allowed = ", ".join(n for n in params if n not in reserved)
-            problems.append(f"{path}.{key}: unknown argument of {target.__qualname__} (allowed: {allowed})")
+            problems.append(
+                f"{path}.{key}: unknown argument of {target.__qualname__} (allowed: {allowed})"
+            )
         elif key in hints and (msg := _type_problem(value, hints[key])):
             problems.append(f"{path}.{key}: {msg}")
     return problems
@@ -107,7 +117,12 @@ def check_targets(node: Any, path: str) -> list[str]:
     return problems
 
 
-def _range(path: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool) -> list[str]:
+CODE_CHANGE_POLICIES = ("error", "rerun", "reuse")
+
+
+def _range(
+    path: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool
+) -> list[str]:
     ok_low = value > low if low_open else value >= low
     ok_high = value < high if high_open else value <= high
     if ok_low and ok_high:
@@ -126,7 +141,9 @@ def check_data(data: dict[str, Any], path: str) -> list[str]:
     for key, allowed in choices.items():
         if data.get(key) not in allowed:
             problems.append(f"{path}.{key}: {data.get(key)!r} is not one of {list(allowed)}")
-    problems += _range(f"{path}.label_fraction", data["label_fraction"], 0, 1, low_open=True, high_open=False)
+    problems += _range(
+        f"{path}.label_fraction", data["label_fraction"], 0, 1, low_open=True, high_open=False
+    )
     for key in ("val_fraction", "test_fraction"):
         problems += _range(f"{path}.{key}", data[key], 0, 1, low_open=False, high_open=True)
     if data["val_fraction"] + data["test_fraction"] >= 1:
@@ -213,12 +230,18 @@ def validate(cfg: DictConfig) -> None:
     order = list(cfg.pipeline.order)
     stages = cfg.pipeline.stages
     if missing := [n for n in order if n not in stages]:
-        problems.append(f"pipeline.order: {missing} have no entry in pipeline.stages (have {list(stages)})")
+        problems.append(
+            f"pipeline.order: {missing} have no entry in pipeline.stages (have {list(stages)})"
+        )
     if extra := [n for n in stages if n not in order]:
         problems.append(f"pipeline.stages: {extra} are not in pipeline.order {order}")
     if len(set(order)) != len(order):
         problems.append(f"pipeline.order: duplicate stage names in {order}")
 
+    if cfg.on_code_change not in CODE_CHANGE_POLICIES:
+        problems.append(
+            f"on_code_change: {cfg.on_code_change!r} is not one of {list(CODE_CHANGE_POLICIES)}"
+        )
     problems += check_targets(OmegaConf.to_container(cfg.logger), "logger")
     trainer_args = OmegaConf.to_container(cfg.trainer)
     problems += check_call_args(pl.Trainer, trainer_args, "trainer", reserved=INJECTED_TRAINER_ARGS)
@@ -234,14 +257,18 @@ def validate(cfg: DictConfig) -> None:
         try:
             target = stage_class(stage.kind, stage.module)
         except KeyError:
-            problems.append(f"{path}.kind: unknown stage kind {stage.kind!r} (known: {stage_kinds()})")
+            problems.append(
+                f"{path}.kind: unknown stage kind {stage.kind!r} (known: {stage_kinds()})"
+            )
             continue
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.module._target_: cannot import ({err})")
             continue
         module_args = OmegaConf.to_container(stage.module)
         inputs = OmegaConf.to_container(stage.inputs)
-        problems += check_call_args(target, module_args, f"{path}.module", reserved=INJECTED_MODULE_ARGS)
+        problems += check_call_args(
+            target, module_args, f"{path}.module", reserved=INJECTED_MODULE_ARGS
+        )
         problems += check_targets(module_args, f"{path}.module")
         for key, high_open in (("target_sparsity", True), ("sparsity_warmup", False)):
             if isinstance(value := module_args.get(key), int | float):  # prune_distill
@@ -251,19 +278,52 @@ def validate(cfg: DictConfig) -> None:
         problems += _check_method_ranges(stage.kind, module_args, f"{path}.module")
         problems += check_targets(OmegaConf.to_container(stage.callbacks), f"{path}.callbacks")
         problems += check_call_args(
-            pl.Trainer, OmegaConf.to_container(stage.trainer), f"{path}.trainer", reserved=INJECTED_TRAINER_ARGS
+            pl.Trainer,
+            OmegaConf.to_container(stage.trainer),
+            f"{path}.trainer",
+            reserved=INJECTED_TRAINER_ARGS,
         )
         try:  # report only what the stage's own data overrides add to the top-level problems
-            stage_problems = check_data(OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data")
-            problems += [p for p in stage_problems if p.replace(f"{path}.", "", 1) not in data_problems]
+            stage_problems = check_data(
+                OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data"
+            )
+            problems += [
+                p for p in stage_problems if p.replace(f"{path}.", "", 1) not in data_problems
+            ]
         except Exception as err:  # noqa: BLE001 - schema violation inside the stage override
             problems.append(f"{path}.data: {err}".splitlines()[0])
         problems += _check_inputs(cfg, order[:position], inputs, path)
+        problems += _check_cluster_counts(cfg, name, path)
     if problems:
         raise ConfigError(problems)
 
 
-def _check_inputs(cfg: DictConfig, earlier: list[str], inputs: dict[str, str], path: str) -> list[str]:
+def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:
+    """A callback's ``k`` (clusters) against the built-in data set's training clips.
+
+    Only the synthetic source's size is known before its files are read; for the others
+    the ``PseudoLabeler`` checks when its stage sets up, before training.
+    """
+    data = stage_data(cfg, name)
+    if data.source != "synthetic":
+        return []
+    clips = data.synthetic.num_classes * data.synthetic.clips_per_class
+    train = int(clips * (1 - data.val_fraction - data.test_fraction))
+    problems = []
+    for key, callback in cfg.pipeline.stages[name].callbacks.items():
+        k = callback.get("k") if callback else None
+        if isinstance(k, int) and k > train:
+            problems.append(
+                f"{path}.callbacks.{key}.k: {k} clusters for about {train} training clips "
+                f"(data.synthetic: {data.synthetic.num_classes} classes x {data.synthetic.clips_per_class} "
+                "clips, less val/test); k must be at most the number of clips"
+            )
+    return problems
+
+
+def _check_inputs(
+    cfg: DictConfig, earlier: list[str], inputs: dict[str, str], path: str
+) -> list[str]:
     problems = []
     for dest, source in inputs.items():
         if not dest.startswith(("module.", "data.")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,23 @@ def centre_crop(audio: np.ndarray, num_samples: int) -> np.ndarray:
     return audio[start : start + num_samples]
 
 
+class TrainSampler(DistributedSampler):
+    """Shuffles per epoch from (seed, epoch), one shard per rank (one replica outside DDP).
+
+    Items are ``(seed, epoch, i)`` keys: :class:`ClipDataset` draws the clip's random crop
+    from them, so the data of an epoch is a function of the seed and the epoch alone, not
+    of the process, the worker or how many draws came before (a resumed stage reads
+    exactly what an uninterrupted one would).
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return ((self.seed, self.epoch, i) for i in super().__iter__())
+
+
 class ClipDataset(Dataset):
     """Items are dicts: ``index`` (into the source table), ``audio`` (samples,), ``label``,
-    and ``pseudo_label`` when pseudo-labels are attached. Training crops are random,
+    and ``pseudo_label`` when pseudo-labels are attached. Training crops are random (from
+    the ``(seed, epoch, i)`` key of a :class:`TrainSampler`, else torch's global RNG),
     evaluation crops are the clip's centre, so evaluation is deterministic."""
 
     def __init__(
@@ -84,20 +99,30 @@ class ClipDataset(Dataset):
                 "decodes every file at start-up)",
             ) from err
 
-    def _fixed_length(self, audio: np.ndarray) -> np.ndarray:
+    def _fixed_length(self, audio: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         excess = len(audio) - self.num_samples
         if excess < 0:
             return np.pad(audio, (0, -excess))
         if not self.train:
             return centre_crop(audio, self.num_samples)
-        start = int(torch.randint(0, excess + 1, ()).item())
+        start = (
+            int(rng.integers(0, excess + 1))
+            if rng
+            else int(torch.randint(0, excess + 1, ()).item())
+        )
         return audio[start : start + self.num_samples]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        index = int(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, Any]:
+        rng = None
+        if isinstance(key, tuple):  # (seed, epoch, i) from a TrainSampler
+            seed, epoch, key = key
+            rng = np.random.default_rng((seed, epoch, int(self.indices[key])))
+        index = int(self.indices[key])
         item = {
             "index": index,
-            "audio": torch.from_numpy(np.ascontiguousarray(self._fixed_length(self._audio(index)))),
+            "audio": torch.from_numpy(
+                np.ascontiguousarray(self._fixed_length(self._audio(index), rng))
+            ),
             "label": int(self.labels[index]),
         }
         if self.pseudo_labels is not None:
@@ -129,7 +154,9 @@ def resolve_splits(source: SourceTable, cfg: DataConfig) -> SplitTable:
     train = np.flatnonzero(splits == "train")
     labeled_train = train[true_labels[train] >= 0]
     if cfg.label_fraction < 1.0 and len(labeled_train):
-        keep = labeled_train[label_subset(true_labels[labeled_train], cfg.label_fraction, cfg.split_seed)]
+        keep = labeled_train[
+            label_subset(true_labels[labeled_train], cfg.label_fraction, cfg.split_seed)
+        ]
         hidden = np.setdiff1d(labeled_train, keep)
         visible[hidden] = -1
     return SplitTable(source, splits, true_labels, visible)
@@ -169,7 +196,9 @@ class AudioDataModule(pl.LightningDataModule):
     def _read_source(self) -> SourceTable:
         cfg = self.cfg
         spec = SyntheticSpec(
-            **dataclasses.asdict(cfg.synthetic), sample_rate=cfg.sample_rate, clip_seconds=cfg.clip_seconds
+            **dataclasses.asdict(cfg.synthetic),
+            sample_rate=cfg.sample_rate,
+            clip_seconds=cfg.clip_seconds,
         )
         return load_source(
             cfg.source,
@@ -195,8 +224,11 @@ class AudioDataModule(pl.LightningDataModule):
         counts = {s: len(self.table.indices(s)) for s in SPLITS}
         log.info(
             "data: %d clips from %s (%s), %d classes, train items: %d",
-            len(self.table.source.records), self.cfg.source, counts,
-            len(self.class_names), len(self.train_indices()),
+            len(self.table.source.records),
+            self.cfg.source,
+            counts,
+            len(self.class_names),
+            len(self.train_indices()),
         )
 
     def _read_pseudo_labels(self, path: Path) -> np.ndarray:
@@ -333,11 +365,16 @@ class AudioDataModule(pl.LightningDataModule):
         )
 
     def dataloader(
-        self, split: str, *, train: bool = False, indices: np.ndarray | None = None, sharded: bool = False
+        self,
+        split: str,
+        *,
+        train: bool = False,
+        indices: np.ndarray | None = None,
+        sharded: bool = False,
     ) -> DataLoader:
         """A loader over ``split`` (or explicit ``indices``); ``train`` shuffles and crops randomly.
 
-        ``sharded``: under DDP, this rank's part only. Training uses a DistributedSampler
+        ``sharded``: under DDP, this rank's part only. Training uses a :class:`TrainSampler`
         (shuffled per epoch, equal shard sizes); evaluation takes a strided shard without
         padding, so no clip is counted twice in validation or test metrics.
         """
@@ -356,13 +393,13 @@ class AudioDataModule(pl.LightningDataModule):
 
     def _shard_sampler(self, dataset: ClipDataset, train: bool) -> Sampler | None:
         trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return None
-        world, rank = trainer.world_size, trainer.global_rank
+        world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
         if train:
             # Same seed on every rank (all ranks are seeded alike), different per run seed.
-            return DistributedSampler(dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31)
-        return list(range(rank, len(dataset), world))
+            return TrainSampler(
+                dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
+            )
+        return None if world == 1 else list(range(rank, len(dataset), world))
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", train=True, sharded=True)

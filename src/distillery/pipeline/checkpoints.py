@@ -12,13 +12,17 @@ from distillery import artifacts
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+#: Written on SIGTERM, mid-epoch (see distillery.pipeline.faults).
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file, then rename: a killed process never leaves a
     truncated checkpoint behind."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         artifacts.write_torch(path, checkpoint)
@@ -36,11 +40,16 @@ def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """``last.ckpt`` if it points at a file, else the newest checkpoint (the link is
-    re-created after each save, so a crash in between can leave it dangling)."""
+    """The newest checkpoint of a stage: ``last.ckpt``'s target or a SIGTERM checkpoint.
+
+    The link is re-created after each save, so a crash in between can leave it dangling;
+    then the newest epoch checkpoint is used.
+    """
     directory = stage_dir / CHECKPOINT_DIR
     last = directory / LAST_CHECKPOINT
     if last.exists():
-        return last.resolve()
-    candidates = [p for p in directory.glob("*.ckpt") if p.name != LAST_CHECKPOINT]
+        candidates = [last.resolve()]
+    else:
+        candidates = [p for p in directory.glob("*.ckpt") if p.name != LAST_CHECKPOINT]
+    candidates += [p for p in [directory / INTERRUPTED_CHECKPOINT] if p.exists()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -11,11 +13,36 @@ from pathlib import Path
 from distillery import __version__, artifacts
 
 MANIFEST_NAME = "pipeline.json"
-STATUSES = ("pending", "running", "done", "failed")
+STATUSES = ("pending", "running", "done", "failed", "interrupted")
 
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RunDirError(ValueError):
+    """The run dir holds results this run must not mix with its own."""
+
+
+@functools.cache
+def code_version() -> str:
+    """``<version>+g<commit>`` when the package runs from a git checkout, else the version.
+
+    Uncommitted edits do not change it: it names the code a result came from closely
+    enough to notice a checkout moved, without flagging every edit while developing.
+    """
+    source = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{out.stdout.strip()}"
 
 
 @dataclass
@@ -24,6 +51,9 @@ class StageRecord:
     status: str = "pending"
     attempts: int = 0
     config_hash: str = ""
+    code_version: str = ""
+    #: The hashed settings (stage, data, trainer, seed), to show what changed on a re-run.
+    config: dict = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     wandb_run_id: str | None = None

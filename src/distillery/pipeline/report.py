@@ -27,7 +27,9 @@ def _format(column: str, value: float) -> str:
 
 
 def results_markdown(manifest: RunManifest) -> str:
-    present = [c for c in COLUMNS if any(f"{n}/{c}" in r.metrics for n, r in manifest.stages.items())]
+    present = [
+        c for c in COLUMNS if any(f"{n}/{c}" in r.metrics for n, r in manifest.stages.items())
+    ]
     header = ["stage", "kind", "status", "wall time (s)", *present]
     lines = [
         f"# Results of {manifest.run_id}",

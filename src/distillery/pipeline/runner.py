@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
@@ -24,11 +25,19 @@ from distillery.config.validation import stage_data, stage_trainer, validate
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
 from distillery.pipeline.checkpoints import (
+    CHECKPOINT_DIR,
     AtomicCheckpointIO,
     epoch_checkpointing,
     latest_checkpoint,
 )
-from distillery.pipeline.manifest import RunManifest, StageRecord, now_iso
+from distillery.pipeline.faults import BatchSeed, FiniteLossGuard, SigtermCheckpoint
+from distillery.pipeline.manifest import (
+    RunDirError,
+    RunManifest,
+    StageRecord,
+    code_version,
+    now_iso,
+)
 from distillery.pipeline.progress import StageProgressBar
 from distillery.pipeline.report import write_results
 from distillery.pipeline.tracking import build_loggers, finish_loggers, log_to_loggers
@@ -41,18 +50,38 @@ log = logging.getLogger(__name__)
 UNHASHED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "enable_model_summary")
 
 
-def stage_config_hash(cfg: DictConfig, name: str, upstream_hash: str) -> str:
-    """Hash of everything that determines a stage's result, chained to the stages before it."""
+def stage_settings(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """Everything in the config that determines a stage's result."""
     trainer = {k: v for k, v in stage_trainer(cfg, name).items() if k not in UNHASHED_TRAINER_KEYS}
-    payload = {
-        "stage": OmegaConf.to_container(cfg.pipeline.stages[name], resolve=True),
-        "data": OmegaConf.to_container(stage_data(cfg, name), resolve=True),
-        "trainer": trainer,
-        "seed": cfg.seed,
-        "upstream": upstream_hash,
-    }
-    text = json.dumps(payload, sort_keys=True, default=str)
+    return json.loads(
+        json.dumps(
+            {
+                "stage": OmegaConf.to_container(cfg.pipeline.stages[name], resolve=True),
+                "data": OmegaConf.to_container(stage_data(cfg, name), resolve=True),
+                "trainer": trainer,
+                "seed": cfg.seed,
+            },
+            default=str,
+        )
+    )
+
+
+def stage_config_hash(settings: dict[str, Any], upstream_hash: str) -> str:
+    """Hash of a stage's settings, chained to the stages before it."""
+    text = json.dumps(settings | {"upstream": upstream_hash}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 @dataclass
@@ -60,6 +89,7 @@ class StagePlan:
     name: str
     kind: str
     config_hash: str
+    settings: dict[str, Any]
     action: str  # skip | resume | fresh
     reason: str
 
@@ -80,27 +110,57 @@ class Runner:
 
     # -- planning -------------------------------------------------------------------------
     def plan(self) -> list[StagePlan]:
-        plans, upstream, rerun_upstream = [], "", False
+        """What each stage does now, from ``pipeline.json``: skip, resume or run afresh.
+
+        A stage whose settings changed is re-run with every stage after it (its previous
+        outputs move to ``superseded/``). Results of another code version are not reused
+        silently: ``on_code_change`` says whether to stop (default), re-run or reuse them.
+        """
+        if self.manifest.stages and self.manifest.pipeline != self.cfg.pipeline.name:
+            raise RunDirError(
+                f"run_dir {self.run_dir} holds pipeline {self.manifest.pipeline!r} "
+                f"(run {self.manifest.run_id}), not {self.cfg.pipeline.name!r}: choose another run_dir"
+            )
+        plans, upstream, rerun_upstream, stale = [], "", False, []
         for name in self.cfg.pipeline.order:
             kind = self.cfg.pipeline.stages[name].kind
-            config_hash = stage_config_hash(self.cfg, name, upstream)
-            upstream = config_hash
+            settings = stage_settings(self.cfg, name)
+            config_hash = upstream = stage_config_hash(settings, upstream)
             record = self.manifest.stages.get(name)
             last = latest_checkpoint(self.run_dir / name)
+            code_changed = (
+                record is not None and record.config_hash and record.code_version != code_version()
+            )
             if record is None or not record.config_hash:
                 action, reason = "fresh", "not run before"
             elif record.config_hash != config_hash:
-                action, reason = "fresh", f"config changed ({record.config_hash} -> {config_hash})"
+                changed = ", ".join(changed_keys(record.config, settings)[:8]) or "an earlier stage"
+                action, reason = "fresh", f"config changed ({changed})"
             elif rerun_upstream:
                 action, reason = "fresh", "an earlier stage is re-run"
-            elif record.status == "done" and all(Path(p).exists() for p in record.artifacts.values()):
+            elif code_changed and self.cfg.on_code_change == "rerun":
+                action, reason = (
+                    "fresh",
+                    f"code changed ({record.code_version} -> {code_version()})",
+                )
+            elif record.status == "done" and all(
+                Path(p).exists() for p in record.artifacts.values()
+            ):
                 action, reason = "skip", "done with the same config"
             elif last is not None:
                 action, reason = "resume", f"{record.status}; resuming from {last}"
             else:
                 action, reason = "fresh", f"{record.status} without a checkpoint"
+            if code_changed and action in ("skip", "resume"):
+                stale.append(f"{name} ({record.code_version or 'unknown version'})")
             rerun_upstream |= action != "skip"
-            plans.append(StagePlan(name, kind, config_hash, action, reason))
+            plans.append(StagePlan(name, kind, config_hash, settings, action, reason))
+        if stale and self.cfg.on_code_change == "error":
+            raise RunDirError(
+                f"run_dir {self.run_dir} holds stages made by other code: {', '.join(stale)}; "
+                f"this is {code_version()}. Set on_code_change=rerun to recompute them, "
+                "on_code_change=reuse to keep them, or choose another run_dir"
+            )
         return plans
 
     # -- execution ------------------------------------------------------------------------
@@ -123,6 +183,21 @@ class Runner:
         if self.is_rank_zero:
             self.manifest.save()
 
+    def _record_failure(self, record: StageRecord, err: BaseException, start: float) -> None:
+        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        record.wall_time_s = round(time.perf_counter() - start, 2)
+        self._save_manifest()
+
+    def _supersede(self, name: str, record: StageRecord | None) -> None:
+        """Move a stage's previous outputs to ``superseded/<stage>-<hash>`` instead of deleting them."""
+        tag = record.config_hash if record is not None and record.config_hash else "unknown"
+        target = self.run_dir / "superseded" / f"{name}-{tag}"
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / name).rename(target)
+        log.info("stage %s: previous outputs moved to %s", name, target)
+
     def _resolve_inputs(self, name: str) -> tuple[dict[str, str], dict[str, str]]:
         """``module.<arg>`` and ``data.<arg>`` keyword arguments from earlier stages' artifacts."""
         module_kwargs, data_kwargs = {}, {}
@@ -143,38 +218,48 @@ class Runner:
         stage_cfg = cfg.pipeline.stages[name]
         stage_dir = self.run_dir / name
         record = self.manifest.stage(name, plan.kind)
-        if plan.action == "fresh":  # a fresh stage keeps nothing of a previous attempt
+        if plan.action == "fresh":  # a fresh stage starts empty; earlier results are kept aside
             if self.is_rank_zero and stage_dir.exists():
-                shutil.rmtree(stage_dir)
+                self._supersede(name, record)
             record = self.manifest.stages[name] = StageRecord(kind=plan.kind)
         record.wandb_run_id = record.wandb_run_id or uuid.uuid4().hex[:8]
-        record.status, record.config_hash, record.started_at = "running", plan.config_hash, now_iso()
+        record.status, record.config_hash, record.started_at = (
+            "running",
+            plan.config_hash,
+            now_iso(),
+        )
+        record.code_version, record.config = code_version(), plan.settings
         record.error, record.attempts = None, record.attempts + 1
         self._save_manifest()
         stage_dir.mkdir(parents=True, exist_ok=True)
 
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module_inputs, data_inputs = self._resolve_inputs(name)
-        datamodule = AudioDataModule(stage_data(cfg, name), **data_inputs)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        module = self._build_module(name, datamodule, module_inputs)
-        loggers = build_loggers(
-            OmegaConf.to_container(cfg.logger, resolve=True),
-            stage=name,
-            stage_dir=stage_dir,
-            run_dir=self.run_dir,
-            run_id=self.manifest.run_id,
-            wandb_run_id=record.wandb_run_id,
-            attempt=record.attempts,
-            config=OmegaConf.to_container(cfg, resolve=True) | {"stage": name},
-        )
-        trainer = self._build_trainer(name, stage_dir, loggers, module)
         start = time.perf_counter()
+        try:  # bad data or a bad artifact fails the stage in pipeline.json too
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            module_inputs, data_inputs = self._resolve_inputs(name)
+            datamodule = AudioDataModule(stage_data(cfg, name), **data_inputs)
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            module = self._build_module(name, datamodule, module_inputs)
+            loggers = build_loggers(
+                OmegaConf.to_container(cfg.logger, resolve=True),
+                stage=name,
+                stage_dir=stage_dir,
+                run_dir=self.run_dir,
+                run_id=self.manifest.run_id,
+                wandb_run_id=record.wandb_run_id,
+                attempt=record.attempts,
+                config=OmegaConf.to_container(cfg, resolve=True) | {"stage": name},
+            )
+            trainer = self._build_trainer(name, stage_dir, loggers, module)
+        except BaseException as err:
+            self._record_failure(record, err, start)
+            raise
         log.info("stage %s (%s): %s -> %s", name, plan.kind, plan.action, stage_dir)
         try:
             ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            _finish_artifact_callbacks(trainer, module)
             metrics = _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(datamodule.skipped_files))
             if stage_cfg.evaluate and _overrides(module, "test_step"):
@@ -187,10 +272,16 @@ class Runner:
                 record.artifacts = self._export(module, trainer, stage_dir)
                 if stage_cfg.evaluate and module.encoder_for_eval() is not None:
                     metrics |= self._evaluate(name, module, datamodule, trainer, stage_dir)
-        except BaseException as err:
-            record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        except SIGTERMException:
+            record.status, record.error = "interrupted", "SIGTERM"
             record.wall_time_s = round(time.perf_counter() - start, 2)
             self._save_manifest()
+            raise StageInterrupted(
+                f"stage {name!r} stopped by SIGTERM at global step {trainer.global_step}; "
+                f"checkpoint {latest_checkpoint(stage_dir)}; run the same command to resume"
+            ) from None
+        except BaseException as err:
+            self._record_failure(record, err, start)
             raise
         finally:
             finish_loggers(loggers)
@@ -201,9 +292,13 @@ class Runner:
         trainer.strategy.barrier("artifacts-written")
         if not self.is_rank_zero:  # pick up the artifact paths rank 0 recorded
             self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
-        log.info("stage %s done in %.1f s; artifacts: %s", name, record.wall_time_s, record.artifacts)
+        log.info(
+            "stage %s done in %.1f s; artifacts: %s", name, record.wall_time_s, record.artifacts
+        )
 
-    def _build_module(self, name: str, datamodule: AudioDataModule, inputs: dict[str, str]) -> pl.LightningModule:
+    def _build_module(
+        self, name: str, datamodule: AudioDataModule, inputs: dict[str, str]
+    ) -> pl.LightningModule:
         stage_cfg = self.cfg.pipeline.stages[name]
         module_cfg = OmegaConf.to_container(stage_cfg.module, resolve=True)
         cls = stage_class(stage_cfg.kind, module_cfg)
@@ -216,9 +311,16 @@ class Runner:
             injected["num_pseudo_classes"] = datamodule.num_pseudo_classes
         return cls(**(module_cfg | inputs), **injected)  # artifacts wired by `inputs` win
 
-    def _build_trainer(self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule) -> pl.Trainer:
+    def _build_trainer(
+        self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule
+    ) -> pl.Trainer:
         stage_cfg = self.cfg.pipeline.stages[name]
-        callbacks: list[pl.Callback] = [epoch_checkpointing(stage_dir)]
+        callbacks: list[pl.Callback] = [
+            epoch_checkpointing(stage_dir),
+            FiniteLossGuard(name),
+            SigtermCheckpoint(stage_dir / CHECKPOINT_DIR),
+            BatchSeed(self.cfg.seed),
+        ]
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
             if callback_cfg:
                 callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
@@ -238,7 +340,12 @@ class Runner:
         )
 
     def _evaluate(
-        self, name: str, module: StageModule, datamodule: AudioDataModule, trainer: pl.Trainer, stage_dir: Path
+        self,
+        name: str,
+        module: StageModule,
+        datamodule: AudioDataModule,
+        trainer: pl.Trainer,
+        stage_dir: Path,
     ) -> dict[str, float]:
         """The shared encoder evaluation (kNN, linear probe, clustering, plots) on rank 0."""
         table = datamodule.table
@@ -263,13 +370,31 @@ class Runner:
         log_to_loggers(trainer.loggers, metrics, images=images, step=trainer.global_step)
         return metrics
 
-    def _export(self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path) -> dict[str, str]:
+    def _export(
+        self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path
+    ) -> dict[str, str]:
         written = {"checkpoint": str(latest_checkpoint(stage_dir))}
         written |= module.export_artifacts(stage_dir) if hasattr(module, "export_artifacts") else {}
         for callback in trainer.callbacks:
             written |= getattr(callback, "artifacts", {})
         artifacts.write_json(stage_dir / "artifacts.json", written)
         return written
+
+
+class StageInterrupted(RuntimeError):
+    """A stage stopped on request (SIGTERM) after saving a checkpoint to resume from."""
+
+
+def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Run ``on_train_end`` of artifact-producing callbacks that missed it.
+
+    Lightning skips the train-end hooks when the checkpoint it resumes from had already
+    finished training (the process was killed after the last epoch's checkpoint but before
+    the stage's artifacts were written); the artifacts are made from the restored model.
+    """
+    for callback in trainer.callbacks:
+        if getattr(callback, "produces", None) and not getattr(callback, "artifacts", True):
+            callback.on_train_end(trainer, module)
 
 
 def _instantiate_callback(cfg: dict[str, Any], stage_dir: Path) -> pl.Callback:

@@ -76,7 +76,11 @@ def finish_loggers(loggers: list[Logger]) -> None:
 
 
 def log_to_loggers(
-    loggers: list[Logger], metrics: dict[str, float], *, images: dict[str, str] | None = None, step: int
+    loggers: list[Logger],
+    metrics: dict[str, float],
+    *,
+    images: dict[str, str] | None = None,
+    step: int,
 ) -> None:
     """Log metrics computed outside the training loop; images (PNG paths) go to W&B."""
     for logger in loggers:
