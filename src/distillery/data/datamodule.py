@@ -399,6 +399,12 @@ class AudioDataModule(pl.LightningDataModule):
             return TrainSampler(
                 dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
             )
+        if len(dataset) < world:  # a process without a batch would wait forever in the metric sync
+            raise ValueError(
+                f"data: an evaluation split has {len(dataset)} clips, fewer than the {world} "
+                "processes; each needs at least one (raise data.val_fraction / data.test_fraction "
+                "or use fewer devices)"
+            )
         return None if world == 1 else list(range(rank, len(dataset), world))
 
     def train_dataloader(self) -> DataLoader:
