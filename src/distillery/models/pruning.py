@@ -269,6 +269,8 @@ def select_units(layer: nn.Module, idx: Tensor, dim: int) -> None:
         layer.bias = nn.Parameter(layer.bias[idx].clone())
         layer.num_groups = layer.num_channels = int(idx.numel())
         return
+    if not isinstance(layer, nn.Linear | nn.Conv1d):
+        raise TypeError(f"cannot select units of {type(layer).__name__}")
     if isinstance(layer, nn.Conv1d) and layer.groups != 1:
         raise ValueError("grouped convolutions cannot be pruned")
     requires_grad = layer.weight.requires_grad
@@ -285,13 +287,10 @@ def select_units(layer: nn.Module, idx: Tensor, dim: int) -> None:
             layer.out_features = n
         else:
             layer.in_features = n
-    elif isinstance(layer, nn.Conv1d):
-        if dim == 0:
-            layer.out_channels = n
-        else:
-            layer.in_channels = n
+    elif dim == 0:
+        layer.out_channels = n
     else:
-        raise TypeError(f"cannot select units of {type(layer).__name__}")
+        layer.in_channels = n
 
 
 def _mask_hook(group: UnitGroup, masks: dict[str, Tensor]) -> Callable[..., Any]:

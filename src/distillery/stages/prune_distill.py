@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from distillery import artifacts
 from distillery.eval.plots import _save as save_figure
+from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
 from distillery.stages.final_distill import LayerDistillLoss, TeacherDistillStage
 
@@ -163,7 +164,7 @@ class PruneDistillStage(TeacherDistillStage):
 
     def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
         written = super().export_artifacts(stage_dir)  # the pruned encoder.pt
-        pruned_params = sum(p.numel() for p in self.pruned.parameters())
+        pruned_params = count_parameters(self.pruned)
         target_params = (1.0 - self.target_sparsity) * self.gated.full_params
         summary = {
             "teacher_params": self.gated.full_params,
