@@ -18,14 +18,18 @@ def distillery(*args: str, cache: Path) -> subprocess.CompletedProcess:
 
 def test_smoke_run_then_skip(tmp_path: Path, data_cache: Path) -> None:
     run_dir = tmp_path / "run"
-    first = distillery("experiment=supervised", "debug=smoke", "logger=csv", f"run_dir={run_dir}", cache=data_cache)
+    first = distillery(
+        "experiment=supervised", "debug=smoke", "logger=csv", f"run_dir={run_dir}", cache=data_cache
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads((run_dir / "pipeline.json").read_text())
     assert manifest["stages"]["finetune"]["status"] == "done"
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert "| finetune | finetune | done |" in (run_dir / "results.md").read_text()
 
-    second = distillery("experiment=supervised", "debug=smoke", "logger=csv", f"run_dir={run_dir}", cache=data_cache)
+    second = distillery(
+        "experiment=supervised", "debug=smoke", "logger=csv", f"run_dir={run_dir}", cache=data_cache
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "skip" in second.stdout + second.stderr
     assert json.loads((run_dir / "pipeline.json").read_text()) == manifest
@@ -33,10 +37,16 @@ def test_smoke_run_then_skip(tmp_path: Path, data_cache: Path) -> None:
 
 def test_typo_fails_at_start_up_naming_the_key(tmp_path: Path, data_cache: Path) -> None:
     result = distillery(
-        "experiment=supervised", "+pipeline.stages.finetune.module.lr=0.1", f"run_dir={tmp_path / 'r'}", cache=data_cache
+        "experiment=supervised",
+        "+pipeline.stages.finetune.module.lr=0.1",
+        f"run_dir={tmp_path / 'r'}",
+        cache=data_cache,
     )
     assert result.returncode != 0
-    assert "pipeline.stages.finetune.module.lr: unknown argument of FinetuneStage" in result.stdout + result.stderr
+    assert (
+        "pipeline.stages.finetune.module.lr: unknown argument of FinetuneStage"
+        in result.stdout + result.stderr
+    )
     assert not (tmp_path / "r" / "pipeline.json").exists()
 
 
@@ -46,12 +56,19 @@ def test_help_lists_groups_and_experiments(data_cache: Path) -> None:
     assert "experiment: " in result.stdout and "supervised" in result.stdout
 
 
-def test_multirun_gives_each_job_its_run_dir_and_wandb_group(tmp_path: Path, data_cache: Path) -> None:
+def test_multirun_gives_each_job_its_run_dir_and_wandb_group(
+    tmp_path: Path, data_cache: Path
+) -> None:
     from tests.helpers import read_wandb_records
 
     sweep = tmp_path / "sweep"
     result = distillery(
-        "-m", "experiment=supervised", "debug=smoke", "logger=wandb", "seed=0,1", f"hydra.sweep.dir={sweep}",
+        "-m",
+        "experiment=supervised",
+        "debug=smoke",
+        "logger=wandb",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
         cache=data_cache,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,7 +77,9 @@ def test_multirun_gives_each_job_its_run_dir_and_wandb_group(tmp_path: Path, dat
         manifest = json.loads((sweep / job / "pipeline.json").read_text())
         record = manifest["stages"]["finetune"]
         assert record["status"] == "done"
-        (run_file,) = (sweep / job / "wandb").glob(f"offline-run-*/run-{record['wandb_run_id']}.wandb")
+        (run_file,) = (sweep / job / "wandb").glob(
+            f"offline-run-*/run-{record['wandb_run_id']}.wandb"
+        )
         run = next(r.run for r in read_wandb_records(run_file) if r.HasField("run"))
         assert run.run_group == manifest["run_id"]
         groups.add(run.run_group)

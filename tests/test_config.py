@@ -54,20 +54,47 @@ def test_wrong_type_fails_at_composition() -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("+pipeline.stages.finetune.module.learning_rate=0.1", "pipeline.stages.finetune.module.learning_rate: unknown argument"),
-        ("pipeline.stages.finetune.module.mode=half", "pipeline.stages.finetune.module.mode: must be one of ['full', 'linear']"),
-        ("pipeline.stages.finetune.module.encoder.channels=wide", "pipeline.stages.finetune.module.encoder.channels: must be int"),
-        ("+pipeline.stages.finetune.module.optimizer.momentun=0.9", "pipeline.stages.finetune.module.optimizer.momentun: unknown argument of AdamW"),
+        (
+            "+pipeline.stages.finetune.module.learning_rate=0.1",
+            "pipeline.stages.finetune.module.learning_rate: unknown argument",
+        ),
+        (
+            "pipeline.stages.finetune.module.mode=half",
+            "pipeline.stages.finetune.module.mode: must be one of ['full', 'linear']",
+        ),
+        (
+            "pipeline.stages.finetune.module.encoder.channels=wide",
+            "pipeline.stages.finetune.module.encoder.channels: must be int",
+        ),
+        (
+            "+pipeline.stages.finetune.module.optimizer.momentun=0.9",
+            "pipeline.stages.finetune.module.optimizer.momentun: unknown argument of AdamW",
+        ),
         ("+trainer.max_epoch=3", "trainer.max_epoch: unknown argument of Trainer"),
-        ("+pipeline.stages.finetune.trainer.callbacks=[]", "pipeline.stages.finetune.trainer.callbacks: set by the runner"),
+        (
+            "+pipeline.stages.finetune.trainer.callbacks=[]",
+            "pipeline.stages.finetune.trainer.callbacks: set by the runner",
+        ),
         ("data.label_fraction=0", "data.label_fraction: 0.0 is outside the allowed range (0, 1]"),
         ("data.label_fraction=1.5", "data.label_fraction: 1.5 is outside the allowed range (0, 1]"),
         ("data.source=s3", "data.source: 's3' is not one of"),
         ("data=folder", "data.root: required with data.source=folder"),
-        ("pipeline.stages.finetune.kind=nope", "pipeline.stages.finetune.kind: unknown stage kind 'nope'"),
-        ("pipeline.order=[finetune,ssl]", "pipeline.order: ['ssl'] have no entry in pipeline.stages"),
-        ("+pipeline.stages.finetune.inputs={module.pretrained: ssl.encoder}", "which does not run before this one"),
-        ("+pipeline.stages.finetune.knd=x", "pipeline.stages.finetune.knd: Key 'knd' not in 'StageConfig'"),
+        (
+            "pipeline.stages.finetune.kind=nope",
+            "pipeline.stages.finetune.kind: unknown stage kind 'nope'",
+        ),
+        (
+            "pipeline.order=[finetune,ssl]",
+            "pipeline.order: ['ssl'] have no entry in pipeline.stages",
+        ),
+        (
+            "+pipeline.stages.finetune.inputs={module.pretrained: ssl.encoder}",
+            "which does not run before this one",
+        ),
+        (
+            "+pipeline.stages.finetune.knd=x",
+            "pipeline.stages.finetune.knd: Key 'knd' not in 'StageConfig'",
+        ),
         ("+logger.csv.flush_every=3", "logger.csv.flush_every: unknown argument of CSVLogger"),
     ],
 )

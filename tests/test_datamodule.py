@@ -12,7 +12,9 @@ from tests.helpers import compose_config
 
 
 def datamodule(cache: Path, *overrides: str) -> AudioDataModule:
-    cfg = compose_config(["experiment=supervised", "debug=smoke", f"data.cache_dir={cache}", *overrides])
+    cfg = compose_config(
+        ["experiment=supervised", "debug=smoke", f"data.cache_dir={cache}", *overrides]
+    )
     data = AudioDataModule(cfg.data)
     data.setup()
     return data

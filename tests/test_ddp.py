@@ -17,8 +17,15 @@ from tests.test_cli import distillery
 @pytest.mark.ddp
 def test_unfused_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = ["experiment=unfused", "debug=smoke", "trainer=ddp", "trainer.devices=2",
-                 "trainer.accelerator=cpu", "logger=csv", "pipeline.stages.ssl.callbacks.pseudo_labeler.k=6"]
+    overrides = [
+        "experiment=unfused",
+        "debug=smoke",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        "pipeline.stages.ssl.callbacks.pseudo_labeler.k=6",
+    ]
     result = distillery(*overrides, f"run_dir={run_dir}", cache=data_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((run_dir / "pipeline.json").read_text())
@@ -33,13 +40,21 @@ def test_unfused_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> Non
     assert (labels[train] >= 0).all() and (labels[data.table.indices("test")] == -1).all()
     # One run dir for both processes: the child wrote into it, not into a directory of its own.
     assert {p.name for p in run_dir.iterdir()} == {
-        ".hydra", "distillery.log", "ddp_rank1.log", "pipeline.json", "results.md",
-        "ssl", "self_distill", "finetune",
+        ".hydra",
+        "distillery.log",
+        "ddp_rank1.log",
+        "pipeline.json",
+        "results.md",
+        "ssl",
+        "self_distill",
+        "finetune",
     }
 
 
 @pytest.mark.ddp
-def test_pseudo_labels_identical_on_every_rank_and_world_size(tmp_path: Path, data_cache: Path) -> None:
+def test_pseudo_labels_identical_on_every_rank_and_world_size(
+    tmp_path: Path, data_cache: Path
+) -> None:
     from lightning.fabric import Fabric
 
     from distillery.models.encoders import AudioNTT
@@ -47,12 +62,22 @@ def test_pseudo_labels_identical_on_every_rank_and_world_size(tmp_path: Path, da
     from tests.helpers import pseudo_label_worker
 
     torch.manual_seed(0)
-    encoder_cfg = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 64, "channels": 8, "dim": 64}
+    encoder_cfg = {
+        "_target_": "distillery.models.encoders.AudioNTT",
+        "n_mels": 64,
+        "channels": 8,
+        "dim": 64,
+    }
     encoder_path = tmp_path / "teacher.pt"
     save_encoder(encoder_path, AudioNTT(n_mels=64, channels=8, dim=64).eval(), encoder_cfg)
     # 3 classes x 15 clips: 33 training + 6 validation clips, an odd count for 2 ranks.
-    overrides = ["experiment=unfused", f"data.cache_dir={data_cache}", "data.synthetic.num_classes=3",
-                 "data.synthetic.clips_per_class=15", "data.batch_size=8"]
+    overrides = [
+        "experiment=unfused",
+        f"data.cache_dir={data_cache}",
+        "data.synthetic.num_classes=3",
+        "data.synthetic.clips_per_class=15",
+        "data.batch_size=8",
+    ]
     data = AudioDataModule(compose_config(overrides).data)
     data.setup()
     labeled = np.concatenate([data.table.indices("train"), data.table.indices("val")])
@@ -78,12 +103,23 @@ def test_multirun_of_ddp_jobs(tmp_path: Path, data_cache: Path) -> None:
     """Each job of a sweep starts its own rank-1 process, in its own run dir."""
     sweep = tmp_path / "sweep"
     result = distillery(
-        "-m", "experiment=supervised", "debug=smoke", "trainer=ddp", "trainer.devices=2",
-        "trainer.accelerator=cpu", "logger=csv", "seed=0,1", f"hydra.sweep.dir={sweep}", cache=data_cache,
+        "-m",
+        "experiment=supervised",
+        "debug=smoke",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cache=data_cache,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
-        assert json.loads((sweep / job / "pipeline.json").read_text())["stages"]["finetune"]["status"] == "done"
+        assert (
+            json.loads((sweep / job / "pipeline.json").read_text())["stages"]["finetune"]["status"]
+            == "done"
+        )
         assert (sweep / job / "ddp_rank1.log").exists()
 
 
@@ -91,8 +127,14 @@ def test_multirun_of_ddp_jobs(tmp_path: Path, data_cache: Path) -> None:
 def test_interrupted_ddp_stage_resumes_with_its_wandb_run(tmp_path: Path, data_cache: Path) -> None:
     run_dir = tmp_path / "run"
     args = [
-        "experiment=supervised", "debug=smoke", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-        "logger=wandb", "debug.trainer.max_epochs=2", f"run_dir={run_dir}",
+        "experiment=supervised",
+        "debug=smoke",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "logger=wandb",
+        "debug.trainer.max_epochs=2",
+        f"run_dir={run_dir}",
         "+pipeline.stages.finetune.callbacks.fault._target_=tests.helpers.FailOnceAtEpoch",
         "+pipeline.stages.finetune.callbacks.fault.epoch=1",
         f"+pipeline.stages.finetune.callbacks.fault.marker={tmp_path / 'failed'}",
@@ -110,5 +152,7 @@ def test_interrupted_ddp_stage_resumes_with_its_wandb_run(tmp_path: Path, data_c
     # Both attempts wrote to the same W&B run (one offline directory each).
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{done['wandb_run_id']}"))) == 2
     # The second attempt trained epoch 1 only: it resumed, it did not start over.
-    rows = (run_dir / "finetune" / "logs" / "attempt-2" / "metrics.csv").read_text().splitlines()[1:]
+    rows = (
+        (run_dir / "finetune" / "logs" / "attempt-2" / "metrics.csv").read_text().splitlines()[1:]
+    )
     assert min(int(row.split(",")[0]) for row in rows) == 1

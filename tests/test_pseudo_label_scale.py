@@ -122,8 +122,11 @@ class _Data:
 
     def dataloader(self, split: str, *, indices: np.ndarray) -> list[dict[str, torch.Tensor]]:
         return [
-            {"index": torch.from_numpy(b), "audio": torch.from_numpy(self.x[b]),
-             "label": torch.full((len(b),), -1)}
+            {
+                "index": torch.from_numpy(b),
+                "audio": torch.from_numpy(self.x[b]),
+                "label": torch.full((len(b),), -1),
+            }
             for b in np.array_split(indices, max(1, len(indices) // 64))
         ]
 
@@ -188,9 +191,7 @@ def test_chunked_assignment_equals_unchunked(blobs: np.ndarray) -> None:
     np.testing.assert_array_equal(labels, whole)
     for chunk in (1, 7, 256, n, 10 * n):
         np.testing.assert_array_equal(model.predict(blobs, chunk), whole)
-    small, _, _ = pseudo_label(
-        LocalComm(), idx, blobs, idx, n, k=K, fit_sample=500, chunk_size=7
-    )
+    small, _, _ = pseudo_label(LocalComm(), idx, blobs, idx, n, k=K, fit_sample=500, chunk_size=7)
     large, _, _ = pseudo_label(
         LocalComm(), idx, blobs, idx, n, k=K, fit_sample=500, chunk_size=10 * n
     )
@@ -246,7 +247,12 @@ def test_label_dataset_streams_complete_feature_files(
 
     def job(comm: Any) -> np.ndarray:
         labels, *_ = label_dataset(
-            comm, encoder, data, k=K, fit_sample=400, feature_dir=feature_dir,
+            comm,
+            encoder,
+            data,
+            k=K,
+            fit_sample=400,
+            feature_dir=feature_dir,
             feature_dtype="float16",
         )
         return labels
@@ -269,19 +275,30 @@ def _batches(x: np.ndarray, fail_after: int | None = None) -> Any:
         if fail_after is not None and i == fail_after:
             raise RuntimeError("loader died")
         b = np.arange(lo, min(lo + 100, len(x)))
-        yield {"index": torch.from_numpy(b), "audio": torch.from_numpy(x[b]),
-               "label": torch.full((len(b),), -1)}
+        yield {
+            "index": torch.from_numpy(b),
+            "audio": torch.from_numpy(x[b]),
+            "label": torch.full((len(b),), -1),
+        }
 
 
-def test_an_interrupted_embedding_leaves_no_file_to_trust(blobs: np.ndarray, tmp_path: Path) -> None:
+def test_an_interrupted_embedding_leaves_no_file_to_trust(
+    blobs: np.ndarray, tmp_path: Path
+) -> None:
     path = tmp_path / "rank0.npy"
-    _, first, _ = embed(nn.Identity(), _batches(blobs), lambda a: a, out=NpyFeatureWriter(path, len(blobs)))
+    _, first, _ = embed(
+        nn.Identity(), _batches(blobs), lambda a: a, out=NpyFeatureWriter(path, len(blobs))
+    )
     np.testing.assert_array_equal(first, blobs)
     before = path.read_bytes()
 
     with pytest.raises(RuntimeError, match="loader died"):
-        embed(nn.Identity(), _batches(-blobs, fail_after=3), lambda a: a,
-              out=NpyFeatureWriter(path, len(blobs)))
+        embed(
+            nn.Identity(),
+            _batches(-blobs, fail_after=3),
+            lambda a: a,
+            out=NpyFeatureWriter(path, len(blobs)),
+        )
     assert path.read_bytes() == before  # the complete earlier file, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["rank0.npy"]
 
@@ -294,7 +311,12 @@ def test_an_interrupted_embedding_leaves_no_file_to_trust(blobs: np.ndarray, tmp
     # The orphan of a killed writer is removed by the next writer of that file.
     orphan = tmp_path / ".rank0.npy.abc123.tmp"
     orphan.write_bytes(b"half a file")
-    embed(nn.Identity(), _batches(blobs), lambda a: a, out=NpyFeatureWriter(path, len(blobs), "float16"))
+    embed(
+        nn.Identity(),
+        _batches(blobs),
+        lambda a: a,
+        out=NpyFeatureWriter(path, len(blobs), "float16"),
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.npy"]
 
     with pytest.raises(ValueError, match="float16 range"):
@@ -303,7 +325,9 @@ def test_an_interrupted_embedding_leaves_no_file_to_trust(blobs: np.ndarray, tmp
 
 
 def test_empty_shard_writes_an_empty_file(tmp_path: Path) -> None:
-    idx, x, labels = embed(nn.Identity(), [], lambda a: a, out=NpyFeatureWriter(tmp_path / "e.npy", 0))
+    idx, x, labels = embed(
+        nn.Identity(), [], lambda a: a, out=NpyFeatureWriter(tmp_path / "e.npy", 0)
+    )
     assert idx.shape == (0,) and x.shape == (0, 0) and labels.shape == (0,)
     assert np.load(tmp_path / "e.npy").shape == (0, 0)
 

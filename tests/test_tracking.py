@@ -9,18 +9,30 @@ from distillery.pipeline.runner import Runner
 from tests.helpers import compose_config, read_wandb_records
 
 
-def test_wandb_offline_run_holds_the_stage_metrics(tmp_path: Path, data_cache: Path, monkeypatch) -> None:
+def test_wandb_offline_run_holds_the_stage_metrics(
+    tmp_path: Path, data_cache: Path, monkeypatch
+) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be chosen by the runner itself
     run_dir = tmp_path / "run"
     cfg = compose_config(
-        ["experiment=supervised", "debug=smoke", "logger=wandb", "trainer.enable_progress_bar=false",
-         f"run_dir={run_dir}", f"data.cache_dir={data_cache}"]
+        [
+            "experiment=supervised",
+            "debug=smoke",
+            "logger=wandb",
+            "trainer.enable_progress_bar=false",
+            f"run_dir={run_dir}",
+            f"data.cache_dir={data_cache}",
+        ]
     )
     record = Runner(cfg).run()["finetune"]
     manifest = json.loads((run_dir / "pipeline.json").read_text())
 
-    run_files = list((run_dir / "wandb").glob(f"offline-run-*-{record.wandb_run_id}/run-{record.wandb_run_id}.wandb"))
+    run_files = list(
+        (run_dir / "wandb").glob(
+            f"offline-run-*-{record.wandb_run_id}/run-{record.wandb_run_id}.wandb"
+        )
+    )
     assert len(run_files) == 1, list((run_dir / "wandb").iterdir())
     records = read_wandb_records(run_files[0])
 

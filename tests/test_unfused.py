@@ -14,14 +14,21 @@ from tests.helpers import FAST, compose_config
 
 def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_cache: Path) -> None:
     cfg = compose_config(
-        ["experiment=unfused", *FAST, f"run_dir={tmp_path}", f"data.cache_dir={data_cache}",
-         "pipeline.stages.ssl.callbacks.pseudo_labeler.k=6"]
+        [
+            "experiment=unfused",
+            *FAST,
+            f"run_dir={tmp_path}",
+            f"data.cache_dir={data_cache}",
+            "pipeline.stages.ssl.callbacks.pseudo_labeler.k=6",
+        ]
     )
     stages = Runner(cfg).run()
     assert [s.status for s in stages.values()] == ["done", "done", "done"]
 
     labels = np.load(stages["ssl"].artifacts["pseudo_labels"])
-    meta = json.loads((Path(stages["ssl"].artifacts["pseudo_labels"]).parent / "meta.json").read_text())
+    meta = json.loads(
+        (Path(stages["ssl"].artifacts["pseudo_labels"]).parent / "meta.json").read_text()
+    )
     data = AudioDataModule(cfg.data)
     data.setup()
     train, val, test = (data.table.indices(s) for s in ("train", "val", "test"))
@@ -39,15 +46,26 @@ def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_ca
 def test_student_learns_well_above_chance(tmp_path: Path, data_cache: Path) -> None:
     """Small but real: 4 classes (chance 0.25), a few epochs per stage, half the labels."""
     cfg = compose_config(
-        ["experiment=unfused", "logger=csv", "trainer.enable_progress_bar=false",
-         f"run_dir={tmp_path}", f"data.cache_dir={data_cache}",
-         "data.synthetic.num_classes=4", "data.synthetic.clips_per_class=40", "data.batch_size=32",
-         "data.label_fraction=0.5", "pipeline.stages.ssl.callbacks.pseudo_labeler.k=8",
-         *[f"model@pipeline.stages.{s}.module.encoder=audiontt_small" for s in ("ssl", "self_distill")],
-         "pipeline.stages.ssl.trainer.max_epochs=6",
-         "pipeline.stages.self_distill.trainer.max_epochs=6",
-         "pipeline.stages.finetune.trainer.max_epochs=8",
-         "eval.plots=false"]
+        [
+            "experiment=unfused",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            f"run_dir={tmp_path}",
+            f"data.cache_dir={data_cache}",
+            "data.synthetic.num_classes=4",
+            "data.synthetic.clips_per_class=40",
+            "data.batch_size=32",
+            "data.label_fraction=0.5",
+            "pipeline.stages.ssl.callbacks.pseudo_labeler.k=8",
+            *[
+                f"model@pipeline.stages.{s}.module.encoder=audiontt_small"
+                for s in ("ssl", "self_distill")
+            ],
+            "pipeline.stages.ssl.trainer.max_epochs=6",
+            "pipeline.stages.self_distill.trainer.max_epochs=6",
+            "pipeline.stages.finetune.trainer.max_epochs=8",
+            "eval.plots=false",
+        ]
     )
     stages = Runner(cfg).run()
     student = stages["finetune"].metrics
