@@ -57,6 +57,8 @@ def test_quick_bench_writes_results(tmp_path: Path, data_cache: Path) -> None:
         "input pipeline",
         "pseudo-labeling",
         "end to end",
+        "pruned_inference",
+        "speedups",
     }
     for row in rows:
         assert row["baseline_value"] > 0 and row["candidate_value"] >= 0, row

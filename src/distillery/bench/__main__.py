@@ -3,8 +3,9 @@
 Benchmarks (one module each): ``clustering`` (k-means vs scikit-learn and FAISS),
 ``training`` (Lightning vs a plain loop), ``input_pipeline`` (log-mel on the fly vs
 precomputed; data wait with 0 and 2 workers), ``pseudo_labels`` (embed + cluster + write
-labels vs scikit-learn), ``end_to_end`` (a whole smoke pipeline in a subprocess) and
-``pruned_inference`` (a DPHuBERT-pruned encoder vs its teacher).
+labels vs scikit-learn), ``end_to_end`` (a whole smoke pipeline in a subprocess),
+``pruned_inference`` (a DPHuBERT-pruned encoder vs its teacher) and ``speedups`` (each
+speed change of the framework vs the code it replaced).
 Every figure is a ratio against a baseline measured in the same run.
 """
 
@@ -24,6 +25,7 @@ from distillery.bench import (
     pruned_inference,
     pseudo_labels,
     report,
+    speedups,
     training,
 )
 from distillery.bench.common import machine, quiet, thread_limit
@@ -36,6 +38,7 @@ NAMES = (
     "pseudo_labels",
     "end_to_end",
     "pruned_inference",
+    "speedups",
 )
 
 
@@ -57,6 +60,7 @@ BENCHMARKS: dict[
     "pseudo_labels": lambda quick, cache, threads: pseudo_labels.run(quick, cache),
     "end_to_end": lambda quick, cache, threads: end_to_end.run(quick, cache, threads),
     "pruned_inference": lambda quick, cache, threads: pruned_inference.run(quick, cache),
+    "speedups": lambda quick, cache, threads: speedups.run(quick),
 }
 
 

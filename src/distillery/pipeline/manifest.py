@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -24,13 +24,19 @@ class RunDirError(ValueError):
     """The run dir holds results this run must not mix with its own."""
 
 
-@functools.cache
+#: Set by the first process of a job: DDP children (which inherit the environment) report
+#: the launcher's code version even if the checkout changes while the job runs.
+CODE_VERSION_ENV = "DISTILLERY_CODE_VERSION"
+
+
 def code_version() -> str:
     """``<version>+g<commit>`` when the package runs from a git checkout, else the version.
 
     Uncommitted edits do not change it: it names the code a result came from closely
     enough to notice a checkout moved, without flagging every edit while developing.
     """
+    if version := os.environ.get(CODE_VERSION_ENV):
+        return version
     source = Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(
@@ -40,9 +46,11 @@ def code_version() -> str:
             timeout=10,
             check=True,
         )
+        version = f"{__version__}+g{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
-        return __version__
-    return f"{__version__}+g{out.stdout.strip()}"
+        version = __version__
+    os.environ[CODE_VERSION_ENV] = version
+    return version
 
 
 @dataclass
