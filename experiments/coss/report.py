@@ -18,7 +18,12 @@ METHODS = {  # stage name -> what it is
     "coss_random": "(b) CoSS, random batches",
     "coss_knn": "(c) CoSS, teacher-space kNN batches",
 }
-METRICS = {"knn10_acc": "kNN-10", "knn20_acc": "kNN-20", "linear_acc": "linear probe", "nmi": "k-means NMI"}
+METRICS = {
+    "knn10_acc": "kNN-10",
+    "knn20_acc": "kNN-20",
+    "linear_acc": "linear probe",
+    "nmi": "k-means NMI",
+}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -36,7 +41,9 @@ def collect(runs_dir: Path, teacher_run: Path) -> dict:
     for path in runs:
         stages = json.loads(path.read_text())["stages"]
         if any(s["status"] != "done" for s in stages.values()):
-            raise SystemExit(f"{path}: not every stage is done; re-run the same command to resume it")
+            raise SystemExit(
+                f"{path}: not every stage is done; re-run the same command to resume it"
+            )
         row: dict = {"run": path.parent.name}
         for name in METHODS:
             m = stages[name]["metrics"]
@@ -45,7 +52,10 @@ def collect(runs_dir: Path, teacher_run: Path) -> dict:
             row[name]["wall_time_s"] = stages[name]["wall_time_s"]
         per_seed.append(row)
     teacher = json.loads((teacher_run / "pipeline.json").read_text())["stages"]["ssl"]["metrics"]
-    return {"runs": per_seed, "teacher": {k: teacher[f"ssl/eval/{k}"] for k in [*METRICS, "params"]}}
+    return {
+        "runs": per_seed,
+        "teacher": {k: teacher[f"ssl/eval/{k}"] for k in [*METRICS, "params"]},
+    }
 
 
 def table(results: dict) -> str:
@@ -57,7 +67,8 @@ def table(results: dict) -> str:
         "| encoder | params | " + " | ".join(METRICS.values()) + " | final cos / space term |",
         "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |",
         f"| teacher (BYOL-A, seed 0) | {teacher['params'] / 1e6:.2f}M | "
-        + " | ".join(f"{teacher[k]:.3f}" for k in METRICS) + " | - |",
+        + " | ".join(f"{teacher[k]:.3f}" for k in METRICS)
+        + " | - |",
     ]
     for name, label in METHODS.items():
         cells = [mean_std([r[name][k] for r in rows]) for k in METRICS]
@@ -65,13 +76,19 @@ def table(results: dict) -> str:
             f"{statistics.mean(r[name]['cos'] for r in rows):.3f} / "
             f"{statistics.mean(r[name]['space'] for r in rows):.3f}"
         )
-        lines.append(f"| {label} | {rows[0][name]['params'] / 1e6:.2f}M | " + " | ".join(cells) + f" | {terms} |")
+        lines.append(
+            f"| {label} | {rows[0][name]['params'] / 1e6:.2f}M | "
+            + " | ".join(cells)
+            + f" | {terms} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
-    teacher_run = Path(sys.argv[2]) if len(sys.argv) > 2 else HERE.parent / "pll" / "runs" / "teacher"
+    teacher_run = (
+        Path(sys.argv[2]) if len(sys.argv) > 2 else HERE.parent / "pll" / "runs" / "teacher"
+    )
     results = collect(runs_dir, teacher_run)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)

@@ -14,7 +14,14 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RATES = (0, 20, 40, 60, 80)  # stage-name suffixes: noise rate in percent
-HEADS = {"ce": "CE (round 0)", "sd1": "SD 1", "sd2": "SD 2", "sd3": "SD 3", "sd4": "SD 4", "pll": "PLL (GCE)"}
+HEADS = {
+    "ce": "CE (round 0)",
+    "sd1": "SD 1",
+    "sd2": "SD 2",
+    "sd3": "SD 3",
+    "sd4": "SD 4",
+    "pll": "PLL (GCE)",
+}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -32,7 +39,9 @@ def collect(runs_dir: Path) -> dict:
     for path in runs:
         stages = json.loads(path.read_text())["stages"]
         if any(s["status"] != "done" for s in stages.values()):
-            raise SystemExit(f"{path}: not every stage is done; re-run the same command to resume it")
+            raise SystemExit(
+                f"{path}: not every stage is done; re-run the same command to resume it"
+            )
         row: dict = {"run": path.parent.name}
         for rate in RATES:
             prefix, other = f"gce_{rate:02d}", f"twohot_{rate:02d}"
@@ -48,7 +57,9 @@ def collect(runs_dir: Path) -> dict:
                 "teacher_top2_test": main[f"{prefix}/test/teacher_top2_acc"],
             }
         per_seed.append(row)
-    teacher = json.loads((runs_dir / "teacher" / "pipeline.json").read_text())["stages"]["ssl"]["metrics"]
+    teacher = json.loads((runs_dir / "teacher" / "pipeline.json").read_text())["stages"]["ssl"][
+        "metrics"
+    ]
     return {"runs": per_seed, "teacher_eval": {k: v for k, v in teacher.items() if "/eval/" in k}}
 
 
@@ -74,8 +85,27 @@ def table(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for rate in RATES:
-        cells = [col(rate, k) for k in ("realised_rate", "teacher_top1_train", "teacher_top2_train", "ce", "teacher_top2_test")]
+        cells = [
+            col(rate, k)
+            for k in (
+                "realised_rate",
+                "teacher_top1_train",
+                "teacher_top2_train",
+                "ce",
+                "teacher_top2_test",
+            )
+        ]
         lines.append(f"| {rate / 100:.1f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Validation accuracy (noisy validation labels: what the loss choice may be based on) of the "
+        "PLL head, GCE vs two-hot CE: "
+        + "; ".join(
+            f"{rate / 100:.1f}: {col(rate, 'val_pll')} vs {col(rate, 'val_pll_two_hot_ce')}"
+            for rate in RATES
+        )
+        + ".",
+    ]
     t = results["teacher_eval"]
     lines += [
         "",

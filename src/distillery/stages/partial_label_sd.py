@@ -112,10 +112,10 @@ class PartialLabelSDStage(StageModule):
         self.test_teacher_top2 = MulticlassAccuracy(
             num_classes, top_k=min(2, num_classes), average="micro"
         )
-        self._cache: dict[
-            str, tuple[Tensor, Tensor, Tensor]
-        ] = {}  # split -> (x, labels, noisy labels)
+        # split -> (standardised features, clean labels, noisy labels), filled once per stage
+        self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self._row_of: Tensor | None = None  # data-set index -> row of its split's cache
+        self.feature_stats: dict[str, Tensor] = {}  # train mean and std of the raw features
 
     # -- features -------------------------------------------------------------------------
     def _ensure_features(self) -> None:
@@ -139,7 +139,7 @@ class PartialLabelSDStage(StageModule):
         for offset, split in enumerate(SPLITS):
             x, labels = raw[split]
             noisy = labels.clone()
-            if split == "train" or split == "val" and self.noisy_val:
+            if split == "train" or (split == "val" and self.noisy_val):
                 noisy = torch.from_numpy(self._add_noise(labels.numpy(), self.seed + offset))
             self._cache[split] = (
                 ((x - mean) / std).to(self.device),
