@@ -6,10 +6,10 @@ Each ``RUNS_DIR/seed*/pipeline.json`` is one run of ``experiment=unfused_compare
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 from pathlib import Path
+
+from distillery.eval.reproduction import finished_runs, mean_std, publish
 
 HERE = Path(__file__).parent
 METHODS = {  # stage-name prefix -> what it is
@@ -18,30 +18,19 @@ METHODS = {  # stage-name prefix -> what it is
     "student": "(c) UnFuSeD student finetuned",
 }
 FRACTIONS = {"few": "5% labels", "all": "100% labels"}
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def collect(runs_dir: Path) -> dict:
-    runs = sorted(runs_dir.glob("seed*/pipeline.json"))
-    if not runs:
-        raise SystemExit(f"no runs under {runs_dir}: run `make reproduce-unfused` first")
     per_seed = []
-    for path in runs:
-        stages = json.loads(path.read_text())["stages"]
-        if any(s["status"] != "done" for s in stages.values()):
-            raise SystemExit(f"{path}: not every stage is done; re-run the same command to resume it")
+    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-unfused"):
         row = {"run": path.parent.name}
         for method in METHODS:
             for fraction in FRACTIONS:
                 name = f"{method}_{fraction}"
                 row[name] = stages[name]["metrics"][f"{name}/test/acc"]
-            row[f"{method}_params"] = stages[f"{method}_all"]["metrics"][f"{method}_all/eval/params"]
+            row[f"{method}_params"] = stages[f"{method}_all"]["metrics"][
+                f"{method}_all/eval/params"
+            ]
         row["teacher_params"] = stages["ssl"]["metrics"]["ssl/eval/params"]
         row["pseudo_nmi"] = stages["ssl"]["metrics"]["ssl/pseudo/nmi"]
         row["teacher_knn10"] = stages["ssl"]["metrics"]["ssl/eval/knn10_acc"]
@@ -75,13 +64,7 @@ def table(results: dict) -> str:
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
     results = collect(runs_dir)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
-    print(text)
+    publish(HERE, results, table(results))
 
 
 if __name__ == "__main__":
