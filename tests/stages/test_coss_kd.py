@@ -169,3 +169,29 @@ def test_coss_experiment_smoke(tmp_path: Path, data_cache: Path) -> None:
     stages = Runner(cfg).run()
     assert [s.status for s in stages.values()] == ["done", "done"]
     assert stages["coss"].metrics["coss/eval/params"] < stages["ssl"].metrics["ssl/eval/params"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_coss_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> None:
+    """kNN batches (one share of anchors per rank) and the gathered space term in a real
+    two-process fit: all_gather needs equal batch shapes on both ranks, or it hangs."""
+    import json
+
+    from tests.test_cli import distillery
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=coss",
+        "debug=smoke",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        f"run_dir={run_dir}",
+    ]
+    result = distillery(*overrides, cache=data_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    assert [s["status"] for s in stages.values()] == ["done", "done"]
+    assert "coss/eval/knn10_acc" in stages["coss"]["metrics"]
