@@ -7,10 +7,11 @@ Usage: python experiments/coss/report.py [RUNS_DIR] [TEACHER_RUN]
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from distillery.eval.reproduction import finished_runs, finished_stages, mean_std, publish
 
 HERE = Path(__file__).parent
 METHODS = {  # stage name -> what it is
@@ -24,26 +25,11 @@ METRICS = {
     "linear_acc": "linear probe",
     "nmi": "k-means NMI",
 }
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def collect(runs_dir: Path, teacher_run: Path) -> dict:
-    runs = sorted(runs_dir.glob("seed*/pipeline.json"))
-    if not runs:
-        raise SystemExit(f"no runs under {runs_dir}: run `make reproduce-coss` first")
     per_seed = []
-    for path in runs:
-        stages = json.loads(path.read_text())["stages"]
-        if any(s["status"] != "done" for s in stages.values()):
-            raise SystemExit(
-                f"{path}: not every stage is done; re-run the same command to resume it"
-            )
+    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-coss"):
         row: dict = {"run": path.parent.name}
         for name in METHODS:
             m = stages[name]["metrics"]
@@ -51,7 +37,7 @@ def collect(runs_dir: Path, teacher_run: Path) -> dict:
             row[name] |= {k: m[f"{name}/train/{k}_epoch"] for k in ("cos", "space")}
             row[name]["wall_time_s"] = stages[name]["wall_time_s"]
         per_seed.append(row)
-    teacher = json.loads((teacher_run / "pipeline.json").read_text())["stages"]["ssl"]["metrics"]
+    teacher = finished_stages(teacher_run / "pipeline.json")["ssl"]["metrics"]
     return {
         "runs": per_seed,
         "teacher": {k: teacher[f"ssl/eval/{k}"] for k in [*METRICS, "params"]},
@@ -90,13 +76,7 @@ def main() -> None:
         Path(sys.argv[2]) if len(sys.argv) > 2 else HERE.parent / "pll" / "runs" / "teacher"
     )
     results = collect(runs_dir, teacher_run)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
-    print(text)
+    publish(HERE, results, table(results))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ encoder's own evaluation is read from ``RUNS_DIR/teacher/pipeline.json``.
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 from pathlib import Path
+
+from distillery.eval.reproduction import finished_runs, finished_stages, mean_std, publish
 
 HERE = Path(__file__).parent
 RATES = (0, 20, 40, 60, 80)  # stage-name suffixes: noise rate in percent
@@ -22,26 +22,11 @@ HEADS = {
     "sd4": "SD 4",
     "pll": "PLL (GCE)",
 }
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def collect(runs_dir: Path) -> dict:
-    runs = sorted(runs_dir.glob("seed*/pipeline.json"))
-    if not runs:
-        raise SystemExit(f"no runs under {runs_dir}: run `make reproduce-pll` first")
     per_seed = []
-    for path in runs:
-        stages = json.loads(path.read_text())["stages"]
-        if any(s["status"] != "done" for s in stages.values()):
-            raise SystemExit(
-                f"{path}: not every stage is done; re-run the same command to resume it"
-            )
+    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-pll"):
         row: dict = {"run": path.parent.name}
         for rate in RATES:
             prefix, other = f"gce_{rate:02d}", f"twohot_{rate:02d}"
@@ -57,9 +42,7 @@ def collect(runs_dir: Path) -> dict:
                 "teacher_top2_test": main[f"{prefix}/test/teacher_top2_acc"],
             }
         per_seed.append(row)
-    teacher = json.loads((runs_dir / "teacher" / "pipeline.json").read_text())["stages"]["ssl"][
-        "metrics"
-    ]
+    teacher = finished_stages(runs_dir / "teacher" / "pipeline.json")["ssl"]["metrics"]
     return {"runs": per_seed, "teacher_eval": {k: v for k, v in teacher.items() if "/eval/" in k}}
 
 
@@ -119,13 +102,7 @@ def table(results: dict) -> str:
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
     results = collect(runs_dir)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
-    print(text)
+    publish(HERE, results, table(results))
 
 
 if __name__ == "__main__":
