@@ -83,6 +83,11 @@ reproduce-krr-st: install
 	    pipeline.stages.distill.module.size=$$size \
 	    run_dir=experiments/krr_st/runs/n$$size/seed$$seed || exit 1; \
 	done; done
+	# Wall times compared back to back: the teacher again, then one comparison run.
+	$(BIN)/distillery experiment=krr_st_teacher seed=0 logger=csv run_dir=experiments/krr_st/runs/timing/teacher
+	$(BIN)/distillery experiment=krr_st_compare seed=0 logger=csv \
+	  pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
+	  run_dir=experiments/krr_st/runs/timing/n28
 	$(BIN)/python experiments/krr_st/report.py experiments/krr_st/runs
 
 # Benchmarks (each figure a ratio against a baseline of the same run) -> bench/results.{json,md}

@@ -86,7 +86,39 @@ def collect(runs_dir: Path) -> dict:
             "knn10_acc": teacher["metrics"]["ssl/eval/knn10_acc"],
         },
         "runs": [collect_run(path) for path in runs],
+        "timing": collect_timing(runs_dir / "timing"),
     }
+
+
+def collect_timing(timing_dir: Path) -> dict | None:
+    """Stage wall times of the back-to-back timing runs (teacher, then one comparison run)."""
+    teacher, compare = (
+        timing_dir / "teacher" / "pipeline.json",
+        timing_dir / "n28" / "pipeline.json",
+    )
+    if not (teacher.exists() and compare.exists()):
+        return None
+    walls = {name: stage["wall_time_s"] for name, stage in _stages(compare).items()}
+    return {"ssl": _stages(teacher)["ssl"]["wall_time_s"], **walls}
+
+
+def timing_table(timing: dict | None) -> list[str]:
+    if timing is None:
+        return ["(No back-to-back timing runs under runs/timing.)"]
+    ssl, distill, pretrain = timing["ssl"], timing["distill"], timing["pretrain_distilled"]
+    share = lambda seconds: f"{seconds:.0f} ({seconds / ssl:.0%} of full SSL pretraining)"  # noqa: E731
+    return [
+        "Wall time measured back to back (`runs/timing`: the teacher, then one comparison run at "
+        "N = 28, seed 0; each stage's time includes its evaluation):",
+        "",
+        "| step | wall time (s) |",
+        "| --- | --- |",
+        f"| full SSL pretraining (BYOL-A teacher, all 560 clips, 10 epochs) | {ssl:.0f} |",
+        f"| KRR-ST distillation to N = 28 | {share(distill)} |",
+        f"| pretraining on the distilled set | {share(pretrain)} |",
+        f"| distillation + pretraining | {share(distill + pretrain)} |",
+        f"| finetuning, for scale | {timing['finetune_distilled']:.0f} |",
+    ]
 
 
 def _row(label: str, cells: list[str]) -> str:
@@ -119,6 +151,10 @@ def table(results: dict) -> str:
     for method, label in METHODS.items():
         cells = " | ".join(mean_std(col(n, f"{method}_test_acc")) for n in sizes)
         lines.append(f"| {label} | {cells} |")
+    paired = {
+        n: [r["distilled_test_acc"] - r["random_test_acc"] for r in by_size[n]] for n in sizes
+    }
+    lines.append(_row("(c) - (b), paired by seed", [mean_std(paired[n]) for n in sizes]))
     lines += [
         "",
         "Frozen pretrained encoder before finetuning, linear probe / kNN-10 test accuracy (5% of the labels):",
@@ -132,31 +168,26 @@ def table(results: dict) -> str:
             for n in sizes
         )
         lines.append(f"| {METHODS[method]} | {cells} |")
-    distill = {n: col(n, "distill_wall_s") for n in sizes}
-    pretrain = {n: col(n, "pretrain_distilled_wall_s") for n in sizes}
-    total = {n: [d + p for d, p in zip(distill[n], pretrain[n], strict=True)] for n in sizes}
-    ssl_s = teacher["wall_s"]
+    lines += ["", *timing_table(results.get("timing"))]
     lines += [
         "",
-        "Wall time in seconds on this machine (2 CPU cores shared with other jobs, so only rough; "
-        "each stage's includes its evaluation):",
+        "Wall time in seconds of every run, mean ± std over seeds (the CPU was shared with other "
+        "jobs, unevenly between runs; each stage's time includes its evaluation):",
         "",
         f"| step | {head} |",
         f"| --- | {rule} |",
         _row(
-            f"full SSL pretraining: BYOL-A teacher on all clips, {teacher['params'] / 1e6:.2f}M, once",
-            [f"{ssl_s:.0f}" for _ in sizes],
+            f"full SSL pretraining (the teacher, once, {teacher['params'] / 1e6:.2f}M)",
+            [f"{teacher['wall_s']:.0f}"] * len(sizes),
         ),
-        _row("KRR-ST distillation", [mean_std(distill[n], 0) for n in sizes]),
-        _row("pretraining on the distilled set", [mean_std(pretrain[n], 0) for n in sizes]),
+        _row("KRR-ST distillation", [mean_std(col(n, "distill_wall_s"), 0) for n in sizes]),
+        _row(
+            "pretraining on the distilled set",
+            [mean_std(col(n, "pretrain_distilled_wall_s"), 0) for n in sizes],
+        ),
         _row(
             "pretraining on the random subset",
             [mean_std(col(n, "pretrain_random_wall_s"), 0) for n in sizes],
-        ),
-        _row("distillation + pretraining", [mean_std(total[n], 0) for n in sizes]),
-        _row(
-            "... as a share of the SSL teacher's",
-            [f"{statistics.mean(total[n]) / ssl_s:.0%}" for n in sizes],
         ),
         "",
         f"| distillation diagnostics | {head} |",
