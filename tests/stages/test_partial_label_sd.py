@@ -143,6 +143,15 @@ def test_ranges_are_checked_at_start_up(tmp_path: Path) -> None:
     assert "pipeline.stages.pll.module.gce_q: 0 is outside the allowed range (0, 1]" in str(
         err.value
     )
+    clustered = [
+        "experiment=pll",
+        f"run_dir={tmp_path}",
+        "pipeline.stages.pll.module.noise_kind=clustered",
+    ]
+    with pytest.raises(ConfigError, match="noise_clusters: required with"):
+        validate(compose_config(clustered))
+    names = "[[tone_low,tone_high],[chirp_up,chirp_down]]"
+    validate(compose_config([*clustered, f"pipeline.stages.pll.module.noise_clusters={names}"]))
 
 
 @pytest.mark.slow
@@ -156,3 +165,28 @@ def test_pll_experiment_smoke(tmp_path: Path, data_cache: Path) -> None:
         "pll/test/acc_pll" in stages["pll"].metrics
         and "ssl/eval/knn10_acc" in stages["ssl"].metrics
     )
+
+
+def test_clustered_noise_by_class_name(
+    tmp_path: Path, data_cache: Path, encoder_path: Path
+) -> None:
+    # Smoke data: 4 classes, 8 training clips each; only the two tones may swap labels.
+    cfg = pll_only(
+        tmp_path,
+        data_cache,
+        encoder_path,
+        "pipeline.stages.pll.module.noise_kind=clustered",
+        "pipeline.stages.pll.module.noise_rate=0.5",
+        "pipeline.stages.pll.module.noise_clusters=[[tone_low,tone_high],[chirp_up]]",
+        "pipeline.stages.pll.module.rounds=1",
+        "pipeline.stages.pll.module.epochs=2",
+    )
+    record = Runner(cfg).run()["pll"]
+    assert record.metrics["pll/train/noise_realised_rate"] == pytest.approx(0.25)
+    noisy = torch.load(record.artifacts["heads"], weights_only=False)["noisy_train_labels"]
+    data = AudioDataModule(cfg.data)
+    data.setup()
+    clean = torch.from_numpy(data.table.true_labels[data.table.indices("train")])
+    moved = noisy != clean
+    tones = {data.class_names.index("tone_low"), data.class_names.index("tone_high")}
+    assert set(clean[moved].tolist()) == tones and set(noisy[moved].tolist()) == tones

@@ -189,6 +189,9 @@ def _check_method_ranges(kind: str, module: dict[str, Any], path: str) -> list[s
             problems += _range(
                 f"{path}.{key}", value, low, high, low_open=low_open, high_open=high_open
             )
+    clustered = kind == "partial_label_sd" and module.get("noise_kind") == "clustered"
+    if clustered and not module.get("noise_clusters"):
+        problems.append(f"{path}.noise_clusters: required with {path}.noise_kind=clustered")
     return problems
 
 
