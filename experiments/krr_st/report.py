@@ -36,14 +36,13 @@ def _stages(path: Path) -> dict:
     return stages
 
 
-def first_epoch_loss(stage_dir: Path, key: str) -> float | None:
-    """``key`` at the first epoch, from the stage's CSV log (``logger=csv``)."""
+def logged_values(stage_dir: Path, key: str) -> list[float]:
+    """Every logged value of ``key``, in order, from the stage's CSV log (``logger=csv``)."""
+    values = []
     for log in sorted(stage_dir.glob("logs/attempt-*/metrics.csv")):
         with log.open() as f:
-            for row in csv.DictReader(f):
-                if row.get(key):
-                    return float(row[key])
-    return None
+            values += [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+    return values
 
 
 def collect_run(path: Path) -> dict:
@@ -61,11 +60,10 @@ def collect_run(path: Path) -> dict:
         row[f"pretrain_{method}_wall_s"] = stages[f"pretrain_{method}"]["wall_time_s"]
     row["params"] = stages["finetune_scratch"]["metrics"]["finetune_scratch/eval/params"]
     row["distill_wall_s"] = stages["distill"]["wall_time_s"]
-    row["distill_first_loss"] = first_epoch_loss(
-        path.parent / "distill", "distill/train/loss_epoch"
-    )
-    row["distill_last_loss"] = stages["distill"]["metrics"]["distill/train/loss_epoch"]
-    row["distill_val_loss"] = stages["distill"]["metrics"].get("distill/val/loss")
+    train_losses = logged_values(path.parent / "distill", "distill/train/loss_epoch")
+    val_losses = logged_values(path.parent / "distill", "distill/val/loss")
+    row["distill_first_loss"], row["distill_last_loss"] = train_losses[0], train_losses[-1]
+    row["distill_first_val_loss"], row["distill_last_val_loss"] = val_losses[0], val_losses[-1]
     row["input_shift_rms"] = meta["input_shift_rms"]
     row["target_shift_rms"] = meta["target_shift_rms"]
     return row
@@ -196,8 +194,12 @@ def table(results: dict) -> str:
         _row("outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in sizes]),
         _row("outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in sizes]),
         _row(
-            "outer loss on validation clips, end",
-            [mean_std(col(n, "distill_val_loss"), 4) for n in sizes],
+            "outer loss on validation clips, first validation",
+            [mean_std(col(n, "distill_first_val_loss"), 4) for n in sizes],
+        ),
+        _row(
+            "outer loss on validation clips, last validation",
+            [mean_std(col(n, "distill_last_val_loss"), 4) for n in sizes],
         ),
         _row(
             "RMS change of the inputs (standardised log-mel)",
