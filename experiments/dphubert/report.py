@@ -22,7 +22,8 @@ from distillery.models.io import load_encoder
 HERE = Path(__file__).parent
 METHODS = {  # stage name -> what it is
     "teacher": "(a) teacher (BYOL-A transformer)",
-    "hand_designed": "(b) hand-designed student, distilled",
+    "hand_designed": "(b) hand-designed student at the target size, distilled",
+    "hand_designed_34": "(b') hand-designed student at the size (d) reached, distilled",
     "prune_distill": "(c) DPHuBERT after prune_distill",
     "final_distill": "(d) DPHuBERT after final_distill",
 }
@@ -39,7 +40,7 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 def inference_seconds(run: Path) -> dict[str, float]:
     models = {
         name: load_encoder(run / name / "encoder.pt")[0].eval()
-        for name in ("teacher", "final_distill", "hand_designed")
+        for name in ("teacher", "final_distill", "hand_designed", "hand_designed_34")
     }
     torch.manual_seed(0)
     return time_models(models, torch.randn(16, 1, 64, 101), repeats=7, inner=3)
@@ -82,7 +83,8 @@ def table(results: dict) -> str:
         "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |",
     ]
     speed = {"teacher": "1"} | {
-        name: _speed_ratio(rows, name) for name in ("hand_designed", "final_distill")
+        name: _speed_ratio(rows, name)
+        for name in ("hand_designed", "hand_designed_34", "final_distill")
     }
     for stage, label in METHODS.items():
         params = rows[0][f"{stage}_params"] / 1e6
