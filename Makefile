@@ -83,6 +83,13 @@ reproduce-krr-st: install
 	    pipeline.stages.distill.module.size=$$size \
 	    run_dir=experiments/krr_st/runs/n$$size/seed$$seed || exit 1; \
 	done; done
+	# A 5x longer distillation (400 outer steps) at N = 28.
+	for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=krr_st_compare seed=$$seed logger=csv \
+	    pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
+	    pipeline.stages.distill.trainer.max_epochs=50 \
+	    run_dir=experiments/krr_st/runs/n28_steps400/seed$$seed || exit 1; \
+	done
 	# Wall times compared back to back: the teacher again, then one comparison run.
 	$(BIN)/distillery experiment=krr_st_teacher seed=0 logger=csv run_dir=experiments/krr_st/runs/timing/teacher
 	$(BIN)/distillery experiment=krr_st_compare seed=0 logger=csv \

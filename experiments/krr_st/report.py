@@ -125,17 +125,18 @@ def _row(label: str, cells: list[str]) -> str:
 
 def table(results: dict) -> str:
     teacher = results["teacher"]
-    by_size: dict[int, list[dict]] = {}
+    # One column per setting: set size N and number of outer steps of the distillation.
+    by_size: dict[tuple[int, int], list[dict]] = {}
     for row in results["runs"]:
-        by_size.setdefault(row["size"], []).append(row)
+        by_size.setdefault((row["size"], row["outer_steps"]), []).append(row)
     sizes = sorted(by_size)
 
-    def col(size: int, key: str) -> list[float]:
-        return [r[key] for r in by_size[size] if r[key] is not None]
+    def col(setting: tuple[int, int], key: str) -> list[float]:
+        return [r[key] for r in by_size[setting] if r[key] is not None]
 
     seeds = sorted({len(rows) for rows in by_size.values()})
     params = results["runs"][0]["params"] / 1e6
-    head = " | ".join(f"N = {n}" for n in sizes)
+    head = " | ".join(f"N = {n}, {steps} steps" for n, steps in sizes)
     rule = " | ".join("---" for _ in sizes)
     lines = [
         f"Mean ± std over {'/'.join(map(str, seeds))} seeds (8 classes, chance 0.125); AudioNTT "
@@ -190,7 +191,6 @@ def table(results: dict) -> str:
         "",
         f"| distillation diagnostics | {head} |",
         f"| --- | {rule} |",
-        _row("outer steps", [str(by_size[n][0]["outer_steps"]) for n in sizes]),
         _row("outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in sizes]),
         _row("outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in sizes]),
         _row(
