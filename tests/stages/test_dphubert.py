@@ -224,6 +224,8 @@ def test_hubert_base_smoke_prunes_and_exports(tmp_path: Path, data_cache: Path) 
     assert summary["teacher_params"] == 94_370_944  # hubert_base() as built by torchaudio
     final = load_pruned(stages["final_distill"].artifacts["encoder"])
     assert count_parameters(final) == summary["pruned_params"] < summary["teacher_params"]
+    # The shared evaluation fed the pruned HuBERT waveforms, not log-mel features.
+    assert "final_distill/eval/knn10_acc" in stages["final_distill"].metrics
     with torch.no_grad():
         assert final.eval()(torch.randn(1, 16000)).shape == (1, 768)
 

@@ -170,6 +170,10 @@ class NpyFeatureWriter:
             self._tmp = None
 
 
+def _waveform(audio: Tensor) -> Tensor:
+    return audio
+
+
 def embed(
     encoder: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -190,7 +194,8 @@ def embed(
         encoder: maps ``featurize(audio)`` to (B, d) embeddings.
         loader: batches are dicts with ``index`` (B,), ``audio`` (B, samples) and
             ``label`` (B,) (``-1`` for unlabeled items).
-        featurize: (B, samples) audio on ``device`` -> encoder input (e.g. log-mel).
+        featurize: (B, samples) audio on ``device`` -> encoder input (e.g. log-mel);
+            not used for an encoder whose ``input_key`` is ``"audio"``.
         device: where the audio is moved before ``featurize``.
         out: stream the embeddings into this writer's file instead of memory (it must
             expect exactly n rows); on error its unfinished file is deleted.
@@ -212,6 +217,8 @@ def embed(
     indices: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    if getattr(encoder, "input_key", "features") == "audio":  # reads waveforms (e.g. HuBERT)
+        featurize = _waveform
     encoder.eval()
     model = fuse_conv_bn(encoder)  # BatchNorm folded into the convs: 0.70x AudioNTT CPU time
     try:
