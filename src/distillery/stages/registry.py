@@ -8,10 +8,10 @@ _STAGE_KINDS: dict[str, str] = {
     "finetune": "distillery.stages.finetune.FinetuneStage",
     "ssl": "distillery.stages.ssl.SSLStage",
     "self_distill": "distillery.stages.self_distill.SelfDistillStage",
-    "prune_distill": "distillery.stages.prune_distill.PruneDistillStage",
-    "final_distill": "distillery.stages.final_distill.FinalDistillStage",
     "partial_label_sd": "distillery.stages.partial_label_sd.PartialLabelSDStage",
     "coss_kd": "distillery.stages.coss_kd.CoSSDistillStage",
+    "prune_distill": "distillery.stages.prune_distill.PruneDistillStage",
+    "final_distill": "distillery.stages.final_distill.FinalDistillStage",
     "dataset_distill": "distillery.stages.dataset_distill.DatasetDistillStage",
     "pretrain_synthetic": "distillery.stages.pretrain_synthetic.PretrainSyntheticStage",
 }
