@@ -116,29 +116,15 @@ class HuBERTPruning(PruningSpec):
                 )
         for i, layer in enumerate(self._layers(model)):
             attn, ffn = layer.attention, layer.feed_forward
-            if "heads" in kinds:
-                out.append(
-                    UnitGroup(
-                        f"heads.{i}",
-                        "heads",
-                        attn.num_heads,
-                        self.init_drop_prob["heads"],
-                        attn.out_proj,
-                        "input",
-                        attn.head_dim,
-                    )
-                )
-            if "ffn" in kinds:
-                out.append(
-                    UnitGroup(
-                        f"ffn.{i}",
-                        "ffn",
-                        ffn.intermediate_dense.out_features,
-                        self.init_drop_prob["ffn"],
-                        ffn.output_dense,
-                        "input",
-                    )
-                )
+            out += self.layer_groups(
+                i,
+                kinds,
+                attn.out_proj,
+                attn.num_heads,
+                attn.head_dim,
+                ffn.output_dense,
+                ffn.intermediate_dense.out_features,
+            )
         return out
 
     def param_count(self, model: nn.Module, counts: dict[str, Tensor]) -> Tensor:

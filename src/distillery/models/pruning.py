@@ -127,6 +127,29 @@ class PruningSpec(ABC):
     #: ``p`` of the gate init per unit kind (METHODS.md: 0.01 for conv/heads, 0.5 for FFN).
     init_drop_prob = {"conv": 0.01, "heads": 0.01, "ffn": 0.5}
 
+    def layer_groups(
+        self,
+        i: int,
+        kinds: Sequence[str],
+        attn_out: nn.Module,
+        num_heads: int,
+        head_dim: int,
+        ffn_out: nn.Module,
+        ffn_units: int,
+    ) -> list[UnitGroup]:
+        """Head and FFN-unit groups of transformer layer ``i``: masks on the inputs of the
+        attention's and the FFN's output projections."""
+        out = []
+        if "heads" in kinds:
+            prob = self.init_drop_prob["heads"]
+            out.append(
+                UnitGroup(f"heads.{i}", "heads", num_heads, prob, attn_out, "input", head_dim)
+            )
+        if "ffn" in kinds:
+            prob = self.init_drop_prob["ffn"]
+            out.append(UnitGroup(f"ffn.{i}", "ffn", ffn_units, prob, ffn_out, "input"))
+        return out
+
     @abstractmethod
     def groups(self, model: nn.Module, kinds: Sequence[str]) -> list[UnitGroup]:
         """The prunable groups of ``model`` whose kind is in ``kinds``."""
@@ -173,26 +196,10 @@ class TransformerPruning(PruningSpec):
                 )
             )
         for i, block in enumerate(model.blocks):
-            if "heads" in kinds:
-                attn = block.attn
-                out.append(
-                    UnitGroup(
-                        f"heads.{i}",
-                        "heads",
-                        attn.num_heads,
-                        self.init_drop_prob["heads"],
-                        attn.out_proj,
-                        "input",
-                        attn.head_dim,
-                    )
-                )
-            if "ffn" in kinds:
-                ffn = block.ffn
-                out.append(
-                    UnitGroup(
-                        f"ffn.{i}", "ffn", ffn.ffn_dim, self.init_drop_prob["ffn"], ffn.fc2, "input"
-                    )
-                )
+            attn, ffn = block.attn, block.ffn
+            out += self.layer_groups(
+                i, kinds, attn.out_proj, attn.num_heads, attn.head_dim, ffn.fc2, ffn.ffn_dim
+            )
         return out
 
     def param_count(self, model: nn.Module, counts: dict[str, Tensor]) -> Tensor:
