@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from distillery.eval.reproduction import finished_stages, mean_std, publish
 
 HERE = Path(__file__).parent
 METHODS = {  # suffix of the stage names -> what it is
@@ -20,20 +21,6 @@ METHODS = {  # suffix of the stage names -> what it is
     "random": "(b) pretrained on a random real subset with teacher targets",
     "distilled": "(c) pretrained on the KRR-ST distilled set",
 }
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def mean_std(values: list[float], digits: int = 3) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "-"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _stages(path: Path) -> dict:
-    stages = json.loads(path.read_text())["stages"]
-    if any(s["status"] != "done" for s in stages.values()):
-        raise SystemExit(f"{path}: not every stage is done; re-run the same command to resume it")
-    return stages
 
 
 def logged_values(stage_dir: Path, key: str) -> list[float]:
@@ -46,7 +33,7 @@ def logged_values(stage_dir: Path, key: str) -> list[float]:
 
 
 def collect_run(path: Path) -> dict:
-    stages = _stages(path)
+    stages = finished_stages(path)
     meta = json.loads((path.parent / "distill" / "synthetic_set" / "meta.json").read_text())
     row = {"run": f"{path.parent.parent.name}/{path.parent.name}", "size": meta["size"]}
     row["outer_steps"] = meta["outer_steps"]
@@ -76,7 +63,7 @@ def collect(runs_dir: Path) -> dict:
         raise SystemExit(
             f"no teacher or seed runs under {runs_dir}: run `make reproduce-krr-st` first"
         )
-    teacher = _stages(teacher_path)["ssl"]
+    teacher = finished_stages(teacher_path)["ssl"]
     return {
         "teacher": {
             "wall_s": teacher["wall_time_s"],
@@ -96,8 +83,8 @@ def collect_timing(timing_dir: Path) -> dict | None:
     )
     if not (teacher.exists() and compare.exists()):
         return None
-    walls = {name: stage["wall_time_s"] for name, stage in _stages(compare).items()}
-    return {"ssl": _stages(teacher)["ssl"]["wall_time_s"], **walls}
+    walls = {name: stage["wall_time_s"] for name, stage in finished_stages(compare).items()}
+    return {"ssl": finished_stages(teacher)["ssl"]["wall_time_s"], **walls}
 
 
 def timing_table(timing: dict | None) -> list[str]:
@@ -213,13 +200,7 @@ def table(results: dict) -> str:
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
     results = collect(runs_dir)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
-    print(text)
+    publish(HERE, results, table(results))
 
 
 if __name__ == "__main__":
