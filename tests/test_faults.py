@@ -201,7 +201,7 @@ def test_sigterm_saves_a_checkpoint_and_the_requeued_run_resumes(
     interrupted = run_dir / "finetune" / "checkpoints" / "interrupted.ckpt"
     assert latest_checkpoint(run_dir / "finetune") == interrupted
     step = torch.load(interrupted, weights_only=False)["global_step"]
-    assert 3 < step < 12  # saved mid-run, after the first epoch's checkpoint
+    assert 3 <= step < 12  # saved where the signal landed: after the first epoch, before the end
 
     code, out = finish(cli(*args, cache=data_cache))
     assert code == 0, out[-3000:]
