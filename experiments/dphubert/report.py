@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 from distillery.bench.pruned_inference import time_models
+from distillery.eval.reproduction import finished_runs, mean_std, publish
 from distillery.models.io import load_encoder
 
 HERE = Path(__file__).parent
@@ -28,13 +28,6 @@ METHODS = {  # stage name -> what it is
     "final_distill": "(d) DPHuBERT after final_distill",
 }
 METRICS = {"knn10_acc": "kNN-10", "linear_acc": "linear probe"}
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def mean_std(values: list[float], digits: int = 3) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "-"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def inference_seconds(run: Path) -> dict[str, float]:
@@ -47,17 +40,9 @@ def inference_seconds(run: Path) -> dict[str, float]:
 
 
 def collect(runs_dir: Path) -> dict:
-    runs = sorted(runs_dir.glob("seed*/pipeline.json"))
-    if not runs:
-        raise SystemExit(f"no runs under {runs_dir}: run `make reproduce-dphubert` first")
     per_seed = []
     torch.set_num_threads(1)
-    for path in runs:
-        stages = json.loads(path.read_text())["stages"]
-        if any(s["status"] != "done" for s in stages.values()):
-            raise SystemExit(
-                f"{path}: not every stage is done; re-run the same command to resume it"
-            )
+    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-dphubert"):
         row: dict = {"run": path.parent.name}
         for stage in METHODS:
             metrics = stages[stage]["metrics"]
@@ -121,16 +106,10 @@ def _kept(kept: dict[str, int]) -> str:
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
     results = collect(runs_dir)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot = runs_dir / "seed0" / "prune_distill" / "sparsity.png"
     if plot.exists():
         shutil.copyfile(plot, HERE / "sparsity_seed0.png")
-    text = table(results)
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
-    print(text)
+    publish(HERE, results, table(results))
 
 
 if __name__ == "__main__":
