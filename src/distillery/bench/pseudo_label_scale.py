@@ -150,7 +150,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     indices = np.arange(n, dtype=np.int64)
     start = time.perf_counter()
     labels, model, result = pseudo_label(
-        LocalComm(), indices, x, indices, n, k=spec["k"], fit_sample=spec["fit_sample"],
+        LocalComm(),
+        indices,
+        x,
+        indices,
+        n,
+        k=spec["k"],
+        fit_sample=spec["fit_sample"],
         seed=spec["seed"],
     )
     wall = time.perf_counter() - start
@@ -265,8 +271,13 @@ def run(
 
         model_a, labels_a = runs["a"][0]["model"], runs["a"][0]["labels"]
         objective_a = _objective(x, model_a, labels_a, k)
-        med = {v: {key: statistics.median(r[key] for r in rs) for key in
-                   ("wall_s", "load_s", "peak_rss_mib", "base_rss_mib")} for v, rs in runs.items()}
+        med = {
+            v: {
+                key: statistics.median(r[key] for r in rs)
+                for key in ("wall_s", "load_s", "peak_rss_mib", "base_rss_mib")
+            }
+            for v, rs in runs.items()
+        }
         # Above the RSS after imports (~0.9 GiB of torch, faiss, lightning): what the data cost.
         data = {v: m["peak_rss_mib"] - m["base_rss_mib"] for v, m in med.items()}
         rows = []
@@ -332,8 +343,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_child(json.loads(args.child))))
         return
     load_before = os.getloadavg()[0]
-    rows = run(args.n, args.dim, args.k, quick=args.quick, repeats=args.repeats,
-               workdir=args.workdir)
+    rows = run(
+        args.n, args.dim, args.k, quick=args.quick, repeats=args.repeats, workdir=args.workdir
+    )
     print(
         f"{os.cpu_count()} CPUs, medians over {args.repeats} run(s), base RSS (imports) "
         f"{rows[0]['base_rss_mib']:.0f} MiB, 1-min load average {load_before:.1f} before and "

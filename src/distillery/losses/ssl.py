@@ -14,10 +14,12 @@ from torch import Tensor
 __all__ = ["barlow_twins_loss", "byol_loss", "nt_xent"]
 
 
-
 def _check_pair(z1: Tensor, z2: Tensor) -> None:
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"expected two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"expected two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+
 
 def byol_loss(online_pred: Tensor, target_proj: Tensor) -> Tensor:
     """BYOL regression loss ``2 - 2 cos(p, z)``, mean over the batch.

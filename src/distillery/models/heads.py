@@ -25,7 +25,11 @@ class MLPHead(nn.Module):
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(num_hidden):
-            layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Linear(width, hidden_dim),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+            ]
             width = hidden_dim
         layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)

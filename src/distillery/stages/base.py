@@ -42,7 +42,9 @@ class StageModule(pl.LightningModule):
         }
         self.scheduler_cfg = scheduler
 
-    def log_split(self, split: str, metrics: dict[str, torch.Tensor | float], **kwargs: Any) -> None:
+    def log_split(
+        self, split: str, metrics: dict[str, torch.Tensor | float], **kwargs: Any
+    ) -> None:
         """Log ``metrics`` as ``<stage>/<split>/<name>``."""
         kwargs.setdefault("sync_dist", True)  # epoch values averaged over ranks under DDP
         self.log_dict({f"{self.stage_name}/{split}/{k}": v for k, v in metrics.items()}, **kwargs)
@@ -55,7 +57,10 @@ class StageModule(pl.LightningModule):
         if not self.scheduler_cfg:
             return optimizer
         scheduler = instantiate(self.scheduler_cfg)(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     def encoder_for_eval(self) -> nn.Module | None:
         """The encoder this stage yields (evaluated and exported, built from ``self.encoder_cfg``)."""

@@ -47,7 +47,10 @@ class FinetuneStage(StageModule):
         self.head = nn.Linear(self.encoder.embed_dim, num_classes)
         self.label_smoothing = label_smoothing
         self.accuracy = nn.ModuleDict(
-            {f"{split}_acc": MulticlassAccuracy(num_classes, average="micro") for split in ("train", "val", "test")}
+            {
+                f"{split}_acc": MulticlassAccuracy(num_classes, average="micro")
+                for split in ("train", "val", "test")
+            }
         )
 
     def encoder_for_eval(self) -> nn.Module:
@@ -63,12 +66,16 @@ class FinetuneStage(StageModule):
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         logits = self(batch["features"])
         labels = batch["label"]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if split == "train" else 0.0)
+        loss = F.cross_entropy(
+            logits, labels, label_smoothing=self.label_smoothing if split == "train" else 0.0
+        )
         accuracy = self.accuracy[f"{split}_acc"]
         accuracy(logits, labels)
         on_step = split == "train"
         self.log_split(split, {"loss": loss}, on_step=on_step, on_epoch=True, prog_bar=True)
-        self.log_split(split, {"acc": accuracy}, on_step=False, on_epoch=True, prog_bar=split != "train")
+        self.log_split(
+            split, {"acc": accuracy}, on_step=False, on_epoch=True, prog_bar=split != "train"
+        )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

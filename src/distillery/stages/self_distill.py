@@ -44,10 +44,14 @@ class SelfDistillStage(StageModule):
         self.save_hyperparameters()
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
         k = num_pseudo_classes
-        self.exit_heads = nn.ModuleList(MLPHead(dim, head_hidden_dim, k) for dim in self.encoder.exit_dims)
+        self.exit_heads = nn.ModuleList(
+            MLPHead(dim, head_hidden_dim, k) for dim in self.encoder.exit_dims
+        )
         self.classifier = nn.Linear(self.encoder.embed_dim, k)
         self.loss_weights = {"a": a, "b": b, "g": g, "detach_teacher": detach_teacher}
-        self.accuracy = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(k, average="micro") for s in ("train", "val")})
+        self.accuracy = nn.ModuleDict(
+            {f"{s}_acc": MulticlassAccuracy(k, average="micro") for s in ("train", "val")}
+        )
 
     def encoder_for_eval(self) -> nn.Module:
         return self.encoder
@@ -63,8 +67,16 @@ class SelfDistillStage(StageModule):
             self.accuracy[f"{split}_acc"](final_logits[labeled], targets[labeled])
         train = split == "train"
         self.log_split(split, {"loss": loss}, on_step=train, on_epoch=True, prog_bar=True)
-        self.log_split(split, {k: v for k, v in terms.items() if k != "total"}, on_step=False, on_epoch=True)
-        self.log_split(split, {"pseudo_acc": self.accuracy[f"{split}_acc"]}, on_step=False, on_epoch=True, prog_bar=not train)
+        self.log_split(
+            split, {k: v for k, v in terms.items() if k != "total"}, on_step=False, on_epoch=True
+        )
+        self.log_split(
+            split,
+            {"pseudo_acc": self.accuracy[f"{split}_acc"]},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=not train,
+        )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
