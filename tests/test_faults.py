@@ -91,7 +91,6 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) ->
     return run_dir
 
 
-@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, data_cache: Path, reference_run: Path
 ) -> None:

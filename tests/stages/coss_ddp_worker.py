@@ -46,3 +46,6 @@ def coss_step_worker(fabric, teacher_path: str, out_dir: str) -> None:
             grads /= fabric.world_size
         name = f"{space_batch}-w{fabric.world_size}-r{fabric.global_rank}.pt"
         torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / name)
+    if fabric.world_size > 1:  # a clean gloo shutdown: exiting with live gloo threads can abort
+        dist.barrier()
+        dist.destroy_process_group()

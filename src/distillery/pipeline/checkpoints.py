@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from distillery import artifacts
 
@@ -26,6 +28,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         artifacts.write_torch(path, checkpoint)
+
+
+class CheckpointedMetrics(Callback):
+    """Carries the stage's latest metrics in its checkpoints.
+
+    A stage resumed from a checkpoint whose training had already finished (killed between
+    its last checkpoint and the end of the stage) trains and logs nothing; ``carried`` then
+    holds what the finished training had reported.
+    """
+
+    KEY = "distillery_metrics"
+
+    def __init__(self) -> None:
+        self.carried: dict[str, float] = {}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[self.KEY] = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if isinstance(v, torch.Tensor) and v.numel() == 1
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.carried = dict(checkpoint.get(self.KEY, {}))
 
 
 def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:

@@ -27,6 +27,7 @@ from distillery.eval.report import evaluate_encoder
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
+    CheckpointedMetrics,
     epoch_checkpointing,
     latest_checkpoint,
 )
@@ -261,7 +262,8 @@ class Runner:
             ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
             _finish_artifact_callbacks(trainer, module)
-            metrics = _floats(trainer.callback_metrics)
+            checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
+            metrics = checkpointed.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(datamodule.skipped_files))
             if stage_cfg.evaluate and _overrides(module, "test_step"):
                 for result in trainer.test(module, datamodule=datamodule, verbose=False):
@@ -318,6 +320,7 @@ class Runner:
         stage_cfg = self.cfg.pipeline.stages[name]
         callbacks: list[pl.Callback] = [
             epoch_checkpointing(stage_dir),
+            CheckpointedMetrics(),
             FiniteLossGuard(name),
             SigtermCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
