@@ -19,9 +19,9 @@ from sklearn.datasets import make_blobs
 from torch import nn
 
 from distillery.bench import pseudo_label_scale as bench
-from distillery.bench.pseudo_label_scale import LocalComm
 from distillery.callbacks import pseudo_labeler as pl
 from distillery.callbacks.pseudo_labeler import (
+    LocalComm,
     PseudoLabeler,
     fit_subset,
     iter_chunks,

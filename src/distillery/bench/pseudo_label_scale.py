@@ -45,13 +45,13 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from numpy.lib.format import open_memmap
 from sklearn.metrics import normalized_mutual_info_score
 
+from distillery.callbacks.pseudo_labeler import LocalComm
 from distillery.eval.embed import release_pages
 
-__all__ = ["LocalComm", "make_features", "markdown_table", "run"]
+__all__ = ["make_features", "markdown_table", "run"]
 
 #: Clips k-means is fitted on in variants b and c (the PseudoLabeler default).
 FIT_SAMPLE = 100_000
@@ -65,22 +65,6 @@ VARIANTS: dict[str, tuple[str, str, bool, int]] = {
     # How much two equally good runs of the baseline agree: the scale for b's and c's NMI.
     "a'": ("as a, with seed 1", "memory", False, 1),
 }
-
-
-class LocalComm:
-    """The :class:`~distillery.callbacks.pseudo_labeler.Collective` of a single process."""
-
-    world_size = 1
-    global_rank = 0
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.unsqueeze(0)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    def barrier(self, name: str | None = None) -> None:
-        return None
 
 
 def make_features(

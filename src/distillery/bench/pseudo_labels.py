@@ -40,7 +40,7 @@ from distillery import artifacts
 from distillery.bench.common import EXPERIMENT, compose_config
 from distillery.bench.timing import Comparison, interleaved, median, stopwatch
 from distillery.bench.training import build_datamodule
-from distillery.callbacks.pseudo_labeler import pseudo_label
+from distillery.callbacks.pseudo_labeler import LocalComm, pseudo_label
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.embed import embed
 from distillery.models.io import build_encoder
@@ -92,22 +92,6 @@ def embed_all(
     idx, x = np.concatenate(indices), np.concatenate(feats)
     order = np.argsort(idx)
     return idx[order], x[order], seconds
-
-
-class LocalComm:
-    """The single-process ``Collective`` that :func:`pseudo_label` needs."""
-
-    world_size = 1
-    global_rank = 0
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.unsqueeze(0)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    def barrier(self, name: str | None = None) -> None:
-        return None
 
 
 @dataclass(frozen=True)

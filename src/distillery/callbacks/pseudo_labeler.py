@@ -55,6 +55,22 @@ class Collective(Protocol):
     def barrier(self, name: str | None = None) -> None: ...
 
 
+class LocalComm:
+    """The :class:`Collective` of a single process."""
+
+    world_size = 1
+    global_rank = 0
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.unsqueeze(0)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def barrier(self, name: str | None = None) -> None:
+        return None
+
+
 def gather_by_index(
     comm: Collective, indices: np.ndarray, values: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
