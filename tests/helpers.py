@@ -105,6 +105,16 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def close_process_group(fabric) -> None:
+    """End a spawned worker's gloo group cleanly: a process that exits with live gloo
+    threads can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if fabric.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def pseudo_label_worker(
     fabric, encoder_path: str, overrides: list[str], out_dir: str, k: int
 ) -> None:
@@ -121,3 +131,4 @@ def pseudo_label_worker(
     encoder, _ = load_encoder(encoder_path)
     labels, *_ = label_dataset(fabric, encoder, data, k=k, seed=0)
     np.save(Path(out_dir) / f"labels-w{fabric.world_size}-r{fabric.global_rank}.npy", labels)
+    close_process_group(fabric)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tests.helpers import close_process_group
 
 from distillery.stages.coss_kd import CoSSDistillStage
 
@@ -46,6 +47,4 @@ def coss_step_worker(fabric, teacher_path: str, out_dir: str) -> None:
             grads /= fabric.world_size
         name = f"{space_batch}-w{fabric.world_size}-r{fabric.global_rank}.pt"
         torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / name)
-    if fabric.world_size > 1:  # a clean gloo shutdown: exiting with live gloo threads can abort
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group(fabric)
