@@ -35,7 +35,7 @@ UNFUSED = [
 def cli(
     *args: str, cache: Path, script: tuple[str, ...] = ("-m", "distillery.cli")
 ) -> subprocess.Popen:
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     return subprocess.Popen(
         [sys.executable, *script, *args, f"data.cache_dir={cache}"],
         env=env,
@@ -73,7 +73,7 @@ def assert_same_results(run: Path, reference: Path) -> None:
         assert record["status"] == "done", (name, record["error"])
         assert set(record["artifacts"]) == set(want[name]["artifacts"])
         for artifact, path in record["artifacts"].items():
-            ours, theirs = Path(path), Path(want[name]["artifacts"][artifact])
+            ours, theirs = run / path, reference / want[name]["artifacts"][artifact]
             if ours.suffix == ".npy":
                 assert np.array_equal(np.load(ours), np.load(theirs)), (name, artifact)
             elif artifact == "encoder":

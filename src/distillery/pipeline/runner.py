@@ -24,6 +24,7 @@ from distillery import artifacts
 from distillery.config.validation import stage_data, stage_trainer, validate
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
+from distillery.models.safe_load import trust_config_targets
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
@@ -38,6 +39,7 @@ from distillery.pipeline.manifest import (
     StageRecord,
     code_version,
     now_iso,
+    relative_paths,
 )
 from distillery.pipeline.progress import StageProgressBar
 from distillery.pipeline.report import write_results
@@ -104,6 +106,7 @@ class Runner:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate(cfg)
+        trust_config_targets(cfg)  # artifacts may build what the user's config names
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
         self.is_rank_zero = rank_zero_only.rank == 0
@@ -128,7 +131,6 @@ class Runner:
             settings = stage_settings(self.cfg, name)
             config_hash = upstream = stage_config_hash(settings, upstream)
             record = self.manifest.stages.get(name)
-            last = latest_checkpoint(self.run_dir / name)
             code_changed = (
                 record is not None and record.config_hash and record.code_version != code_version()
             )
@@ -148,7 +150,7 @@ class Runner:
                 Path(p).exists() for p in record.artifacts.values()
             ):
                 action, reason = "skip", "done with the same config"
-            elif last is not None:
+            elif (last := latest_checkpoint(self.run_dir / name)) is not None:
                 action, reason = "resume", f"{record.status}; resuming from {last}"
             else:
                 action, reason = "fresh", f"{record.status} without a checkpoint"
@@ -168,6 +170,8 @@ class Runner:
     def run(self) -> dict[str, StageRecord]:
         plans = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_rank_zero and (stale := artifacts.remove_stale_temp_files(self.run_dir)):
+            log.info("removed %d temporary file(s) left by a killed run", len(stale))
         log.info("pipeline %s in %s", self.cfg.pipeline.name, self.run_dir)
         for p in plans:
             log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
@@ -381,7 +385,7 @@ class Runner:
         written |= module.export_artifacts(stage_dir) if hasattr(module, "export_artifacts") else {}
         for callback in trainer.callbacks:
             written |= getattr(callback, "artifacts", {})
-        artifacts.write_json(stage_dir / "artifacts.json", written)
+        artifacts.write_json(stage_dir / "artifacts.json", relative_paths(written, self.run_dir))
         return written
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from distillery.losses import l1_cosine_distill_loss
 from distillery.models.io import build_encoder, load_encoder
+from distillery.models.safe_load import load_tensors
 from distillery.stages.base import StageModule
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
     if weights is None:
         log.warning("teacher has random weights (no teacher_weights given)")
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=False)
+        state = load_tensors(weights)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if hasattr(teacher, "adapt_state_dict"):
