@@ -26,6 +26,7 @@ def _main(cfg: DictConfig) -> float | None:
 
     from distillery.config.validation import ConfigError
     from distillery.data.audio_io import AudioFileError
+    from distillery.models.safe_load import UnsafeArtifactError
     from distillery.pipeline import launch
     from distillery.pipeline.manifest import RunDirError
     from distillery.pipeline.runner import Runner, StageInterrupted
@@ -42,7 +43,7 @@ def _main(cfg: DictConfig) -> float | None:
             runner.plan()  # refuses a run dir this run must not touch
             with accepted_run_records(cfg, write_config=rank_zero_only.rank == 0):
                 stages = runner.run()
-    except (ConfigError, RunDirError, AudioFileError) as err:  # bad input: the message says it all
+    except (ConfigError, RunDirError, AudioFileError, UnsafeArtifactError) as err:  # bad input: the message says it all
         log.error("%s", err)
         sys.exit(2)
     except (

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,8 +108,9 @@ def load_tensors(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's message suggests weights_only=False; keep only what the file asked for.
+        found = re.search(r"Unsupported (global|operand)[^.]*", str(err))
         raise UnsafeArtifactError(
-            f"{os.fspath(path)}: holds objects other than tensors and plain containers, "
-            f"refused (artifacts load as data only): {first}"
+            f"{os.fspath(path)}: refused, it holds objects other than tensors and plain "
+            f"containers (artifacts load as data only; {found[0] if found else 'not a tensor file'})"
         ) from None
