@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from distillery.models import safe_load
 from distillery.models.encoders import AudioNTT
 from distillery.models.io import load_encoder, save_encoder
 from distillery.models.pruning import load_pruned
-from distillery.models import safe_load
 from distillery.models.safe_load import UnsafeArtifactError, trust_config_targets
 from distillery.pipeline.checkpoints import AtomicCheckpointIO
 from distillery.stages.final_distill import load_teacher
