@@ -19,7 +19,10 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 @pytest.mark.parametrize("extra", [[], ["debug=smoke"], ["data=folder", "data.root=/tmp/x"]])
 def test_every_experiment_composes_and_validates(experiment: str, extra: list[str]) -> None:
     cfg = compose_config([f"experiment={experiment}", "run_dir=/tmp/unused", *extra])
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as err:  # inputs made by other runs, or the made-up data root
+        assert all("does not exist" in p for p in err.problems), err
     assert cfg.pipeline.order, experiment
     assert list(cfg.pipeline.order) == list(cfg.pipeline.stages)
 
