@@ -90,13 +90,16 @@ def read_manifest_text(path: Path) -> str:
     """
     data = path.read_bytes()
     encoding = next((name for bom, name in _BOMS if data.startswith(bom)), None)
+    nul = data.find(b"\x00")
+    if encoding is None and nul >= 0:  # valid UTF-8, but no manifest holds NUL bytes
+        raise ValueError(
+            f"{path}: line {_line_of(data, nul)}: cannot decode the manifest "
+            "(NUL bytes: UTF-16 without a byte-order mark, or not text); save it as UTF-8"
+        )
     try:
         return data.decode(encoding or "utf-8")
     except UnicodeDecodeError as err:
         line = _line_of(data, err.start)
-        if encoding is None and b"\x00" in data:
-            encoding = "NUL bytes: UTF-16 without a byte-order mark, or not text"
-            line = _line_of(data, data.index(b"\x00"))
         if encoding is not None:
             raise ValueError(
                 f"{path}: line {line}: cannot decode the manifest ({encoding}); save it as UTF-8"
