@@ -376,18 +376,23 @@ def check_trainer_values(trainer: dict[str, Any], path: str) -> list[str]:
     return problems
 
 
-def check_stage_length(trainer: dict[str, Any], path: str) -> list[str]:
-    """A stage must end: ``max_epochs=-1`` needs ``max_steps`` or ``max_time``."""
-    if (
-        trainer.get("max_epochs") == -1
-        and trainer.get("max_steps", -1) == -1
-        and not trainer.get("max_time")
-    ):
-        return [
-            f"{path}.max_epochs: -1 trains without end unless max_steps or max_time is set; "
-            "give a number of epochs"
-        ]
-    return []
+def check_stage_length(cfg: DictConfig, name: str) -> list[str]:
+    """A stage must end: ``max_epochs=-1`` needs ``max_steps`` or ``max_time``. Reported
+    at the layer (top-level, stage or debug trainer) that set ``max_epochs``."""
+    trainer = stage_trainer(cfg, name)
+    if trainer.get("max_epochs") != -1 or trainer.get("max_steps", -1) != -1:
+        return []
+    if trainer.get("max_time"):
+        return []
+    layers = (
+        ("debug.trainer", cfg.debug.trainer),
+        (f"pipeline.stages.{name}.trainer", cfg.pipeline.stages[name].trainer),
+    )
+    where = next((path for path, layer in layers if "max_epochs" in layer), "trainer")
+    return [
+        f"{where}.max_epochs: -1 trains without end unless max_steps or max_time is set; "
+        "give a number of epochs"
+    ]
 
 
 #: Optimizer hyper-parameters checked by key path; anything else the optimizer itself
@@ -570,20 +575,20 @@ def validate(cfg: DictConfig) -> None:
             reserved=INJECTED_TRAINER_ARGS,
         )
         problems += check_trainer_values(OmegaConf.to_container(stage.trainer), f"{path}.trainer")
-        problems += check_stage_length(stage_trainer(cfg, name), f"{path}.trainer")
+        problems += check_stage_length(cfg, name)
         try:  # report only what the stage's own data overrides add to the top-level problems
             stage_problems = check_data(
                 OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data"
             )
             problems += [
-                p for p in stage_problems if p.replace(f"{path}.", "", 1) not in data_problems
+                p for p in stage_problems if p.replace(f"{path}.", "") not in data_problems
             ]
         except Exception as err:  # noqa: BLE001 - schema violation inside the stage override
             problems.append(f"{path}.data: {err}".splitlines()[0])
         problems += _check_inputs(cfg, order[:position], inputs, path)
         problems += _check_cluster_counts(cfg, name, path)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))  # shared nodes: reported once
 
 
 def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:
