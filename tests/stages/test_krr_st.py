@@ -240,7 +240,7 @@ def test_missing_or_bad_synthetic_set_is_a_clear_error(tmp_path: Path) -> None:
         load_synthetic_set(tmp_path / "bad.pt")
 
 
-def test_config_ranges_are_checked_at_start_up() -> None:
+def test_config_ranges_are_checked_at_start_up(tmp_path: Path) -> None:
     cfg = compose_config(
         [
             "experiment=krr_st",
@@ -257,6 +257,9 @@ def test_config_ranges_are_checked_at_start_up() -> None:
         "pipeline.stages.pretrain_synthetic.module.batch_size: 0 is outside the allowed range [1, inf)",
     ]
     validate(compose_config(["experiment=krr_st"]))  # the recipe itself is valid
+    (teacher := tmp_path / "t.pt").touch()  # input files must exist at start-up
     validate(
-        compose_config(["experiment=krr_st_compare", "pipeline.stages.distill.module.teacher=t.pt"])
+        compose_config(
+            ["experiment=krr_st_compare", f"pipeline.stages.distill.module.teacher={teacher}"]
+        )
     )
