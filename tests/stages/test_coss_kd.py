@@ -152,11 +152,11 @@ def test_loss_weights_must_not_be_negative(tmp_path: Path) -> None:
     from distillery.config.validation import ConfigError, validate
 
     cfg = compose_config(
-        ["experiment=coss", f"run_dir={tmp_path}", "pipeline.stages.coss.module.l1=-0.5"]
+        ["experiment=coss", f"run_dir={tmp_path}", "pipeline.stages.coss.module.space_weight=-0.5"]
     )
     with pytest.raises(
         ConfigError,
-        match=r"pipeline.stages.coss.module.l1: -0.5 is outside the allowed range \[0, inf\)",
+        match=r"pipeline.stages.coss.module.space_weight: -0.5 is outside the allowed range \[0, inf\)",
     ):
         validate(cfg)
 

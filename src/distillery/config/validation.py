@@ -168,7 +168,10 @@ METHOD_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
         "epochs": (1, math.inf, False, True),
         "gce_q": (0, 1, True, False),
     },
-    "coss_kd": {"l0": (0, math.inf, False, True), "l1": (0, math.inf, False, True)},
+    "coss_kd": {
+        "cosine_weight": (0, math.inf, False, True),
+        "space_weight": (0, math.inf, False, True),
+    },
     "dataset_distill": {
         "size": (1, math.inf, False, True),
         "ridge": (0, math.inf, True, True),

@@ -19,9 +19,9 @@ from distillery.stages.base import StageModule
 class CoSSDistillStage(StageModule):
     """A fresh student encoder learns to reproduce a frozen teacher's embeddings, no labels.
 
-    ``L = l0 * mean_i (1 - cos(t_i, s_i)) + l1 * mean_j (1 - cos(t^_j, s^_j))`` on the
+    ``L = cosine_weight * mean_i (1 - cos(t_i, s_i)) + space_weight * mean_j (1 - cos(t^_j, s^_j))`` on the
     (B, D) teacher and (projected) student embeddings of the same log-mel batch
-    (:func:`~distillery.losses.coss_loss`); ``l1 = 0`` is plain cosine distillation. When
+    (:func:`~distillery.losses.coss_loss`); ``space_weight = 0`` is plain cosine distillation. When
     the student's width differs from the teacher's, a projection head Linear-ReLU-Linear
     (hidden width ``projection_hidden_dim``, default the teacher's width) maps it to the
     teacher's; it is dropped afterwards, the exported encoder is the student alone.
@@ -50,8 +50,8 @@ class CoSSDistillStage(StageModule):
         encoder: dict[str, Any],
         teacher: str,
         stage_name: str = "coss_kd",
-        l0: float = 1.0,
-        l1: float = 1.0,
+        cosine_weight: float = 1.0,
+        space_weight: float = 1.0,
         batches: Literal["random", "knn"] = "knn",
         num_neighbours: int = 15,
         neighbour_pool: int = 31,
@@ -81,7 +81,7 @@ class CoSSDistillStage(StageModule):
                 nn.ReLU(inplace=True),
                 nn.Linear(hidden, teacher_dim),
             )
-        self.weights = {"l0": float(l0), "l1": float(l1)}
+        self.weights = {"cosine_weight": float(cosine_weight), "space_weight": float(space_weight)}
         self.batches, self.space_batch = batches, space_batch
         self.num_neighbours, self.neighbour_pool = num_neighbours, neighbour_pool
 

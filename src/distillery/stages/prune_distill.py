@@ -29,7 +29,7 @@ from distillery import artifacts
 from distillery.eval.plots import _save as save_figure
 from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
-from distillery.stages.final_distill import LayerDistillLoss, TeacherDistillStage
+from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
 class SparsityLagrangian(nn.Module):
