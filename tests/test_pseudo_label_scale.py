@@ -20,6 +20,7 @@ from torch import nn
 
 from distillery.bench import pseudo_label_scale as bench
 from distillery.callbacks.pseudo_labeler import PseudoLabeler
+from distillery.clustering import assign
 from distillery.clustering import distributed as pl
 from distillery.clustering.distributed import (
     LocalComm,
@@ -29,7 +30,6 @@ from distillery.clustering.distributed import (
     pseudo_label,
     take_rows,
 )
-from distillery.clustering import assign
 from distillery.eval.embed import NpyFeatureWriter, embed
 
 K = 6

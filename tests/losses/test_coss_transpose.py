@@ -26,7 +26,9 @@ def test_both_terms_by_hand_on_a_3x2_batch() -> None:
     assert terms["cos"].item() == pytest.approx(cos, abs=1e-6)
     assert terms["space"].item() == pytest.approx(space, abs=1e-6)
     assert total.item() == pytest.approx(cos + space, abs=1e-6)
-    assert coss_loss(s, t, cosine_weight=0.0, space_weight=2.0)[0].item() == pytest.approx(2 * space, abs=1e-6)
+    assert coss_loss(s, t, cosine_weight=0.0, space_weight=2.0)[0].item() == pytest.approx(
+        2 * space, abs=1e-6
+    )
 
 
 def test_space_term_is_the_sample_term_of_the_transposed_normalised_matrices() -> None:

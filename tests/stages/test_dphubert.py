@@ -14,8 +14,8 @@ from distillery.models import load_pruned
 from distillery.models.encoders import TransformerEncoder, count_parameters
 from distillery.models.pruning import GatedModel, HardConcreteGate
 from distillery.pipeline.runner import Runner
-from distillery.stages.teacher_student import LayerDistillLoss
 from distillery.stages.prune_distill import SparsityLagrangian, target_sparsity_at
+from distillery.stages.teacher_student import LayerDistillLoss
 
 TINY = {"n_mels": 16, "dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64, "dropout": 0.0}
 

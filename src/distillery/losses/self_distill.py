@@ -78,9 +78,7 @@ def multi_exit_loss(
         )
     ce_final = _masked_ce(final_logits.float(), targets, ignore_index)
 
-    total = (
-        exit_ce_weight * ce_exits + ce_final + exit_kl_weight * kl + exit_cos_weight * cos_dist
-    )
+    total = exit_ce_weight * ce_exits + ce_final + exit_kl_weight * kl + exit_cos_weight * cos_dist
     terms = {
         "ce_exits": ce_exits.detach(),
         "ce_final": ce_final.detach(),
