@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from distillery.cli import CONF_DIR
-from distillery.config.validation import ConfigError, validate
+from distillery.pipeline.contract import ConfigError, validate
 from tests.helpers import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))

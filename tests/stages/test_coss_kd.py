@@ -149,7 +149,7 @@ def test_global_space_term_equals_one_process_with_the_whole_batch(tmp_path: Pat
 
 
 def test_loss_weights_must_not_be_negative(tmp_path: Path) -> None:
-    from distillery.config.validation import ConfigError, validate
+    from distillery.pipeline.contract import ConfigError, validate
 
     cfg = compose_config(
         ["experiment=coss", f"run_dir={tmp_path}", "pipeline.stages.coss.module.space_weight=-0.5"]

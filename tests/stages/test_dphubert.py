@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 
-from distillery.config.validation import ConfigError, validate
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.models import load_pruned
 from distillery.models.encoders import TransformerEncoder, count_parameters
 from distillery.models.pruning import GatedModel, HardConcreteGate

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 
-from distillery.config.validation import ConfigError, validate
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.data.datamodule import AudioDataModule
 from distillery.distill.synthetic_set import load_synthetic_set
 from distillery.losses.krr import krr_distill_loss

@@ -12,7 +12,7 @@ from tests.helpers import compose_config
 from torch.utils.data import DataLoader, Dataset
 
 from distillery.augment import BYOLAAugment, MixupWithPastBatches, RandomResizeCrop
-from distillery.config.validation import validate
+from distillery.pipeline.contract import validate
 from distillery.models.io import load_encoder
 from distillery.stages.registry import stage_class
 from distillery.stages.ssl import SSLStage

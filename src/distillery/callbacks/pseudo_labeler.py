@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 
-from distillery import artifacts
+from distillery.artifact_kinds import PseudoLabels
 from distillery.clustering import KMeansResult, cluster_stats
 from distillery.clustering.distributed import DEFAULT_FIT_SAMPLE, label_dataset
 from distillery.eval.embed import FEATURE_DTYPES
@@ -44,7 +44,7 @@ class PseudoLabeler(pl.Callback):
     imbalance, NMI/ARI against true labels where known) and ``cluster_sizes.png``.
     """
 
-    produces: ClassVar[tuple[str, ...]] = ("pseudo_labels",)
+    produces: ClassVar[dict[str, type]] = {"pseudo_labels": PseudoLabels}
 
     def __init__(
         self,
@@ -168,9 +168,7 @@ class PseudoLabeler(pl.Callback):
             "normalize": self.normalize,
             **stats,
         }
-        artifacts.write_numpy(self.out_dir / "labels.npy", labels)
-        artifacts.write_numpy(self.out_dir / "centroids.npy", result.centroids)
-        artifacts.write_json(self.out_dir / "meta.json", meta)
+        PseudoLabels(labels, self.k, result.centroids, meta).save(self.out_dir)
         plot_cluster_sizes(
             labels[fit_idx],
             self.k,

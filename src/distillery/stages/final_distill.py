@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from distillery.models.io import build_encoder, load_encoder
+from distillery.artifact_kinds import EncoderArtifact
+from distillery.models.io import build_encoder
 from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
@@ -23,7 +24,7 @@ class FinalDistillStage(TeacherDistillStage):
 
     Args:
         teacher: the teacher's encoder config; ``teacher_weights`` its weights file.
-        student: path of the student's encoder artifact (exclusive with ``student_encoder``).
+        student: the student's encoder artifact (exclusive with ``student_encoder``).
         student_encoder: config of a fresh, randomly initialised student.
         distill_layers: teacher hidden-state indices; ``student_layers`` the student's
             (default: the same indices).
@@ -33,7 +34,7 @@ class FinalDistillStage(TeacherDistillStage):
         self,
         teacher: dict[str, Any],
         teacher_weights: str | None = None,
-        student: str | None = None,
+        student: EncoderArtifact | None = None,
         student_encoder: dict[str, Any] | None = None,
         stage_name: str = "final_distill",
         distill_layers: Sequence[int] = (0, 4, 8, 12),
@@ -42,13 +43,13 @@ class FinalDistillStage(TeacherDistillStage):
         scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(teacher, teacher_weights, stage_name, optimizer, scheduler)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["student"])
         if (student is None) == (student_encoder is None):
             raise ValueError(
                 f"{stage_name}: give exactly one of module.student (an artifact) and module.student_encoder"
             )
         if student is not None:
-            self.student, self.encoder_cfg = load_encoder(student)
+            self.student, self.encoder_cfg = student.module, student.config
         else:
             self.student, self.encoder_cfg = build_encoder(student_encoder), student_encoder
         self.distill_loss = LayerDistillLoss(

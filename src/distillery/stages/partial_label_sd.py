@@ -6,8 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,12 +15,11 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from distillery import artifacts
+from distillery.artifact_kinds import EncoderArtifact, Tensors
 from distillery.data.label_noise import add_label_noise, resolve_clusters
 from distillery.eval.embed import embed
 from distillery.eval.metrics import _at_most_threads
 from distillery.losses.partial_label import candidate_gce_loss, soft_cross_entropy, top_k_candidates
-from distillery.models.io import load_encoder
 from distillery.stages.base import StageModule
 
 log = logging.getLogger(__name__)
@@ -32,7 +30,7 @@ SPLITS = ("train", "val", "test")
 class PartialLabelSDStage(StageModule):
     """Linear (no bias) softmax heads on frozen features, trained on noisy labels.
 
-    Features of the ``pretrained`` encoder (an ``encoder.pt`` artifact) are computed once
+    Features of the ``pretrained`` encoder (an earlier stage's encoder artifact) are computed once
     per stage, on centre crops of the train, val and test clips, and standardised with the
     train statistics. The train labels (and, with ``noisy_val``, the val labels) get
     ``noise_kind`` noise at ``noise_rate``. Then, on the cached features:
@@ -60,11 +58,11 @@ class PartialLabelSDStage(StageModule):
     features and trains the same heads (seeded); the test metrics are synced over ranks.
     """
 
-    produces: ClassVar[tuple[str, ...]] = ("checkpoint", "heads")
+    produces = {"heads": Tensors}
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: EncoderArtifact,
         num_classes: int,
         stage_name: str = "partial_label_sd",
         noise_kind: Literal["symmetric", "asymmetric", "clustered"] = "symmetric",
@@ -88,7 +86,7 @@ class PartialLabelSDStage(StageModule):
             raise ValueError(f"pll_loss must be 'two_hot_ce' or 'gce', got {pll_loss!r}")
         if pll_init not in ("teacher", "fresh"):
             raise ValueError(f"pll_init must be 'teacher' or 'fresh', got {pll_init!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["pretrained"])
         self.automatic_optimization = False  # each head has its own optimizer, built per round
         self.pretrained = pretrained
         self.num_classes = num_classes
@@ -100,7 +98,7 @@ class PartialLabelSDStage(StageModule):
         self.head_names = ["ce", *(f"sd{r}" for r in range(1, rounds + 1)), "pll"]
         # Built here (not per round) so that checkpoints and DDP see them; re-initialised
         # from a seed at the start of each round.
-        embed_dim = load_encoder(pretrained)[0].embed_dim
+        embed_dim = pretrained.module.embed_dim
         self.heads = nn.ModuleDict(
             {n: nn.Linear(embed_dim, num_classes, bias=False) for n in self.head_names}
         )
@@ -122,8 +120,7 @@ class PartialLabelSDStage(StageModule):
         if self._cache:
             return
         datamodule = self.trainer.datamodule
-        encoder, _ = load_encoder(self.pretrained)
-        encoder.to(self.device)
+        encoder = self.pretrained.module.to(self.device)
         n_records = len(datamodule.table.source.records)
         row_of = torch.full((n_records,), -1, dtype=torch.long)
         raw = {}
@@ -277,21 +274,19 @@ class PartialLabelSDStage(StageModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.summary = dict(checkpoint.get("partial_label_sd_summary", {}))
 
-    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
-        path = stage_dir / "heads.pt"
+    def export_artifacts(self) -> dict[str, Tensors]:
         _, _, noisy = self._cache["train"]
-        artifacts.write_torch(
-            path,
-            {
-                "heads": {
-                    n: {k: v.cpu() for k, v in self.heads[n].state_dict().items()}
-                    for n in self.head_names
-                },
-                "feature_mean": self.feature_stats["mean"],
-                "feature_std": self.feature_stats["std"],
-                "noisy_train_labels": noisy.cpu(),
-                "summary": dict(self.summary),
-                "pretrained": self.pretrained,
-            },
-        )
-        return {"heads": str(path)}
+        heads = {
+            n: {k: v.cpu() for k, v in self.heads[n].state_dict().items()} for n in self.head_names
+        }
+        return {
+            "heads": Tensors(
+                {
+                    "heads": heads,
+                    "feature_mean": self.feature_stats["mean"],
+                    "feature_std": self.feature_stats["std"],
+                    "noisy_train_labels": noisy.cpu(),
+                    "summary": dict(self.summary),
+                }
+            )
+        }

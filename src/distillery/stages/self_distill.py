@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import multi_exit_loss
 from distillery.models.heads import MLPHead
 from distillery.models.io import build_encoder
@@ -25,7 +26,8 @@ class SelfDistillStage(StageModule):
     reference implementation does not detach (default False).
     """
 
-    produces = ("checkpoint", "encoder")
+    produces = {"encoder": EncoderArtifact}
+    encoder_requirements = {"encoder": ("embed_dim", "exit_dims", "forward_exits")}
 
     def __init__(
         self,

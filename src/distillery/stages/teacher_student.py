@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import l1_cosine_distill_loss
 from distillery.models.io import build_encoder
 from distillery.stages.base import StageModule
@@ -108,7 +109,7 @@ class TeacherDistillStage(StageModule):
     resume), the layer loss, and the batch key the encoders read (``features`` = log-mel,
     or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``)."""
 
-    produces = ("checkpoint", "encoder")
+    produces = {"encoder": EncoderArtifact}
 
     def __init__(
         self,
