@@ -9,10 +9,10 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 
-from distillery.pipeline.contract import ConfigError, validate
 from distillery.models import load_pruned
 from distillery.models.encoders import TransformerEncoder, count_parameters
 from distillery.models.pruning import GatedModel, HardConcreteGate
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.pipeline.runner import Runner
 from distillery.stages.prune_distill import SparsityLagrangian, target_sparsity_at
 from distillery.stages.teacher_student import LayerDistillLoss

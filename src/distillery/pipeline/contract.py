@@ -250,16 +250,16 @@ def _check_stage(cfg: DictConfig, name: str, earlier: list[str]) -> list[str]:
             f"{path}.inputs: {contract.cls.__name__} trains on pseudo-labels; wire "
             "data.pseudo_labels to an earlier stage's pseudo_labels"
         )
-    for arg in contract.artifact_args():  # artifacts given as file paths in the config
-        value = module.get(arg)
-        if isinstance(value, str) and f"module.{arg}" not in inputs and not Path(value).exists():
-            problems.append(f"{path}.module.{arg}: file {value} does not exist")
     try:
         resolved = OmegaConf.to_container(stage.module, resolve=True)
     except Exception as err:  # noqa: BLE001 - a broken interpolation
         problems.append(f"{path}.module: {err}".splitlines()[0])
-    else:
-        problems += _check_encoders(contract, resolved, path)
+        resolved = {}
+    for arg in contract.artifact_args():  # artifacts given as file paths in the config
+        value = resolved.get(arg)
+        if isinstance(value, str) and f"module.{arg}" not in inputs and not Path(value).exists():
+            problems.append(f"{path}.module.{arg}: file {value} does not exist")
+    problems += _check_encoders(contract, resolved, path)
     problems += _check_inputs(cfg, contract, earlier, path)
     return problems
 

@@ -211,12 +211,13 @@ class Runner:
         (self.run_dir / name).rename(target)
         log.info("stage %s: previous outputs moved to %s", name, target)
 
-    def _resolve_inputs(self, name: str) -> tuple[dict[str, Artifact], dict[str, Artifact]]:
+    def _resolve_inputs(self, name: str) -> tuple[dict[str, Any], dict[str, Artifact]]:
         """Module and data keyword arguments: earlier stages' artifacts wired by ``inputs``,
-        and artifact files named in the module config, each loaded into its kind."""
+        and artifact files named in the module config, each loaded into the kind its
+        argument is annotated with (an argument without a kind gets the file's path)."""
         stage_cfg = self.cfg.pipeline.stages[name]
         contract = stage_contract(self.cfg, name)
-        module_kwargs: dict[str, Artifact] = {}
+        module_kwargs: dict[str, Any] = {}
         data_kwargs: dict[str, Artifact] = {}
         for dest, source in stage_cfg.inputs.items():
             producer, _, artifact = source.partition(".")
@@ -226,8 +227,11 @@ class Runner:
                     f"pipeline.stages.{name}.inputs.{dest}: stage {producer!r} finished "
                     f"without writing {artifact!r} (see {self.manifest.path})"
                 )
-            kind = stage_produces(self.cfg, producer)[artifact]
             target, _, arg = dest.partition(".")
+            if target == "module" and not contract.input_kinds(arg):
+                module_kwargs[arg] = str(path)  # an argument that takes a file (e.g. weights)
+                continue
+            kind = stage_produces(self.cfg, producer)[artifact]
             (module_kwargs if target == "module" else data_kwargs)[arg] = kind.load(path)
         for arg, kinds in contract.artifact_args().items():
             value = stage_cfg.module.get(arg)
