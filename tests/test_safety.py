@@ -15,7 +15,7 @@ from distillery.models.io import load_encoder, save_encoder
 from distillery.models.pruning import load_pruned
 from distillery.models.safe_load import UnsafeArtifactError, trust_config_targets
 from distillery.pipeline.checkpoints import AtomicCheckpointIO
-from distillery.stages.final_distill import load_teacher
+from distillery.stages.teacher_student import load_teacher
 from tests.test_cli import distillery
 
 TINY = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 64, "channels": 4, "dim": 16}

@@ -13,7 +13,8 @@ import soundfile as sf
 from omegaconf import open_dict
 
 from distillery.config.schema import Config
-from distillery.config.validation import SCHEMA_RANGES, ConfigError, validate
+from distillery.config.validation import SCHEMA_RANGES
+from distillery.pipeline.contract import ConfigError, validate
 from tests.helpers import compose_config
 from tests.test_cli import distillery
 

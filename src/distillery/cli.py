@@ -15,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distillery.config.schema import register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+#: The config tree inside the package (a link to the checkout's top-level conf/ in a source
+#: tree, package data in an installed wheel).
+CONF_DIR = str(Path(__file__).parent / "conf")
 log = logging.getLogger("distillery")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://distillery.conf", config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     # Heavy imports only once Hydra has parsed argv, so `--help` stays quick.
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -43,7 +45,12 @@ def _main(cfg: DictConfig) -> float | None:
             runner.plan()  # refuses a run dir this run must not touch
             with accepted_run_records(cfg, write_config=rank_zero_only.rank == 0):
                 stages = runner.run()
-    except (ConfigError, RunDirError, AudioFileError, UnsafeArtifactError) as err:  # bad input: the message says it all
+    except (
+        ConfigError,
+        RunDirError,
+        AudioFileError,
+        UnsafeArtifactError,
+    ) as err:  # bad input: the message says it all
         log.error("%s", err)
         sys.exit(2)
     except (

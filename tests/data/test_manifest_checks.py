@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 from tests.helpers import compose_config
 
-from distillery.config.validation import ConfigError, validate
 from distillery.data.sources import read_manifest
+from distillery.pipeline.contract import ConfigError, validate
 
 
 def wavs(folder: Path, *names: str) -> None:
