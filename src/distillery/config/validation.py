@@ -320,9 +320,10 @@ def _check_method_ranges(kind: str, module: dict[str, Any], path: str) -> list[s
     return problems
 
 
-#: Stage names become directories of the run dir (and parts of metric keys): one safe
-#: path component, never ``..``, and not a name the run dir uses itself.
-STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Stage names become directories of the run dir and parts of key paths (``inputs`` read
+#: ``<stage>.<artifact>``, metrics ``<stage>/<split>/<name>``): letters, digits, ``_`` and
+#: ``-`` only (so never ``..`` or ``/``), and not a name the run dir uses itself.
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_STAGE_NAMES = ("superseded", "wandb")
 
 
@@ -331,10 +332,10 @@ def check_stage_names(cfg: DictConfig) -> list[str]:
     named = [(f"pipeline.order[{i}]", name) for i, name in enumerate(cfg.pipeline.order)]
     named += [(f"pipeline.stages.{name}", name) for name in cfg.pipeline.stages]
     for path, name in named:
-        if not STAGE_NAME.match(str(name)) or ".." in str(name):
+        if not STAGE_NAME.match(str(name)):
             problems.append(
-                f"{path}: stage name {str(name)!r} must be letters, digits, '_', '-' or '.', "
-                "starting with a letter or digit, without '..' (it names a directory of run_dir)"
+                f"{path}: stage name {str(name)!r} must be letters, digits, '_' or '-', "
+                "starting with a letter or digit (it names a directory of run_dir)"
             )
         elif name in RESERVED_STAGE_NAMES:
             problems.append(f"{path}: stage name {name!r} is reserved (a directory of run_dir)")
@@ -469,8 +470,9 @@ def check_callback_values(callbacks: dict[str, Any], path: str) -> list[str]:
     return problems
 
 
-#: Stage module arguments that name a file to load (when not wired through ``inputs``).
-FILE_ARGUMENTS = ("pretrained", "teacher", "teacher_weights", "student", "synthetic_set")
+#: Stage module arguments that take a weights file given by path. Arguments typed as
+#: artifacts (``pretrained``, ``teacher``, ...) are checked by the stage contract.
+FILE_ARGUMENTS = ("teacher_weights",)
 
 
 def check_input_files(module: dict[str, Any], path: str) -> list[str]:
@@ -478,7 +480,7 @@ def check_input_files(module: dict[str, Any], path: str) -> list[str]:
     for key in FILE_ARGUMENTS:
         value = module.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_file():
-            problems.append(f"{path}.{key}: file {value!r} does not exist")
+            problems.append(f"{path}.{key}: file {value} does not exist")
     return problems
 
 
@@ -526,7 +528,6 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"on_code_change: {cfg.on_code_change!r} is not one of {list(CODE_CHANGE_POLICIES)}"
         )
-    problems += check_stage_names(cfg)
     root = OmegaConf.to_container(cfg)
     problems += check_ranges(root, "", "", skip=("data.",))  # data: per stage, below
     problems += check_targets(OmegaConf.to_container(cfg.logger), "logger")

@@ -45,6 +45,7 @@ from distillery.config.validation import (
     ConfigError,
     check_call_args,
     check_schema,
+    check_stage_names,
     check_targets,
     config_problems,
 )
@@ -268,6 +269,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem of a composed config and its stages."""
     if schema := check_schema(cfg):  # the checks below assume the schema's shape
         raise ConfigError(schema)
+    if names := check_stage_names(cfg):  # the checks below use stage names in key paths
+        raise ConfigError(names)
     problems = config_problems(cfg)
     order = [n for n in cfg.pipeline.order if n in cfg.pipeline.stages]
     for position, name in enumerate(order):
