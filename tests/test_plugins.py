@@ -169,7 +169,11 @@ def test_an_encoder_without_exits_cannot_be_a_multi_exit_student(
 
 def test_a_required_artifact_that_nothing_provides(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_with_plugin(
-        ["experiment=supervised", "+stage@pipeline.stages.kd=coss_kd", "pipeline.order=[finetune,kd]"],
+        [
+            "experiment=supervised",
+            "+stage@pipeline.stages.kd=coss_kd",
+            "pipeline.order=[finetune,kd]",
+        ],
         monkeypatch,
     )
     with pytest.raises(
