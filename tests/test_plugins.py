@@ -27,7 +27,8 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def plugin_cli(*args: str, plugin: Path = PLUGIN, cache: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(plugin)}
+    src = Path(__file__).parents[1] / "src"  # the checkout's code, not an installed copy
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{plugin}{os.pathsep}{src}"}
     cmd = [
         sys.executable,
         "-m",
