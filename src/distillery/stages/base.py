@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch import nn
@@ -26,6 +27,9 @@ class StageModule(pl.LightningModule):
 
     #: Artifact names this kind writes, checked against other stages' ``inputs`` at start-up.
     produces: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    #: (C, C) counts of the stage's own classifier on the test split (rows: true class), set
+    #: after ``trainer.test`` by stages that classify; plotted as the stage's confusion matrix.
+    test_confusion: np.ndarray | None = None
 
     def __init__(
         self,
