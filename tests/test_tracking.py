@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from matplotlib.image import imread
 
@@ -235,37 +231,3 @@ def test_pipeline_eta_is_the_mean_finished_stage_time_per_stage_left() -> None:
     progress.stage_finished("b", 30.0)
     assert progress.eta("c") == pytest.approx(20.0 * 2)
     assert [format_duration(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]
-
-
-@pytest.mark.slow
-def test_a_multirun_ends_with_a_sweep_table(tmp_path: Path, data_cache: Path) -> None:
-    sweep_dir = tmp_path / "sweep"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "distillery.cli",
-        "-m",
-        "experiment=supervised",
-        "debug=smoke",
-        "seed=0,1",
-        "trainer.enable_progress_bar=false",
-        f"hydra.sweep.dir={sweep_dir}",
-        f"data.cache_dir={data_cache}",
-    ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
-    text = (sweep_dir / "sweep_results.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith(("| 0 ", "| 1 "))]
-    assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
-
-    (sweep_run,) = wandb_runs(sweep_dir).values()
-    assert sweep_run.run.job_type == "sweep"
-    table = sweep_run.table("results")
-    for job, row in enumerate(table["data"]):
-        manifest = json.loads((sweep_dir / str(job) / "pipeline.json").read_text())
-        cells = dict(zip(table["columns"], row, strict=True))
-        assert cells["run id"] == manifest["run_id"]
-        assert cells["overrides"] == f"seed={job}"
-        acc = manifest["stages"]["finetune"]["metrics"]["finetune/test/acc"]
-        assert cells["finetune/test/acc"] == pytest.approx(acc)
-    assert np.isfinite([r[table["columns"].index("finetune/eval/knn10_acc")] for r in table["data"]]).all()
