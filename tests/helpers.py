@@ -159,7 +159,6 @@ class WandbRunLog:
                 out.used_artifacts.append(r.use_artifact)
         return out
 
-
     def table(self, key: str) -> dict[str, Any]:
         """The last W&B Table logged under ``key``: ``{"columns": [...], "data": [[...]]}``."""
         relative = self.history[f"{key}/path"][-1]

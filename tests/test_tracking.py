@@ -126,7 +126,9 @@ def test_pipeline_run_holds_the_results_table_and_the_stage_tables(unfused) -> N
     scores = runs["ssl"].table("eval/scores")
     assert scores["data"][0][0] == "ssl"
     row = dict(zip(scores["columns"], scores["data"][0], strict=True))
-    assert row["knn10_acc"] == pytest.approx(manifest["stages"]["ssl"]["metrics"]["ssl/eval/knn10_acc"])
+    assert row["knn10_acc"] == pytest.approx(
+        manifest["stages"]["ssl"]["metrics"]["ssl/eval/knn10_acc"]
+    )
 
 
 def test_finetune_confusion_matrix_is_the_finetuned_models_own(unfused) -> None:
@@ -136,7 +138,9 @@ def test_finetune_confusion_matrix_is_the_finetuned_models_own(unfused) -> None:
     total = sum(n for _, _, n in cells["data"])
     correct = sum(n for actual, predicted, n in cells["data"] if actual == predicted)
     assert total == 8  # debug=smoke: 8 test clips
-    assert correct / total == pytest.approx(manifest["stages"]["finetune"]["metrics"]["finetune/test/acc"])
+    assert correct / total == pytest.approx(
+        manifest["stages"]["finetune"]["metrics"]["finetune/test/acc"]
+    )
     assert imread(run_dir / "finetune/eval/test_confusion.png").shape[0] > 100
     for key in ("test/confusion", "eval/confusion", "eval/embedding_map"):
         assert runs["finetune"].history[f"{key}/_type"] == ["images/separated"], key
@@ -185,7 +189,12 @@ def test_stage_run_config_reference_artifacts_and_a_quiet_console(
 
 def test_an_unknown_artifact_mode_fails_at_start_up(tmp_path: Path) -> None:
     cfg = compose_config(
-        ["experiment=supervised", "logger=wandb", "logger.wandb.artifacts=upload", f"run_dir={tmp_path}"]
+        [
+            "experiment=supervised",
+            "logger=wandb",
+            "logger.wandb.artifacts=upload",
+            f"run_dir={tmp_path}",
+        ]
     )
     with pytest.raises(ConfigError, match=r"logger\.wandb\.artifacts: must be one of"):
         Runner(cfg)
@@ -212,7 +221,11 @@ def test_tensorboard_gets_the_images_and_the_console_one_line_per_epoch(
     Runner(cfg).run()
     events = EventAccumulator(str(run_dir / "finetune/logs/attempt-1"), {IMAGES: 0}).Reload()
     images = set(events.Tags()["images"])
-    assert {"finetune/test/confusion", "finetune/eval/confusion", "finetune/eval/embedding_map"} <= images
+    assert {
+        "finetune/test/confusion",
+        "finetune/eval/confusion",
+        "finetune/eval/embedding_map",
+    } <= images
     (image,) = events.Images("finetune/test/confusion")
     png = imread(run_dir / "finetune/eval/test_confusion.png")
     assert (image.height, image.width) == png.shape[:2]

@@ -125,6 +125,8 @@ def build_loggers(
 
     W&B resumes the stage's run across attempts; file loggers write one folder per attempt
     (``logs/attempt-<n>``) so a resumed stage never overwrites the history before it.
+    ``job_type`` names a run that summarises others (``pipeline``, ``sweep``) instead of a
+    stage's run: its metric keys keep their prefixes.
     """
     loggers: list[Logger] = []
     for cfg in logger_cfg.values():
@@ -289,9 +291,7 @@ def artifact_files(path: str | Path, artifact: str) -> Path:
     return path.parent if path.parent.name == artifact else path
 
 
-def _wandb_artifact(
-    run_id: str, stage: str, artifact: str, path: str | Path, mode: str
-) -> Any:
+def _wandb_artifact(run_id: str, stage: str, artifact: str, path: str | Path, mode: str) -> Any:
     """The same W&B Artifact for the producing and every consuming run (same name, same
     files, so the same digest: W&B keeps one version and links both runs to it)."""
     import wandb
