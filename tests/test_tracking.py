@@ -10,13 +10,16 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from matplotlib.image import imread
 
+from distillery.artifact_kinds import SyntheticSet
 from distillery.config.validation import ConfigError
 from distillery.pipeline.manifest import RunManifest
 from distillery.pipeline.progress import PipelineProgress, format_duration
 from distillery.pipeline.report import results_table
 from distillery.pipeline.runner import Runner
+from distillery.pipeline.tracking import wandb_artifact
 from tests.helpers import compose_config, wandb_runs
 
 STAGES = ("ssl", "self_distill", "finetune")
@@ -80,6 +83,27 @@ def test_stage_artifacts_form_the_pipeline_lineage(unfused) -> None:
         "self_distill": {(labels.name, "pseudo_labels", labels.digest)},
         "finetune": {(encoder.name, "encoder", encoder.digest)},
     }
+
+
+def test_a_folder_artifact_holds_all_its_files_copied_or_by_reference(tmp_path: Path) -> None:
+    stage_dir = tmp_path / "dataset_distill"
+    path = SyntheticSet(torch.randn(3, 1, 8, 10), torch.randn(3, 4), {"ridge": 1.0}).save(
+        stage_dir / "synthetic_set"
+    )
+    copied = wandb_artifact("run1", "dataset_distill", "synthetic_set", path, "copy")
+    referenced = wandb_artifact("run1", "dataset_distill", "synthetic_set", path, "reference")
+    for artifact in (copied, referenced):
+        assert (artifact.name, artifact.type) == (
+            "run1-dataset_distill-synthetic_set",
+            "synthetic_set",
+        )
+    files = {p.name: p for p in (stage_dir / "synthetic_set").iterdir()}
+    assert set(copied.manifest.entries) == set(files) == {"tensors.pt", "meta.json", "examples.png"}
+    # The same content either way; a reference only points at the file.
+    for name, entry in referenced.manifest.entries.items():
+        assert entry.ref == files[name].resolve().as_uri()
+        assert entry.digest == copied.manifest.entries[name].digest
+        assert entry.size == files[name].stat().st_size
 
 
 def test_stage_runs_have_unprefixed_keys_best_val_and_constants_in_the_summary(unfused) -> None:

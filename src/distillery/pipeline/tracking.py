@@ -291,7 +291,7 @@ def artifact_files(path: str | Path, artifact: str) -> Path:
     return path.parent if path.parent.name == artifact else path
 
 
-def _wandb_artifact(run_id: str, stage: str, artifact: str, path: str | Path, mode: str) -> Any:
+def wandb_artifact(run_id: str, stage: str, artifact: str, path: str | Path, mode: str) -> Any:
     """The same W&B Artifact for the producing and every consuming run (same name, same
     files, so the same digest: W&B keeps one version and links both runs to it)."""
     import wandb
@@ -322,7 +322,7 @@ def log_stage_artifacts(loggers: list[Logger], manifest: RunManifest, stage: str
         for artifact, path in manifest.stages[stage].artifacts.items():
             if artifact in UNLOGGED_ARTIFACTS or not Path(path).exists():
                 continue
-            entry = _wandb_artifact(manifest.run_id, stage, artifact, path, logger.artifact_mode)
+            entry = wandb_artifact(manifest.run_id, stage, artifact, path, logger.artifact_mode)
             logger.experiment.log_artifact(entry)
 
 
@@ -339,7 +339,7 @@ def use_stage_artifacts(
         for source in sorted(set(inputs.values())):
             producer, _, artifact = source.partition(".")
             path = manifest.stages[producer].artifacts[artifact]
-            entry = _wandb_artifact(manifest.run_id, producer, artifact, path, logger.artifact_mode)
+            entry = wandb_artifact(manifest.run_id, producer, artifact, path, logger.artifact_mode)
             if run.settings._offline:
                 # Offline ``use_artifact`` refuses to run; this is the record it sends for a
                 # draft artifact online (log it, then mark it used): on ``wandb sync`` the
