@@ -316,14 +316,7 @@ class Runner:
             if self.is_rank_zero:
                 record.artifacts = self._export(module, trainer, stage_dir)
                 log_stage_artifacts(trainer.loggers, self.manifest, name)
-                log_test_confusion(
-                    trainer.loggers,
-                    name,
-                    getattr(module, "test_confusion", None),
-                    audio.class_names,
-                    stage_dir / "eval",
-                    step=trainer.global_step,
-                )
+                log_test_confusion(trainer.loggers, name, module, audio.class_names, stage_dir)
                 encoder = _encoder_for_eval(module)
                 if stage_cfg.evaluate and encoder is not None:
                     metrics |= self._evaluate(name, encoder, audio, trainer, stage_dir)

@@ -198,7 +198,7 @@ def log_to_loggers(
                 logger.log_image(key=key, images=[path], step=step)
             for key, (columns, rows) in (tables or {}).items():
                 logger.log_table(key=key, columns=columns, data=rows, step=step)
-        elif isinstance(logger, TensorBoardLogger) and images and rank_zero_only.rank == 0:
+        elif isinstance(logger, TensorBoardLogger) and images:
             for key, path in images.items():
                 logger.experiment.add_image(key, _png_array(path), step, dataformats="HWC")
 
@@ -257,21 +257,24 @@ def log_evaluation(
 def log_test_confusion(
     loggers: list[Logger],
     stage: str,
-    counts: np.ndarray | None,
+    module: Any,
     class_names: list[str],
-    out_dir: Path,
-    *,
-    step: int,
+    stage_dir: Path,
 ) -> None:
-    """The stage's own classifier on the test split (``StageModule.test_confusion``): a PNG
-    in ``out_dir``, logged as an image, and W&B's interactive confusion matrix."""
+    """The stage's own classifier on the test split (``StageModule.test_confusion``, when
+    the stage sets it): ``eval/test_confusion.png``, logged as an image, and W&B's
+    interactive confusion matrix."""
+    counts = getattr(module, "test_confusion", None)
     if counts is None:
         return
     from distillery.eval.plots import plot_confusion_counts
 
     accuracy = float(np.trace(counts) / max(counts.sum(), 1))
     title = f"{stage}, test split: {stage} model, accuracy {accuracy:.3f}"
-    path = plot_confusion_counts(counts, class_names, out_dir / "test_confusion.png", title=title)
+    path = plot_confusion_counts(
+        counts, class_names, stage_dir / "eval" / "test_confusion.png", title=title
+    )
+    step = module.trainer.global_step
     log_to_loggers(loggers, {}, step=step, images={f"{stage}/test/confusion": str(path)})
     log_confusion_matrix(
         loggers, f"{stage}/test/confusion_matrix", counts, class_names, title=title, step=step
