@@ -35,6 +35,7 @@ def pll_only(tmp_path: Path, cache: Path, encoder: Path, *extra: str) -> DictCon
             f"run_dir={tmp_path / 'run'}",
             f"data.cache_dir={cache}",
             f"pipeline.stages.pll.module.pretrained={encoder}",
+            "debug.trainer.limit_train_batches=1.0",  # every pass of every round, on smoke data
             *extra,
         ]
     )
