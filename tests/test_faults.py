@@ -35,6 +35,7 @@ UNFUSED = [
 def cli(
     *args: str, cache: Path, script: tuple[str, ...] = ("-m", "distillery.cli")
 ) -> subprocess.Popen:
+    # This checkout's package first, whichever checkout the environment was installed from.
     env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     return subprocess.Popen(
         [sys.executable, *script, *args, f"data.cache_dir={cache}"],
