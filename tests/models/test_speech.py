@@ -1,0 +1,67 @@
+"""HuBERT / wav2vec 2.0 / WavLM imported from Hugging Face, fairseq and torchaudio files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tests.speech_models import FAMILIES, hf_model, tiny_architecture, write, write_huggingface
+
+from distillery.models.speech import SpeechEncoder
+from distillery.models.speech_weights import WeightsError, check_weights, detect_format
+
+FORMATS = ("huggingface", "fairseq", "torchaudio")
+
+
+def _encoder(family: str, fmt: str, path: Path, large: bool) -> SpeechEncoder:
+    if fmt == "torchaudio":  # a bare state dict: the architecture comes from the config
+        return SpeechEncoder(weights=str(path), architecture=tiny_architecture(family, large))
+    return SpeechEncoder(weights=str(path))
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["base", "large"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_hidden_states_equal_the_hf_model(
+    tmp_path: Path, family: str, fmt: str, large: bool, one_thread
+) -> None:
+    reference = hf_model(family, large)
+    path = write(reference, family, fmt, tmp_path)
+    assert detect_format(path) == fmt
+    encoder = _encoder(family, fmt, path, large).eval()
+    audio = torch.randn(2, 4000)
+    with torch.no_grad():
+        expected = reference(audio, output_hidden_states=True).hidden_states
+        ours = encoder.forward_hidden_states(audio)
+    assert len(ours) == len(expected) == 3
+    for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"hidden state {i}")
+    # The artifact config rebuilds the architecture without the file.
+    rebuilt = SpeechEncoder(**{k: v for k, v in encoder.architecture_config().items() if k != "_target_"})
+    rebuilt.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(audio), encoder(audio))
+
+
+def test_check_weights_names_the_missing_or_mismatched_file(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"weights .*nowhere\.pt: no such file"):
+        check_weights(tmp_path / "nowhere.pt")
+    hf = write_huggingface(hf_model("hubert"), tmp_path / "hubert-hf")
+    check_weights(hf)  # fits
+    with pytest.raises(WeightsError, match=r"hubert-hf: its architecture is not hubert_base"):
+        check_weights(hf, arch="hubert_base")
+    ta = write(hf_model("wav2vec2"), "wav2vec2", "torchaudio", tmp_path)
+    with pytest.raises(WeightsError, match=r"torchaudio\.pt \(a torchaudio state dict\): no architecture; set arch"):
+        check_weights(ta)
+    with pytest.raises(WeightsError, match=r"wav2vec2-torchaudio\.pt: does not fit .*shape"):
+        check_weights(ta, arch="wav2vec2_base")
+    check_weights(ta, architecture=tiny_architecture("wav2vec2"))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match=r"notes\.pt: cannot be read with torch\.load"):
+        check_weights(tmp_path / "notes.pt")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+    with pytest.raises(WeightsError, match="model_type must be hubert, wav2vec2 or wavlm"):
+        check_weights(hf)
