@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.speech_models import FAMILIES, hf_model, tiny_architecture, write, write_huggingface
 
+from distillery.data.padding import pad_waveforms
 from distillery.models.speech import SpeechEncoder
 from distillery.models.speech_weights import WeightsError, check_weights, detect_format
 
@@ -65,3 +66,27 @@ def test_check_weights_names_the_missing_or_mismatched_file(tmp_path: Path) -> N
     (hf / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
     with pytest.raises(WeightsError, match="model_type must be hubert, wav2vec2 or wavlm"):
         check_weights(hf)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["base", "large"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_clips_embedding_does_not_depend_on_its_batch(family: str, large: bool, one_thread) -> None:
+    """Padded batch (lengths given) vs each clip alone: equal on the valid frames."""
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(architecture=tiny_architecture(family, large)).eval()
+    clips = [torch.randn(n) for n in (4000, 2500, 3217)]
+    batch = pad_waveforms([{"audio": c, "index": i} for i, c in enumerate(clips)])
+    assert batch["attention_mask"].sum(1).tolist() == [4000, 2500, 3217]
+    with torch.no_grad():
+        states = encoder.forward_hidden_states(batch["audio"], batch["length"])
+        pooled = encoder(batch["audio"], batch["length"])
+        frames = encoder.frame_lengths(batch["length"])
+        for i, clip in enumerate(clips):
+            alone = encoder.forward_hidden_states(clip[None])
+            assert alone[0].shape[1] == frames[i]
+            for a, b in zip(alone, states, strict=True):
+                torch.testing.assert_close(b[i, : frames[i]], a[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pooled[i], encoder(clip[None])[0], rtol=1e-5, atol=1e-5)
+        # Without lengths the padding leaks in: the check above is not vacuous.
+        unmasked = encoder(batch["audio"])
+    assert not torch.allclose(unmasked[1], pooled[1], atol=1e-3)

@@ -374,12 +374,13 @@ class GatedModel(nn.Module):
         finally:
             self._masks.clear()
 
-    def forward_hidden_states(self, x: Tensor) -> list[Tensor]:
-        """The wrapped model's ``forward_hidden_states`` under one draw of the masks."""
-        return self._run(lambda: self.model.forward_hidden_states(x))
+    def forward_hidden_states(self, x: Tensor, *args: Tensor) -> list[Tensor]:
+        """The wrapped model's ``forward_hidden_states`` under one draw of the masks
+        (``args``: e.g. the lengths a waveform encoder takes)."""
+        return self._run(lambda: self.model.forward_hidden_states(x, *args))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(lambda: self.model(x))
+    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        return self._run(lambda: self.model(x, *args))
 
     def expected_counts(self) -> dict[str, Tensor]:
         # float64: parameter counts near 1e8 are not exact in float32.

@@ -127,14 +127,16 @@ class TeacherDistillStage(StageModule):
         self.teacher = load_teacher(teacher, teacher_weights)
         self.input_key = getattr(self.teacher, "input_key", "features")
 
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
+    def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
     def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch[self.input_key]
+        # Waveform encoders take the valid samples of zero-padded clips.
+        lengths = (batch["length"],) if self.input_key == "audio" and "length" in batch else ()
         with torch.no_grad():
-            teacher_states = self.teacher.forward_hidden_states(x)
-        student_states = self.student_hidden_states(x)
+            teacher_states = self.teacher.forward_hidden_states(x, *lengths)
+        student_states = self.student_hidden_states(x, *lengths)
         if self.global_step == 0:
             self.distill_loss.check_depths(len(student_states), len(teacher_states))
         return self.distill_loss(student_states, teacher_states)
@@ -198,8 +200,8 @@ class FinalDistillStage(TeacherDistillStage):
     def encoder_for_eval(self) -> nn.Module:
         return self.student
 
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
-        return self.student.forward_hidden_states(x)
+    def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
+        return self.student.forward_hidden_states(x, *lengths)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, terms = self.distill_step(batch)

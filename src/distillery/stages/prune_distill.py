@@ -111,8 +111,8 @@ class PruneDistillStage(TeacherDistillStage):
         main = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": main}, {"params": regulariser, "lr": self.gate_lr, "weight_decay": 0.0}]
 
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
-        return self.gated.forward_hidden_states(x)
+    def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
+        return self.gated.forward_hidden_states(x, *lengths)
 
     def current_target(self) -> float:
         total = self.trainer.estimated_stepping_batches
