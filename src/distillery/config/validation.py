@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from distillery.config.schema import Config
+from distillery.config.weights import check_encoder_weights
 from distillery.stages.registry import stage_class, stage_kinds
 
 #: Constructor arguments the runner fills in itself; a config may not set them.
@@ -273,6 +274,7 @@ def validate(cfg: DictConfig) -> None:
             target, module_args, f"{path}.module", reserved=INJECTED_MODULE_ARGS
         )
         problems += check_targets(module_args, f"{path}.module")
+        problems += check_encoder_weights(module_args, f"{path}.module")
         for key, high_open in (("target_sparsity", True), ("sparsity_warmup", False)):
             if isinstance(value := module_args.get(key), int | float):  # prune_distill
                 problems += _range(

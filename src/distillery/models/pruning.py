@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from distillery.models.encoders import TransformerEncoder, count_parameters
-from distillery.models.io import build_encoder
+from distillery.models.io import build_encoder, self_contained_config
 
 __all__ = [
     "GatedModel",
@@ -354,7 +354,7 @@ class GatedModel(nn.Module):
                 f"prune kinds must be a non-empty subset of {list(self.spec.kinds)} for "
                 f"{type(model).__name__}, got {list(kinds)}"
             )
-        self.base_config = dict(base_config)
+        self.base_config = dict(self_contained_config(model, base_config))
         self.groups = self.spec.groups(model, kinds)
         self.gates = nn.ModuleDict(
             {

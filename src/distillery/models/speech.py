@@ -131,6 +131,12 @@ def frame_lengths(model: nn.Module, lengths: Tensor) -> Tensor:
     return lengths
 
 
+def _additive_mask(padding: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) bool, ``True`` on padded frames -> (B, 1, 1, T) attention bias: -inf there."""
+    zeros = torch.zeros(padding.shape, dtype=dtype, device=padding.device)
+    return zeros.masked_fill(padding, float("-inf"))[:, None, None, :]
+
+
 class LengthAwareConvBlock(ConvLayerBlock):
     """torchaudio's conv block whose GroupNorm (per channel, over time) uses valid frames only.
 
@@ -195,13 +201,15 @@ class PrunableWavLMAttention(WavLMSelfAttention):
         if hasattr(self, "kept_heads"):
             bias = bias.index_select(1, self.kept_heads)
         if key_padding_mask is not None:
-            bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            bias = bias + _additive_mask(key_padding_mask, bias.dtype)
         out_proj = self.attention.out_proj
         if self.num_heads == 0:
             return out_proj(query.new_zeros(bsz, seq_len, 0)), position_bias
         qkv = F.linear(query, self.attention.in_proj_weight, self.attention.in_proj_bias)
-        shape = (bsz, seq_len, self.num_heads, self.head_dim)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        # A view of the contiguous projection (not reshapes of its chunks): no copy, and no
+        # stride-dependent branch that would tie an exported program to the batch size.
+        qkv = qkv.view(bsz, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )
@@ -287,10 +295,8 @@ class SpeechEncoder(nn.Module):
         x = transformer.dropout(x)
         wavlm = self.architecture["family"] == "wavlm"
         additive = None
-        if padding is not None and not wavlm:
-            additive = torch.zeros(padding.shape, dtype=x.dtype, device=x.device)
-            additive = additive.masked_fill(padding, float("-inf"))[:, None, None, :]
-            additive = additive.expand(-1, 1, x.shape[1], -1)  # the shape torchaudio checks
+        if padding is not None and not wavlm:  # (B, 1, T, T): the shape torchaudio checks
+            additive = _additive_mask(padding, x.dtype).expand(-1, 1, x.shape[1], -1)
         states = [x]
         position_bias = None
         for layer in transformer.layers:

@@ -380,3 +380,4 @@ def _fairseq_architecture(path: Path, c: dict[str, Any]) -> dict[str, Any]:
         arch["encoder_num_buckets"] = c.get("num_buckets", 320)
         arch["encoder_max_distance"] = c.get("max_distance", 1280)
     return arch
+

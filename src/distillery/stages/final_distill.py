@@ -26,12 +26,16 @@ def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
     """Frozen teacher in eval mode: architecture from ``encoder``, weights from ``weights``.
 
     ``weights`` is an ``encoder.pt`` artifact of an earlier stage or a plain state-dict file
-    (e.g. a torchaudio HuBERT checkpoint; an encoder may adapt its keys with an
-    ``adapt_state_dict`` method). Loaded strictly. ``None`` keeps random weights (tests).
+    (an encoder may adapt its keys with an ``adapt_state_dict`` method); a speech encoder
+    reads any file its ``load_weights`` detects (Hugging Face, fairseq, torchaudio). Loaded
+    strictly. ``None`` keeps the weights ``encoder`` built (random unless it names a file).
     """
     teacher = build_encoder(encoder)
     if weights is None:
-        log.warning("teacher has random weights (no teacher_weights given)")
+        if not encoder.get("weights"):
+            log.warning("teacher has random weights (no teacher_weights given)")
+    elif hasattr(teacher, "load_weights"):
+        teacher.load_weights(weights)
     else:
         state = torch.load(weights, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "state_dict" in state:
