@@ -11,7 +11,8 @@ from pathlib import Path
 
 def distillery(*args: str, cache: Path) -> subprocess.CompletedProcess:
     repo = Path(__file__).resolve().parents[1]  # so `_target_: tests.helpers...` imports
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
+    # This checkout's package, whichever checkout the environment installed.
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'src'}"}
     cmd = [sys.executable, "-m", "distillery.cli", *args, f"data.cache_dir={cache}"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 

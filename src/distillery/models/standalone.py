@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from distillery import artifacts
-from distillery.models.speech import SpeechEncoder, build_architecture
 
-__all__ = ["export_program", "hf_representable", "save_huggingface"]
+if TYPE_CHECKING:
+    from distillery.models.speech import SpeechEncoder
+
+__all__ = ["export_program", "export_standalone", "hf_representable", "save_huggingface"]
 
 
 class _Program(nn.Module):
@@ -96,6 +99,8 @@ def export_program(
 
 def hf_representable(encoder: SpeechEncoder) -> bool:
     """Whether every weight still has the shape of ``encoder.architecture`` (not pruned)."""
+    from distillery.models.speech import build_architecture
+
     with torch.device("meta"):
         full = build_architecture(encoder.architecture).state_dict()
     state = encoder.model.state_dict()
@@ -166,3 +171,18 @@ def save_huggingface(encoder: SpeechEncoder, directory: str | os.PathLike) -> Pa
     artifacts.write_bytes(directory / "model.safetensors", save(state, metadata={"format": "pt"}))
     artifacts.write_json(directory / "config.json", config)
     return directory
+
+
+def export_standalone(
+    encoder: nn.Module | None, config: dict[str, Any], stage_dir: Path
+) -> dict[str, str]:
+    """A stage's speech encoder as ``standalone/`` (program + json) and, when unpruned,
+    ``huggingface/``; artifact paths by name. Other encoders: nothing."""
+    # A speech encoder exists only if its module (and torchaudio) was imported.
+    speech = sys.modules.get("distillery.models.speech")
+    if speech is None or not isinstance(encoder, speech.SpeechEncoder):
+        return {}
+    written = {"standalone": str(export_program(encoder, stage_dir / "standalone", config))}
+    if hf_representable(encoder):
+        written["huggingface"] = str(save_huggingface(encoder, stage_dir / "huggingface"))
+    return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from distillery.losses import l1_cosine_distill_loss
 from distillery.models.io import build_encoder, load_encoder
+from distillery.models.standalone import export_standalone
 from distillery.stages.base import StageModule
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,11 @@ class TeacherDistillStage(StageModule):
     """Shared machinery of ``prune_distill`` and ``final_distill``: a frozen teacher (never
     trained, kept in eval mode, left out of checkpoints and rebuilt from its weights on
     resume), the layer loss, and the batch key the encoders read (``features`` = log-mel,
-    or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``)."""
+    or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``). A speech
+    encoder is also exported for use without distillery (``standalone``, and
+    ``huggingface`` when unpruned: :mod:`distillery.models.standalone`)."""
 
-    produces = ("checkpoint", "encoder")
+    produces = ("checkpoint", "encoder", "standalone", "huggingface")
 
     def __init__(
         self,
@@ -144,6 +148,10 @@ class TeacherDistillStage(StageModule):
         if self.global_step == 0:
             self.distill_loss.check_depths(len(student_states), len(teacher_states))
         return self.distill_loss(student_states, teacher_states)
+
+    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
+        written = super().export_artifacts(stage_dir)
+        return written | export_standalone(self.encoder_for_eval(), self.encoder_cfg, stage_dir)
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning switches every submodule to train mode

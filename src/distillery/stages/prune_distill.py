@@ -64,14 +64,15 @@ class PruneDistillStage(TeacherDistillStage):
     Args:
         teacher: the teacher's encoder config; ``teacher_weights`` its weights file.
         distill_layers: teacher (= student) hidden-state indices to distil.
-        prune: unit kinds to prune: ``conv`` (front-end channels), ``heads``, ``ffn``.
+        prune: unit kinds to prune: ``conv`` (front-end channels), ``heads``, ``ffn``
+            (units), and for speech encoders ``attn_layer`` / ``ffn_layer`` (whole blocks).
         target_sparsity: final fraction of the teacher's parameters to remove, in [0, 1).
         sparsity_warmup: fraction of the training steps over which the target ramps up.
         gate_lr: learning rate of the gates' ``log_alpha`` and of the multipliers (no
             weight decay on either); the other parameters use ``optimizer``'s.
     """
 
-    produces = ("checkpoint", "encoder", "pruning", "sparsity_plot")
+    produces = ("checkpoint", "encoder", "standalone", "pruning", "sparsity_plot")
 
     def __init__(
         self,
