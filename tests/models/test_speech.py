@@ -90,3 +90,17 @@ def test_a_clips_embedding_does_not_depend_on_its_batch(family: str, large: bool
         # Without lengths the padding leaks in: the check above is not vacuous.
         unmasked = encoder(batch["audio"])
     assert not torch.allclose(unmasked[1], pooled[1], atol=1e-3)
+
+
+def test_shared_embedding_ignores_the_padding_of_short_clips(one_thread) -> None:
+    from distillery.eval.embed import embed
+
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(architecture=tiny_architecture("wavlm"))
+    clips = [torch.randn(n) for n in (4000, 1800)]
+    batch = pad_waveforms([{"audio": c, "index": i, "label": 0} for i, c in enumerate(clips)])
+    _, z, _ = embed(encoder, [batch], featurize=lambda a: a)
+    with torch.no_grad():
+        alone = [encoder.eval()(c[None])[0].numpy() for c in clips]
+    for row, expected in zip(z, alone, strict=True):
+        assert abs(row - expected).max() < 1e-5
