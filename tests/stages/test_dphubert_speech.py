@@ -13,7 +13,7 @@ from tests.models.test_standalone import run_without_distillery
 from tests.speech_models import hf_model, write_huggingface
 from tests.test_cli import distillery
 
-from distillery.config.validation import ConfigError, validate
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.models import load_pruned
 from distillery.models.encoders import count_parameters
 from distillery.pipeline.runner import Runner

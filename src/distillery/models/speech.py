@@ -320,3 +320,14 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.pool(self.forward_hidden_states(audio, lengths)[-1], lengths)
+
+
+def _register_pruning() -> None:
+    # The spec uses this module's classes, so it lives in its own module, imported here.
+    from distillery.models.pruning import register_pruning_spec
+    from distillery.models.speech_pruning import SpeechPruning
+
+    register_pruning_spec(SpeechEncoder, SpeechPruning)
+
+
+_register_pruning()

@@ -31,7 +31,7 @@ from distillery import artifacts
 if TYPE_CHECKING:
     from distillery.models.speech import SpeechEncoder
 
-__all__ = ["export_program", "export_standalone", "hf_representable", "save_huggingface"]
+__all__ = ["export_program", "hf_representable", "save_huggingface", "standalone_artifacts"]
 
 
 class _Program(nn.Module):
@@ -173,16 +173,16 @@ def save_huggingface(encoder: SpeechEncoder, directory: str | os.PathLike) -> Pa
     return directory
 
 
-def export_standalone(
-    encoder: nn.Module | None, config: dict[str, Any], stage_dir: Path
-) -> dict[str, str]:
-    """A stage's speech encoder as ``standalone/`` (program + json) and, when unpruned,
-    ``huggingface/``; artifact paths by name. Other encoders: nothing."""
+def standalone_artifacts(encoder: nn.Module | None, config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's speech encoder as the ``standalone`` artifact and, when unpruned, the
+    ``huggingface`` one (by name); other encoders: none."""
+    from distillery.artifact_kinds import HuggingFaceEncoder, StandaloneEncoder
+
     # A speech encoder exists only if its module (and torchaudio) was imported.
     speech = sys.modules.get("distillery.models.speech")
     if speech is None or not isinstance(encoder, speech.SpeechEncoder):
         return {}
-    written = {"standalone": str(export_program(encoder, stage_dir / "standalone", config))}
+    exported: dict[str, Any] = {"standalone": StandaloneEncoder(encoder, config)}
     if hf_representable(encoder):
-        written["huggingface"] = str(save_huggingface(encoder, stage_dir / "huggingface"))
-    return written
+        exported["huggingface"] = HuggingFaceEncoder(encoder)
+    return exported
