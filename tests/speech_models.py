@@ -69,11 +69,26 @@ _TO_FAIRSEQ = [
     (r"feature_projection\.projection\.", "post_extract_proj."),
     (r"feature_projection\.layer_norm\.", "layer_norm."),
     (r"encoder\.pos_conv_embed\.conv\.bias", "encoder.pos_conv.0.bias"),
-    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0", "encoder.pos_conv.0.weight_g"),
-    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1", "encoder.pos_conv.0.weight_v"),
-    (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_linear\.", r"encoder.layers.\1.self_attn.grep_linear."),
-    (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const", r"encoder.layers.\1.self_attn.grep_a"),
-    (r"encoder\.layers\.(\d+)\.attention\.rel_attn_embed\.", r"encoder.layers.\1.self_attn.relative_attention_bias."),
+    (
+        r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0",
+        "encoder.pos_conv.0.weight_g",
+    ),
+    (
+        r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1",
+        "encoder.pos_conv.0.weight_v",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_linear\.",
+        r"encoder.layers.\1.self_attn.grep_linear.",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const",
+        r"encoder.layers.\1.self_attn.grep_a",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.attention\.rel_attn_embed\.",
+        r"encoder.layers.\1.self_attn.relative_attention_bias.",
+    ),
     (r"encoder\.layers\.(\d+)\.attention\.", r"encoder.layers.\1.self_attn."),
     (r"encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
     (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.fc1."),
@@ -97,7 +112,10 @@ def write_fairseq(model: nn.Module, path: Path, family: str) -> Path:
         state[key] = value.clone()
     state["mask_emb"] = torch.randn(c.hidden_size)  # pretraining-only parameters, ignored
     state["final_proj.weight"] = torch.randn(8, c.hidden_size)
-    conv = " + ".join(f"[({d}, {k}, {s})]" for d, k, s in zip(c.conv_dim, c.conv_kernel, c.conv_stride))
+    conv = " + ".join(
+        f"[({d}, {k}, {s})]"
+        for d, k, s in zip(c.conv_dim, c.conv_kernel, c.conv_stride, strict=True)
+    )
     cfg = {
         "_name": "hubert" if family == "hubert" else "wav2vec2",
         "extractor_mode": "layer_norm" if large else "default",
@@ -116,8 +134,12 @@ def write_fairseq(model: nn.Module, path: Path, family: str) -> Path:
         "dropout_input": 0.1,
     }
     if family == "wavlm":  # the WavLM release: a flat model config
-        cfg |= {"relative_position_embedding": True, "num_buckets": c.num_buckets,
-                "max_distance": c.max_bucket_distance, "gru_rel_pos": True}
+        cfg |= {
+            "relative_position_embedding": True,
+            "num_buckets": c.num_buckets,
+            "max_distance": c.max_bucket_distance,
+            "gru_rel_pos": True,
+        }
         payload = {"cfg": cfg, "model": state}
     else:
         payload = {"cfg": {"model": cfg, "task": {"sample_rate": 16000}}, "model": state}
@@ -140,7 +162,8 @@ def tiny_architecture(family: str, large: bool = False) -> dict[str, Any]:
         "family": family,
         "extractor_mode": "layer_norm" if large else "group_norm",
         "extractor_conv_layer_config": [
-            list(t) for t in zip(TINY["conv_dim"], TINY["conv_kernel"], TINY["conv_stride"])
+            list(t)
+            for t in zip(TINY["conv_dim"], TINY["conv_kernel"], TINY["conv_stride"], strict=True)
         ],
         "extractor_conv_bias": large,
         "encoder_embed_dim": TINY["hidden_size"],

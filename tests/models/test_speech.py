@@ -40,7 +40,9 @@ def test_imported_hidden_states_equal_the_hf_model(
     for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"hidden state {i}")
     # The artifact config rebuilds the architecture without the file.
-    rebuilt = SpeechEncoder(**{k: v for k, v in encoder.architecture_config().items() if k != "_target_"})
+    rebuilt = SpeechEncoder(
+        **{k: v for k, v in encoder.architecture_config().items() if k != "_target_"}
+    )
     rebuilt.load_state_dict(encoder.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(audio), encoder(audio))
@@ -54,7 +56,9 @@ def test_check_weights_names_the_missing_or_mismatched_file(tmp_path: Path) -> N
     with pytest.raises(WeightsError, match=r"hubert-hf: its architecture is not hubert_base"):
         check_weights(hf, arch="hubert_base")
     ta = write(hf_model("wav2vec2"), "wav2vec2", "torchaudio", tmp_path)
-    with pytest.raises(WeightsError, match=r"torchaudio\.pt \(a torchaudio state dict\): no architecture; set arch"):
+    with pytest.raises(
+        WeightsError, match=r"torchaudio\.pt \(a torchaudio state dict\): no architecture; set arch"
+    ):
         check_weights(ta)
     with pytest.raises(WeightsError, match=r"wav2vec2-torchaudio\.pt: does not fit .*shape"):
         check_weights(ta, arch="wav2vec2_base")
@@ -70,7 +74,9 @@ def test_check_weights_names_the_missing_or_mismatched_file(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("large", [False, True], ids=["base", "large"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_clips_embedding_does_not_depend_on_its_batch(family: str, large: bool, one_thread) -> None:
+def test_a_clips_embedding_does_not_depend_on_its_batch(
+    family: str, large: bool, one_thread
+) -> None:
     """Padded batch (lengths given) vs each clip alone: equal on the valid frames."""
     torch.manual_seed(0)
     encoder = SpeechEncoder(architecture=tiny_architecture(family, large)).eval()

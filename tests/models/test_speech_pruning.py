@@ -59,8 +59,10 @@ def test_export_runs_and_equals_masking_for_every_unit_kind(
     assert count_parameters(loaded) == count_parameters(build_pruned(config["base"], kept))
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(batch["audio"], batch["length"]), gated(batch["audio"], batch["length"]),
-            rtol=1e-4, atol=1e-5,
+            loaded(batch["audio"], batch["length"]),
+            gated(batch["audio"], batch["length"]),
+            rtol=1e-4,
+            atol=1e-5,
         )
 
 

@@ -38,7 +38,9 @@ def pruned_encoder(family: str) -> tuple[torch.nn.Module, dict]:
     return gated.eval().export()
 
 
-def run_without_distillery(directory: Path, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+def run_without_distillery(
+    directory: Path, inputs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list:
     """``(embedding, hidden states)`` per ``(audio, lengths)``, from a fresh Python process."""
     tmp = directory.parent
     torch.save(inputs, tmp / "inputs.pt")

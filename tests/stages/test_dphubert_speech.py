@@ -10,13 +10,14 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 from tests.models.test_standalone import run_without_distillery
-from tests.speech_models import hf_model, write_huggingface
+from tests.speech_models import hf_model, tiny_architecture, write_huggingface
 from tests.test_cli import distillery
 
-from distillery.pipeline.contract import ConfigError, validate
 from distillery.models import load_pruned
 from distillery.models.encoders import count_parameters
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.pipeline.runner import Runner
+from distillery.stages.teacher_student import load_teacher
 
 TEACHER = "pipeline.stages.prune_distill.module.teacher"
 
@@ -65,7 +66,9 @@ def _params(model: torch.nn.Module) -> int:
 def test_hubert_recipe_runs_from_an_hf_directory_on_the_command_line(
     tmp_path: Path, data_cache: Path
 ) -> None:
-    missing = distillery(*recipe("hubert", tmp_path / "nowhere", tmp_path / "run"), cache=data_cache)
+    missing = distillery(
+        *recipe("hubert", tmp_path / "nowhere", tmp_path / "run"), cache=data_cache
+    )
     assert missing.returncode == 2 and "nowhere: no such file or directory" in missing.stdout
     assert not (tmp_path / "run" / "pipeline.json").exists()
     model = hf_model("hubert")
@@ -82,7 +85,9 @@ def test_wav2vec2_and_wavlm_recipes_prune_export_and_reload(
 ) -> None:
     model = hf_model(family)
     weights = write_huggingface(model, tmp_path / f"{family}-hf")
-    cfg = compose_config([*recipe(family, weights, tmp_path / "run"), f"data.cache_dir={data_cache}"])
+    cfg = compose_config(
+        [*recipe(family, weights, tmp_path / "run"), f"data.cache_dir={data_cache}"]
+    )
     Runner(cfg).run()
     check_outputs(tmp_path / "run", _params(model))
 
@@ -92,6 +97,26 @@ def test_missing_or_mismatched_weights_fail_at_start_up(tmp_path: Path, data_cac
     with pytest.raises(ConfigError, match=rf"{TEACHER}.weights: weights .*nowhere: no such file"):
         validate(cfg)
     weights = write_huggingface(hf_model("wavlm"), tmp_path / "wavlm-hf")
-    cfg = compose_config([*recipe("hubert", weights, tmp_path / "run"), f"{TEACHER}.arch=hubert_base"])
+    cfg = compose_config(
+        [*recipe("hubert", weights, tmp_path / "run"), f"{TEACHER}.arch=hubert_base"]
+    )
     with pytest.raises(ConfigError, match=r"wavlm-hf: its architecture is not hubert_base"):
         validate(cfg)
+
+
+def test_teacher_weights_take_any_speech_format(tmp_path: Path, one_thread) -> None:
+    """``teacher_weights`` pointing at a Hugging Face directory loads it (format detected)."""
+    reference = hf_model("wav2vec2")
+    weights = write_huggingface(reference, tmp_path / "w2v-hf")
+    encoder = {
+        "_target_": "distillery.models.speech.SpeechEncoder",
+        "architecture": tiny_architecture("wav2vec2"),
+    }
+    teacher = load_teacher(encoder, str(weights))
+    audio = torch.randn(1, 3000)
+    with torch.no_grad():
+        expected = reference(audio).last_hidden_state
+        torch.testing.assert_close(
+            teacher.forward_hidden_states(audio)[-1], expected, rtol=1e-4, atol=1e-4
+        )
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training

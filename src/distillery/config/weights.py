@@ -45,7 +45,9 @@ def check_encoder_weights(node: Any, path: str) -> list[str]:
         if _is_speech_encoder(node):
             problems += check(node.get("weights"), node, f"{path}.weights")
         if _is_speech_encoder(node.get("teacher")):
-            problems += check(node.get("teacher_weights"), node["teacher"], f"{path}.teacher_weights")
+            problems += check(
+                node.get("teacher_weights"), node["teacher"], f"{path}.teacher_weights"
+            )
         for key, value in node.items():
             problems += check_encoder_weights(value, f"{path}.{key}")
     elif isinstance(node, list):

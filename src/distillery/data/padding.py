@@ -22,11 +22,15 @@ def pad_waveforms(items: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("pad_waveforms: empty batch")
     waves = [torch.as_tensor(item["audio"]) for item in items]
     if any(w.dim() != 1 for w in waves):
-        raise ValueError(f"pad_waveforms expects 1-D audio, got shapes {[tuple(w.shape) for w in waves]}")
+        raise ValueError(
+            f"pad_waveforms expects 1-D audio, got shapes {[tuple(w.shape) for w in waves]}"
+        )
     length = torch.tensor([len(w) for w in waves], dtype=torch.int64)
     audio = waves[0].new_zeros(len(waves), int(length.max()))
     for i, w in enumerate(waves):
         audio[i, : len(w)] = w
-    rest = default_collate([{k: v for k, v in item.items() if k not in ("audio", "length")} for item in items])
+    rest = default_collate(
+        [{k: v for k, v in item.items() if k not in ("audio", "length")} for item in items]
+    )
     mask = torch.arange(audio.shape[1])[None, :] < length[:, None]
     return {**rest, "audio": audio, "length": length, "attention_mask": mask}

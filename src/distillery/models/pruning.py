@@ -134,7 +134,13 @@ class PruningSpec(ABC):
     #: The unit kinds this architecture can prune.
     kinds: tuple[str, ...] = ("conv", "heads", "ffn")
     #: ``p`` of the gate init per unit kind (METHODS.md: 0.01 for conv/heads, 0.5 for FFN).
-    init_drop_prob = {"conv": 0.01, "heads": 0.01, "ffn": 0.5, "attn_layer": 0.01, "ffn_layer": 0.01}
+    init_drop_prob = {
+        "conv": 0.01,
+        "heads": 0.01,
+        "ffn": 0.5,
+        "attn_layer": 0.01,
+        "ffn_layer": 0.01,
+    }
     #: Units a group keeps at least: a conv layer without channels cannot run.
     min_keep = {"conv": 1}
 
@@ -142,7 +148,14 @@ class PruningSpec(ABC):
         self, name: str, kind: str, size: int, site: nn.Module, side: str, repeat: int = 1
     ) -> UnitGroup:
         return UnitGroup(
-            name, kind, size, self.init_drop_prob[kind], site, side, repeat, self.min_keep.get(kind, 0)
+            name,
+            kind,
+            size,
+            self.init_drop_prob[kind],
+            site,
+            side,
+            repeat,
+            self.min_keep.get(kind, 0),
         )
 
     def layer_groups(

@@ -257,13 +257,10 @@ class SpeechEncoder(nn.Module):
 
     def architecture_config(self) -> dict[str, Any]:
         """The config that rebuilds this architecture without reading any weights file."""
-        return {"_target_": f"{SpeechEncoder.__module__}.SpeechEncoder", "architecture": self.architecture}
-
-    def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Accept torchaudio ``Wav2Vec2Model`` state dicts (keys without the ``model.`` prefix)."""
-        if any(k.startswith("model.") for k in state):
-            return state
-        return {f"model.{k}": v for k, v in state.items()}
+        return {
+            "_target_": f"{SpeechEncoder.__module__}.SpeechEncoder",
+            "architecture": self.architecture,
+        }
 
     def load_weights(self, path: str) -> None:
         """Load any supported weights file (see ``weights``) into this architecture, strictly."""

@@ -57,7 +57,9 @@ class SpeechPruning(PruningSpec):
                         "conv pruning needs the group_norm feature extractor (the Base models); "
                         "leave conv out of prune for LayerNorm front-ends (Large)"
                     )
-                out.append(self.group(f"conv.{i}", "conv", block.conv.out_channels, block, "output"))
+                out.append(
+                    self.group(f"conv.{i}", "conv", block.conv.out_channels, block, "output")
+                )
         for i, layer in enumerate(self._layers(model)):
             attn, ffn = layer.attention, layer.feed_forward
             out += self.layer_groups(
@@ -97,8 +99,12 @@ class SpeechPruning(PruningSpec):
             heads = counts.get(f"heads.{i}", float(attn.num_heads))
             ffn_units = counts.get(f"ffn.{i}", float(units))
             # A whole-block gate scales everything the block owns, output bias included.
-            variable = variable + counts.get(f"attn_layer.{i}", 1.0) * (heads * per_head + attn_bias)
-            variable = variable + counts.get(f"ffn_layer.{i}", 1.0) * (ffn_units * per_unit + ffn_bias)
+            variable = variable + counts.get(f"attn_layer.{i}", 1.0) * (
+                heads * per_head + attn_bias
+            )
+            variable = variable + counts.get(f"ffn_layer.{i}", 1.0) * (
+                ffn_units * per_unit + ffn_bias
+            )
             full_variable += attn.num_heads * per_head + attn_bias + units * per_unit + ffn_bias
         fixed = count_parameters(model) - full_variable
         return torch.as_tensor(variable, dtype=torch.float64) + fixed
@@ -124,7 +130,12 @@ class SpeechPruning(PruningSpec):
             self._prune_ffn(layer.feed_forward, i, keep, scale)
 
     def _block(
-        self, out: nn.Linear, name: str, units: str, keep: dict[str, Tensor], scale: dict[str, Tensor]
+        self,
+        out: nn.Linear,
+        name: str,
+        units: str,
+        keep: dict[str, Tensor],
+        scale: dict[str, Tensor],
     ) -> tuple[Tensor | None, bool]:
         """Fold block gate ``name`` into ``out``; (units to keep, whether the block is removed)."""
         if name in scale:
@@ -145,7 +156,9 @@ class SpeechPruning(PruningSpec):
                 out.weight.mul_(scale[name].repeat_interleave(attn.head_dim))
             heads = heads.to(out.weight.device)
             width = attn.num_heads * attn.head_dim
-            idx = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=heads.device)).reshape(-1)
+            idx = (
+                heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=heads.device)
+            ).reshape(-1)
             if isinstance(attn, PrunableWavLMAttention):
                 mha = attn.attention
                 rows = torch.cat([idx, idx + width, idx + 2 * width])  # q, k, v stacked

@@ -70,7 +70,11 @@ def read_weights(
     _, file_arch, state = _read(Path(path))
     if file_arch is not None and arch is not None:
         preset = PRESETS[arch]
-        if diff := {k: (file_arch.get(k), preset.get(k)) for k in SHAPE_KEYS if file_arch.get(k) != preset.get(k)}:
+        if diff := {
+            k: (file_arch.get(k), preset.get(k))
+            for k in SHAPE_KEYS
+            if file_arch.get(k) != preset.get(k)
+        }:
             raise _fail(path, f"its architecture is not {arch}: (file, {arch}) differ in {diff}")
     return file_arch, state
 
@@ -85,7 +89,11 @@ def resolve(
     file_arch, state = read_weights(weights, arch) if weights is not None else (None, None)
     resolved = file_arch or (dict(PRESETS[arch]) if arch else {})
     if not resolved and not architecture:
-        where = f"weights {os.fspath(weights)} (a torchaudio state dict)" if weights else "SpeechEncoder"
+        where = (
+            f"weights {os.fspath(weights)} (a torchaudio state dict)"
+            if weights
+            else "SpeechEncoder"
+        )
         raise WeightsError(f"{where}: no architecture; set arch (e.g. hubert_base) or architecture")
     try:
         return check_architecture(resolved | dict(architecture or {})), state
@@ -145,9 +153,13 @@ def _read(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Tensor]]:
         arch, state = _read_fairseq(path, payload)
         return "fairseq", arch, state
     if "state_dict" in payload and "config" in payload:
-        arch = payload["config"].get("architecture") if isinstance(payload["config"], dict) else None
+        arch = (
+            payload["config"].get("architecture") if isinstance(payload["config"], dict) else None
+        )
         if arch is None:
-            raise _fail(path, "is a distillery artifact of another encoder (load it with load_encoder)")
+            raise _fail(
+                path, "is a distillery artifact of another encoder (load it with load_encoder)"
+            )
         state = {_strip(k, "model."): v for k, v in payload["state_dict"].items()}
         return "distillery", arch, state
     if payload and all(isinstance(v, Tensor) for v in payload.values()):
@@ -229,7 +241,9 @@ def _hf_state(path: Path) -> dict[str, Tensor]:
         if all(s.is_file() for s in shards):
             state: dict[str, Tensor] = {}
             for shard in shards:
-                state.update(load_file(shard) if shard.suffix == ".safetensors" else _torch_load(shard))
+                state.update(
+                    load_file(shard) if shard.suffix == ".safetensors" else _torch_load(shard)
+                )
             return state
     raise _fail(path, "no model.safetensors or pytorch_model.bin (or their index) in the directory")
 
@@ -237,7 +251,9 @@ def _hf_state(path: Path) -> dict[str, Tensor]:
 def _hf_architecture(path: Path, c: dict[str, Any]) -> dict[str, Any]:
     family = c.get("model_type")
     if family not in ("hubert", "wav2vec2", "wavlm"):
-        raise _fail(path, f"config.json model_type must be hubert, wav2vec2 or wavlm, got {family!r}")
+        raise _fail(
+            path, f"config.json model_type must be hubert, wav2vec2 or wavlm, got {family!r}"
+        )
     unsupported = {
         "feat_extract_norm": ("group", "layer"),
         "feat_proj_layer_norm": (True,),
@@ -249,7 +265,9 @@ def _hf_architecture(path: Path, c: dict[str, Any]) -> dict[str, Any]:
     }
     for key, allowed in unsupported.items():
         if key in c and c[key] not in allowed:
-            raise _fail(path, f"config.json {key}={c[key]!r} is not supported (supported: {list(allowed)})")
+            raise _fail(
+                path, f"config.json {key}={c[key]!r} is not supported (supported: {list(allowed)})"
+            )
     try:
         arch = {
             "family": family,
@@ -281,23 +299,62 @@ def _hf_architecture(path: Path, c: dict[str, Any]) -> dict[str, Any]:
 # fairseq parameter names -> torchaudio's (as torchaudio's import_fairseq_model maps them),
 # plus the WavLM release's gated relative-position attention.
 _FAIRSEQ_KEYS = [
-    (r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)", r"feature_extractor.conv_layers.0.layer_norm.\1"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    (
+        r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)",
+        r"feature_extractor.conv_layers.0.layer_norm.\1",
+    ),
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)",
+        r"feature_extractor.conv_layers.\1.conv.\2",
+    ),
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)",
+        r"feature_extractor.conv_layers.\1.layer_norm.\2",
+    ),
     (r"post_extract_proj\.(weight|bias)", r"encoder.feature_projection.projection.\1"),
     (r"layer_norm\.(weight|bias)", r"encoder.feature_projection.layer_norm.\1"),
     (r"encoder\.pos_conv\.0\.bias", r"encoder.transformer.pos_conv_embed.conv.bias"),
-    (r"encoder\.pos_conv\.0\.weight_g", r"encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0"),
-    (r"encoder\.pos_conv\.0\.weight_v", r"encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1"),
+    (
+        r"encoder\.pos_conv\.0\.weight_g",
+        r"encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0",
+    ),
+    (
+        r"encoder\.pos_conv\.0\.weight_v",
+        r"encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1",
+    ),
     (r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.((?:k|v|q|out)_proj\.(?:weight|bias))", r"encoder.transformer.layers.\1.attention.\2"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.grep_linear\.(weight|bias)", r"encoder.transformer.layers.\1.attention.gru_rel_pos_linear.\2"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.grep_a", r"encoder.transformer.layers.\1.attention.gru_rel_pos_const"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.weight", r"encoder.transformer.layers.\1.attention.rel_attn_embed.weight"),
-    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"encoder.transformer.layers.\1.layer_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.fc1\.(weight|bias)", r"encoder.transformer.layers.\1.feed_forward.intermediate_dense.\2"),
-    (r"encoder\.layers\.(\d+)\.fc2\.(weight|bias)", r"encoder.transformer.layers.\1.feed_forward.output_dense.\2"),
-    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.transformer.layers.\1.final_layer_norm.\2"),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.((?:k|v|q|out)_proj\.(?:weight|bias))",
+        r"encoder.transformer.layers.\1.attention.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.grep_linear\.(weight|bias)",
+        r"encoder.transformer.layers.\1.attention.gru_rel_pos_linear.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.grep_a",
+        r"encoder.transformer.layers.\1.attention.gru_rel_pos_const",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.weight",
+        r"encoder.transformer.layers.\1.attention.rel_attn_embed.weight",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)",
+        r"encoder.transformer.layers.\1.layer_norm.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.fc1\.(weight|bias)",
+        r"encoder.transformer.layers.\1.feed_forward.intermediate_dense.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.fc2\.(weight|bias)",
+        r"encoder.transformer.layers.\1.feed_forward.output_dense.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)",
+        r"encoder.transformer.layers.\1.final_layer_norm.\2",
+    ),
 ]
 # Pretraining-only parameters: mask embedding, quantizer, target projections, label embeddings.
 _FAIRSEQ_IGNORED = re.compile(r"^(mask_emb|quantizer\.|project_q\.|final_proj\.|label_embs_concat)")
@@ -312,7 +369,9 @@ def _read_fairseq(path: Path, payload: dict[str, Any]) -> tuple[dict[str, Any], 
     if not isinstance(model_cfg, dict):
         raise _fail(path, "fairseq checkpoint without a model config dict (cfg.model or args)")
     if "w2v_args" in model_cfg or "w2v_path" in model_cfg:
-        raise _fail(path, "fine-tuned fairseq checkpoints are not supported; use the pretrained one")
+        raise _fail(
+            path, "fine-tuned fairseq checkpoints are not supported; use the pretrained one"
+        )
     arch = _fairseq_architecture(path, model_cfg)
     state: dict[str, Tensor] = {}
     unknown = []
@@ -351,9 +410,17 @@ def _conv_layers(spec: str, path: Path) -> list[list[int]]:
 
 def _fairseq_architecture(path: Path, c: dict[str, Any]) -> dict[str, Any]:
     name = str(c.get("_name") or c.get("arch") or "")
-    family = "wavlm" if c.get("relative_position_embedding") else "hubert" if "hubert" in name else "wav2vec2"
+    family = (
+        "wavlm"
+        if c.get("relative_position_embedding")
+        else "hubert"
+        if "hubert" in name
+        else "wav2vec2"
+    )
     if family == "wavlm" and not c.get("gru_rel_pos", True):
-        raise _fail(path, "WavLM without gated relative positions (gru_rel_pos=false) is not supported")
+        raise _fail(
+            path, "WavLM without gated relative positions (gru_rel_pos=false) is not supported"
+        )
     mode = c.get("extractor_mode", "default")
     if mode not in ("default", "layer_norm"):
         raise _fail(path, f"extractor_mode {mode!r} is not supported")
@@ -380,4 +447,3 @@ def _fairseq_architecture(path: Path, c: dict[str, Any]) -> dict[str, Any]:
         arch["encoder_num_buckets"] = c.get("num_buckets", 320)
         arch["encoder_max_distance"] = c.get("max_distance", 1280)
     return arch
-

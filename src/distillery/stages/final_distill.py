@@ -9,7 +9,6 @@ DistilHuBERT-style baseline).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn

@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
     """Frozen teacher in eval mode: architecture from ``encoder``, weights from ``weights``.
 
-    ``weights`` is an ``encoder.pt`` artifact of an earlier stage or a plain state-dict file
-    (an encoder may adapt its keys with an ``adapt_state_dict`` method); a speech encoder
-    reads any file its ``load_weights`` detects (Hugging Face, fairseq, torchaudio). Loaded
-    strictly. ``None`` keeps the weights ``encoder`` built (random unless it names a file).
+    ``weights`` is an ``encoder.pt`` artifact of an earlier stage or a plain state-dict
+    file; an encoder with a ``load_weights`` method reads it itself (a speech encoder
+    detects Hugging Face, fairseq and torchaudio files). Loaded strictly. ``None`` keeps
+    the weights ``encoder`` built (random unless it names a file).
     """
     teacher = build_encoder(encoder)
     if weights is None:
@@ -42,8 +42,6 @@ def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
         state = torch.load(weights, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        if hasattr(teacher, "adapt_state_dict"):
-            state = teacher.adapt_state_dict(state)
         try:
             teacher.load_state_dict(state, strict=True)
         except RuntimeError as err:
