@@ -110,3 +110,24 @@ def test_shared_embedding_ignores_the_padding_of_short_clips(one_thread) -> None
         alone = [encoder.eval()(c[None])[0].numpy() for c in clips]
     for row, expected in zip(z, alone, strict=True):
         assert abs(row - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_embedding_layer_and_pooling(pooling: str, one_thread) -> None:
+    torch.manual_seed(0)
+    full = SpeechEncoder(architecture=tiny_architecture("hubert")).eval()
+    layer1 = SpeechEncoder(
+        architecture=tiny_architecture("hubert"), embedding_layer=1, pooling=pooling
+    ).eval()
+    layer1.load_state_dict(full.state_dict())
+    clips = [torch.randn(n) for n in (4000, 2300)]
+    batch = pad_waveforms([{"audio": c} for c in clips])
+    with torch.no_grad():
+        pooled = layer1(batch["audio"], batch["length"])
+        for i, clip in enumerate(clips):
+            hidden = full.forward_hidden_states(clip[None])[1][0]  # layer 1, the clip alone
+            expected = hidden.mean(0) if pooling == "mean" else hidden.amax(0)
+            torch.testing.assert_close(pooled[i], expected, rtol=1e-5, atol=1e-5)
+    assert layer1.architecture_config()["embedding_layer"] == 1
+    with pytest.raises(ValueError, match="embedding_layer=3 outside"):
+        SpeechEncoder(architecture=tiny_architecture("hubert"), embedding_layer=3)

@@ -16,7 +16,7 @@ never looks at padded keys.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +228,10 @@ class SpeechEncoder(nn.Module):
             When both the file and ``arch`` give an architecture, they must agree.
         architecture: explicit architecture (``family`` + torchaudio ``wav2vec2_model``
             arguments), or overrides of the preset's/file's values (e.g. dropout rates).
+        embedding_layer: the hidden state ``forward`` pools (index into
+            ``forward_hidden_states``; -1: the last). Layers above it are not computed.
+            E.g. HuBERT's second iteration clusters layer 6 of the first.
+        pooling: ``mean`` or ``max`` over the valid frames.
 
     Shapes:
         audio: (B, samples) at 16 kHz, zero-padded; lengths: (B,) valid samples or ``None``.
@@ -235,7 +239,7 @@ class SpeechEncoder(nn.Module):
             transformer's input, then each layer's output, as Hugging Face's
             ``hidden_states`` (pre-LN models: without the final LayerNorm, as torchaudio's
             ``extract_features``).
-        forward: (B, D), the last hidden state averaged over the valid frames.
+        forward: (B, D), hidden state ``embedding_layer`` pooled over the valid frames.
     """
 
     input_key = "audio"
@@ -245,11 +249,19 @@ class SpeechEncoder(nn.Module):
         arch: str | None = None,
         weights: str | None = None,
         architecture: dict[str, Any] | None = None,
+        embedding_layer: int = -1,
+        pooling: Literal["mean", "max"] = "mean",
     ) -> None:
         super().__init__()
         from distillery.models.speech_weights import load_state, resolve  # (import cycle)
 
         self.architecture, state = resolve(arch, weights, architecture)
+        states = self.architecture["encoder_num_layers"] + 1
+        if not -states <= embedding_layer < states:
+            raise ValueError(f"embedding_layer={embedding_layer} outside [{-states}, {states - 1}]")
+        if pooling not in ("mean", "max"):
+            raise ValueError(f"pooling must be mean or max, got {pooling!r}")
+        self.embedding_layer, self.pooling = embedding_layer % states, pooling
         self.model = build_architecture(self.architecture)
         self.embed_dim = self.architecture["encoder_embed_dim"]
         if state is not None:
@@ -260,6 +272,8 @@ class SpeechEncoder(nn.Module):
         return {
             "_target_": f"{SpeechEncoder.__module__}.SpeechEncoder",
             "architecture": self.architecture,
+            "embedding_layer": self.embedding_layer,
+            "pooling": self.pooling,
         }
 
     def load_weights(self, path: str) -> None:
@@ -272,7 +286,10 @@ class SpeechEncoder(nn.Module):
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         return frame_lengths(self.model, lengths)
 
-    def forward_hidden_states(self, audio: Tensor, lengths: Tensor | None = None) -> list[Tensor]:
+    def forward_hidden_states(
+        self, audio: Tensor, lengths: Tensor | None = None, num_layers: int | None = None
+    ) -> list[Tensor]:
+        """The transformer's input and each layer's output (the first ``num_layers`` only)."""
         if audio.dim() != 2:
             raise ValueError(
                 f"{type(self).__name__} expects waveforms of shape (B, samples), "
@@ -296,7 +313,7 @@ class SpeechEncoder(nn.Module):
             additive = _additive_mask(padding, x.dtype).expand(-1, 1, x.shape[1], -1)
         states = [x]
         position_bias = None
-        for layer in transformer.layers:
+        for layer in transformer.layers[:num_layers]:
             x, position_bias = layer(
                 x,
                 additive,
@@ -307,16 +324,19 @@ class SpeechEncoder(nn.Module):
         return states
 
     def pool(self, hidden: Tensor, lengths: Tensor | None) -> Tensor:
-        """(B, T', D) -> (B, D): mean over the valid frames of each clip."""
+        """(B, T', D) -> (B, D): ``pooling`` over the valid frames of each clip."""
         if lengths is None:
-            return hidden.mean(dim=1)
+            return hidden.mean(dim=1) if self.pooling == "mean" else hidden.amax(dim=1)
         frames = self.frame_lengths(lengths)
         valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]
+        if self.pooling == "max":
+            return hidden.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
         weights = valid.to(hidden.dtype) / frames.clamp(min=1)[:, None].to(hidden.dtype)
         return torch.einsum("bt,btd->bd", weights, hidden)
 
     def forward(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
-        return self.pool(self.forward_hidden_states(audio, lengths)[-1], lengths)
+        states = self.forward_hidden_states(audio, lengths, num_layers=self.embedding_layer)
+        return self.pool(states[-1], lengths)
 
 
 def _register_pruning() -> None:

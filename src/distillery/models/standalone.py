@@ -7,7 +7,7 @@
       embedding, hidden_states = program(audio, lengths)
 
   ``audio`` (B, samples) float32 16 kHz waveforms, zero-padded; ``lengths`` (B,) int64 valid
-  samples; ``embedding`` (B, D) the last hidden state averaged over valid frames;
+  samples; ``embedding`` (B, D) hidden state ``embedding_layer`` pooled over valid frames;
   ``hidden_states`` (layers + 1, B, frames, D). Batch size and length are dynamic.
 - :func:`save_huggingface`: a Hugging Face model directory (``config.json`` +
   ``model.safetensors``) for ``transformers``' ``AutoModel``. Only for unpruned
@@ -43,7 +43,8 @@ class _Program(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         states = self.encoder.forward_hidden_states(audio, lengths)
-        return self.encoder.pool(states[-1], lengths), torch.stack(states)
+        embedding = self.encoder.pool(states[self.encoder.embedding_layer], lengths)
+        return embedding, torch.stack(states)
 
 
 @torch.no_grad()
@@ -84,7 +85,10 @@ def export_program(
                 "lengths": "(B,) int64, valid samples of each row",
             },
             "outputs": {
-                "embedding": f"(B, {encoder.embed_dim}) mean of the last hidden state over valid frames",
+                "embedding": (
+                    f"(B, {encoder.embed_dim}) {encoder.pooling} of hidden state "
+                    f"{encoder.embedding_layer} over valid frames"
+                ),
                 "hidden_states": f"({num_states}, B, frames, {encoder.embed_dim})",
             },
             "sample_rate": sample_rate,

@@ -19,7 +19,7 @@ from distillery.artifact_kinds import (
 from distillery.losses import l1_cosine_distill_loss
 from distillery.models.io import build_encoder
 from distillery.models.standalone import standalone_artifacts
-from distillery.stages.base import StageModule
+from distillery.stages.base import StageModule, encoder_inputs
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +135,15 @@ class TeacherDistillStage(StageModule):
     ) -> None:
         super().__init__(stage_name, optimizer, scheduler)
         self.teacher = load_teacher(teacher, teacher_weights)
-        self.input_key = getattr(self.teacher, "input_key", "features")
 
     def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
     def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x = batch[self.input_key]
-        # Waveform encoders take the valid samples of zero-padded clips.
-        lengths = (batch["length"],) if self.input_key == "audio" and "length" in batch else ()
+        inputs = encoder_inputs(self.teacher, batch)  # the student reads what the teacher does
         with torch.no_grad():
-            teacher_states = self.teacher.forward_hidden_states(x, *lengths)
-        student_states = self.student_hidden_states(x, *lengths)
+            teacher_states = self.teacher.forward_hidden_states(*inputs)
+        student_states = self.student_hidden_states(*inputs)
         if self.global_step == 0:
             self.distill_loss.check_depths(len(student_states), len(teacher_states))
         return self.distill_loss(student_states, teacher_states)
