@@ -63,6 +63,9 @@ def test_check_weights_names_the_missing_or_mismatched_file(tmp_path: Path) -> N
     with pytest.raises(WeightsError, match=r"wav2vec2-torchaudio\.pt: does not fit .*shape"):
         check_weights(ta, arch="wav2vec2_base")
     check_weights(ta, architecture=tiny_architecture("wav2vec2"))
+    legacy = tmp_path / "legacy.pt"  # torch's pre-1.6 file format (not a zip): read whole
+    torch.save(torch.load(ta), legacy, _use_new_zipfile_serialization=False)
+    check_weights(legacy, architecture=tiny_architecture("wav2vec2"))
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(WeightsError, match=r"notes\.pt: cannot be read with torch\.load"):
         check_weights(tmp_path / "notes.pt")

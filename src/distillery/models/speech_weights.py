@@ -24,6 +24,7 @@ import ast
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ def _fail(path: str | os.PathLike, message: str) -> WeightsError:
 
 
 def _torch_load(path: Path) -> Any:
-    try:  # mmap: a start-up check reads shapes, not gigabytes
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # mmap: a start-up check reads shapes, not gigabytes; files in torch's pre-1.6 format
+    # cannot be mapped and are read whole.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - pickle, zip and unpickler errors alike
         raise _fail(
             path,
