@@ -35,7 +35,8 @@ UNFUSED = [
 def cli(
     *args: str, cache: Path, script: tuple[str, ...] = ("-m", "distillery.cli")
 ) -> subprocess.Popen:
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    # This checkout's package first, whichever checkout the environment was installed from.
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     return subprocess.Popen(
         [sys.executable, *script, *args, f"data.cache_dir={cache}"],
         env=env,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch import nn
@@ -40,6 +41,9 @@ class StageModule(pl.LightningModule):
     produces: ClassVar[dict[str, type[Artifact]]] = {}
     #: Attributes an encoder config argument must give, checked at start-up.
     encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: (C, C) counts of the stage's own classifier on the test split (rows: true class), set
+    #: after ``trainer.test`` by stages that classify; plotted as the stage's confusion matrix.
+    test_confusion: np.ndarray | None = None
 
     def __init__(
         self,

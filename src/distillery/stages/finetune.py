@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from distillery.artifact_kinds import EncoderArtifact
 from distillery.models.io import build_encoder
@@ -53,6 +53,8 @@ class FinetuneStage(StageModule):
                 for split in ("train", "val", "test")
             }
         )
+        # Summed over ranks by torchmetrics; read by the runner after `trainer.test`.
+        self.test_confusion_metric = MulticlassConfusionMatrix(num_classes)
 
     def encoder_for_eval(self) -> nn.Module:
         return self.encoder
@@ -72,6 +74,8 @@ class FinetuneStage(StageModule):
         )
         accuracy = self.accuracy[f"{split}_acc"]
         accuracy(logits, labels)
+        if split == "test":
+            self.test_confusion_metric.update(logits, labels)
         on_step = split == "train"
         self.log_split(split, {"loss": loss}, on_step=on_step, on_epoch=True, prog_bar=True)
         self.log_split(
@@ -87,3 +91,7 @@ class FinetuneStage(StageModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_confusion_metric.compute().cpu().numpy()
+        self.test_confusion_metric.reset()
