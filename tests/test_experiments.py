@@ -11,9 +11,10 @@ from distillery.pipeline.runner import Runner
 from tests.helpers import FAST, compose_config
 from tests.test_config import EXPERIMENTS, TEACHER_FILES
 
-#: HuBERT Base at full size (94M parameters): its own slow test runs it
-#: (tests/stages/test_dphubert.py).
-RUN_ELSEWHERE = {"dphubert_hubert"}
+#: Speech-model recipes at Base size (94M parameters) run in their own tests: HuBERT Base
+#: in tests/stages/test_dphubert.py, each recipe from a tiny Hugging Face model in
+#: tests/stages/test_dphubert_speech.py and tests/stages/test_speech_pseudo_labels.py.
+RUN_ELSEWHERE = {"dphubert_hubert", "dphubert_wav2vec2", "dphubert_wavlm", "hubert_pseudo_labels"}
 
 
 @pytest.mark.slow

@@ -15,6 +15,15 @@ from torch import nn
 from distillery.artifact_kinds import Artifact, EncoderArtifact
 
 
+def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]:
+    """The arguments ``encoder`` takes from a batch: log-mel ``features``, or, for a waveform
+    encoder (``input_key = "audio"``), ``audio`` and the clips' valid ``length`` if given."""
+    key = getattr(encoder, "input_key", "features")
+    if key == "audio" and "length" in batch:
+        return batch["audio"], batch["length"]
+    return (batch[key],)
+
+
 class StageModule(pl.LightningModule):
     """Base class of stage modules.
 

@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from distillery.artifact_kinds import EncoderArtifact
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule
+from distillery.stages.base import StageModule, encoder_inputs
 
 
 class FinetuneStage(StageModule):
@@ -63,11 +63,11 @@ class FinetuneStage(StageModule):
         if self.mode == "linear":
             self.encoder.eval()
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(features))
+    def forward(self, x: torch.Tensor, *lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, *lengths))
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        logits = self(batch["features"])
+        logits = self(*encoder_inputs(self.encoder, batch))  # log-mel, or waveforms + lengths
         labels = batch["label"]
         loss = F.cross_entropy(
             logits, labels, label_smoothing=self.label_smoothing if split == "train" else 0.0
