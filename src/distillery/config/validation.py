@@ -9,17 +9,16 @@ must provide (the stage contract, its ``inputs``) is checked one layer up, in
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
@@ -27,9 +26,6 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from distillery.config.schema import Config
 from distillery.config.weights import check_encoder_weights
-from distillery.data.sources import folder_classes, manifest_labels
-from distillery.data.splits import assign_splits
-from distillery.data.synthetic import CLASS_NAMES as SYNTHETIC_KINDS
 
 #: Trainer arguments the runner owns.
 INJECTED_TRAINER_ARGS = (
@@ -39,6 +35,10 @@ INJECTED_TRAINER_ARGS = (
     "plugins",
     "use_distributed_sampler",
 )
+
+
+#: A check of one data node's files: ``(data, key path) -> problems``.
+DataCheck = Callable[[dict[str, Any], str], list[str]]
 
 
 class ConfigError(ValueError):
@@ -156,7 +156,7 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.label_fraction": (0, 1, True, False),
     "data.batch_size": (1, INF, False, True),
     "data.num_workers": (0, INF, False, True),
-    "data.synthetic.num_classes": (2, len(SYNTHETIC_KINDS), False, False),
+    "data.synthetic.num_classes": (2, INF, False, True),  # at most the kinds: data/checks.py
     "data.synthetic.clips_per_class": (1, INF, False, True),
     "data.synthetic.seed": (0, INF, False, True),
     "data.synthetic.snr_db_min": (-INF, INF, True, True),  # finite, and min <= max
@@ -197,7 +197,7 @@ def check_ranges(
     return problems
 
 
-def check_data(data: dict[str, Any], path: str) -> list[str]:
+def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = None) -> list[str]:
     problems = []
     source = str(data.get("source"))
     if "." in source:  # a user's source function
@@ -238,49 +238,9 @@ def check_data(data: dict[str, Any], path: str) -> list[str]:
         problems.append(f"{path}.root: required with {path}.source=folder")
     if data["source"] == "manifest" and not data.get("path"):
         problems.append(f"{path}.path: required with {path}.source=manifest")
-    if not problems:
-        problems += check_data_files(data, path)
+    if not problems and file_checks is not None:
+        problems += file_checks(data, path)
     return problems
-
-
-@functools.lru_cache(maxsize=8)
-def _source_classes(source: str, location: str) -> list[str]:
-    """Cached: every stage's data node usually names the same folder or manifest."""
-    return folder_classes(location) if source == "folder" else manifest_labels(location)
-
-
-def check_data_files(data: dict[str, Any], path: str) -> list[str]:
-    """What can be known of the data before a stage reads it: the folder or manifest
-    exists, names at least two classes (one cannot be learned or evaluated), and a
-    manifest's own rules hold (see :func:`distillery.data.sources.read_manifest_rows`).
-    The built-in set's val and test splits must not be empty."""
-    classes = data.get("classes")
-    if classes is not None and len(classes) < 2:
-        return [f"{path}.classes: lists {len(classes)} class(es) {classes}; at least 2 are needed"]
-    found: list[str] | None = None
-    key = {"folder": "root", "manifest": "path"}.get(data["source"])
-    try:
-        if key is not None:
-            found = _source_classes(data["source"], str(data[key]))
-    except (OSError, ValueError) as err:
-        return [f"{path}.{key}: {err}"]
-    if found is not None and classes is None and len(found) < 2:
-        return [
-            f"{path}.{key}: {data[key]!r} has {len(found)} class(es) {found}; "
-            "at least 2 are needed (or list them in data.classes)"
-        ]
-    if data["source"] == "synthetic":
-        synthetic = data["synthetic"]
-        labels = np.repeat(np.arange(synthetic["num_classes"]), synthetic["clips_per_class"])
-        splits = assign_splits(labels, data["val_fraction"], data["test_fraction"], 0)
-        for split in ("val", "test"):
-            if not (splits == split).any():
-                return [
-                    f"{path}.{split}_fraction: {data[f'{split}_fraction']} of "
-                    f"{synthetic['clips_per_class']} clips per class gives an empty {split} split; "
-                    f"raise it or {path}.synthetic.clips_per_class"
-                ]
-    return []
 
 
 #: Allowed values of method parameters, by stage kind: key -> (low, high, low_open, high_open).
@@ -506,8 +466,11 @@ def check_schema(cfg: DictConfig) -> list[str]:
     return []
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
+def config_problems(cfg: DictConfig, data_checks: DataCheck | None = None) -> list[str]:
     """Every problem of a composed config that the schema and ranges can tell, by key path.
+
+    ``data_checks(data, path)`` looks at the data a valid data node names (the data layer's
+    :func:`distillery.data.checks.check_data_files`, passed in from above).
 
     A schema violation is returned alone: the other checks assume the schema's shape.
     """
@@ -537,7 +500,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += check_targets(trainer_args, "trainer")
     problems += check_trainer_values(trainer_args, "trainer")
     problems += check_trainer_values(OmegaConf.to_container(cfg.debug.trainer), "debug.trainer")
-    data_problems = check_data(OmegaConf.to_container(cfg.data), "data")
+    data_problems = check_data(OmegaConf.to_container(cfg.data), "data", data_checks)
     problems += data_problems
 
     for name in order:
@@ -570,7 +533,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems += check_stage_length(cfg, name)
         try:  # report only what the stage's own data overrides add to the top-level problems
             stage_problems = check_data(
-                OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data"
+                OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data", data_checks
             )
             problems += [
                 p for p in stage_problems if p.replace(f"{path}.", "") not in data_problems

@@ -49,6 +49,7 @@ from distillery.config.validation import (
     check_targets,
     config_problems,
 )
+from distillery.data.checks import check_data_files
 from distillery.stages.registry import stage_class, stage_kinds
 
 __all__ = ["ConfigError", "StageContract", "validate"]
@@ -269,7 +270,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(schema)
     if names := check_stage_names(cfg):  # the checks below use stage names in key paths
         raise ConfigError(names)
-    problems = config_problems(cfg)
+    problems = config_problems(cfg, check_data_files)
     order = [n for n in cfg.pipeline.order if n in cfg.pipeline.stages]
     for position, name in enumerate(order):
         problems += _check_stage(cfg, name, order[:position])
