@@ -61,6 +61,13 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 0
     preload: bool = True  # decode every clip once into memory at setup (val/test: centre crop)
+    #: At most this many clips of the source, the same number from each (split, label)
+    #: group in turn (``debug=smoke`` sets it); None = all.
+    max_clips: int | None = None
+    #: A header outside these is a bad file: its sample rate (Hz) or duration (seconds).
+    min_sample_rate: int = 4000
+    max_sample_rate: int = 192000
+    max_clip_seconds: float = 600.0
     on_bad_file: str = (
         "error"  # error | skip: bad files listed in one error before training, or left out
     )

@@ -156,11 +156,18 @@ def check_data(data: dict[str, Any], path: str) -> list[str]:
         problems += _range(f"{path}.{key}", data[key], 0, 1, low_open=False, high_open=True)
     if data["val_fraction"] + data["test_fraction"] >= 1:
         problems.append(f"{path}.val_fraction + test_fraction must be < 1 (no training data left)")
-    for key in ("batch_size", "sample_rate"):
+    for key in ("batch_size", "sample_rate", "min_sample_rate", "max_clip_seconds"):
         if data[key] <= 0:
             problems.append(f"{path}.{key}: must be > 0, got {data[key]}")
     if data["clip_seconds"] <= 0:
         problems.append(f"{path}.clip_seconds: must be > 0, got {data['clip_seconds']}")
+    if data["max_clips"] is not None and data["max_clips"] <= 0:
+        problems.append(f"{path}.max_clips: must be > 0 or null, got {data['max_clips']}")
+    if not data["min_sample_rate"] <= data["sample_rate"] <= data["max_sample_rate"]:
+        problems.append(
+            f"{path}.sample_rate: {data['sample_rate']} is outside {path}.min_sample_rate.."
+            f"max_sample_rate ({data['min_sample_rate']}..{data['max_sample_rate']})"
+        )
     if data["source"] == "folder" and not data.get("root"):
         problems.append(f"{path}.root: required with {path}.source=folder")
     if data["source"] == "manifest" and not data.get("path"):

@@ -16,9 +16,10 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distillery.config.schema import DataConfig
-from distillery.data.audio_io import AudioFileError, audio_info, read_audio
+from distillery.data.audio_io import AudioFileError, AudioLimits, read_audio
 from distillery.data.features import LogMel
-from distillery.data.sources import AudioRecord, SourceTable, load_source
+from distillery.data.index import FileEntry, build_index
+from distillery.data.sources import AudioRecord, SourceTable, limit_clips, load_source
 from distillery.data.splits import assign_splits, label_subset
 from distillery.data.synthetic import SyntheticSpec
 
@@ -74,6 +75,7 @@ class ClipDataset(Dataset):
         *,
         train: bool,
         cache: dict[int, np.ndarray] | None,
+        limits: AudioLimits,
         pseudo_labels: np.ndarray | None = None,
     ) -> None:
         self.indices = indices
@@ -83,6 +85,7 @@ class ClipDataset(Dataset):
         self.sample_rate = sample_rate
         self.train = train
         self.cache = cache
+        self.limits = limits
         self.pseudo_labels = pseudo_labels
 
     def __len__(self) -> int:
@@ -92,7 +95,7 @@ class ClipDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         try:
-            return read_audio(self.records[index].path, self.sample_rate)
+            return read_audio(self.records[index].path, self.sample_rate, self.limits)
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,
@@ -182,7 +185,11 @@ class AudioDataModule(pl.LightningDataModule):
         self.cfg = as_data_config(cfg)
         self.attached_pseudo_labels = pseudo_labels
         self.num_samples = round(self.cfg.clip_seconds * self.cfg.sample_rate)
+        self.limits = AudioLimits(
+            self.cfg.min_sample_rate, self.cfg.max_sample_rate, self.cfg.max_clip_seconds
+        )
         self._source: SourceTable | None = None
+        self._index: list[FileEntry] | None = None
         self.table: SplitTable | None = None
         self.cache: dict[int, np.ndarray] | None = None
         self.pseudo_labels: np.ndarray | None = None
@@ -202,7 +209,7 @@ class AudioDataModule(pl.LightningDataModule):
             sample_rate=cfg.sample_rate,
             clip_seconds=cfg.clip_seconds,
         )
-        return load_source(
+        table = load_source(
             cfg.source,
             root=cfg.root,
             path=cfg.path,
@@ -211,10 +218,19 @@ class AudioDataModule(pl.LightningDataModule):
             classes=cfg.classes,
             source_args=cfg.source_args,
         )
+        return table if cfg.max_clips is None else limit_clips(table, cfg.max_clips)
+
+    def _file_index(self) -> list[FileEntry]:
+        """Every record's header entry, from the shared index under ``data.cache_dir``."""
+        if self._index is None:
+            records = self._load_source().records
+            self._index = build_index([r.path for r in records], self.cfg.cache_dir)
+        return self._index
 
     def prepare_data(self) -> None:
-        # Runs once per node before setup: generates the synthetic set if it is not cached.
-        self._load_source()
+        # Runs once per node before setup: generates the synthetic set if it is not cached
+        # and builds the header index, which the other ranks then read from the cache.
+        self._file_index()
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
@@ -247,7 +263,9 @@ class AudioDataModule(pl.LightningDataModule):
         """Check every file before training; returns the preloaded clips with ``preload``.
 
         Found here, all together: the source's problems (missing files, labels outside the
-        class list) and every file :func:`audio_info` or :func:`read_audio` rejects. With
+        class list), every file whose header the index (:mod:`distillery.data.index`)
+        rejects or finds outside the rate and duration limits, and every file
+        :func:`read_audio` rejects. With
         ``preload`` or ``on_bad_file=skip`` each file is decoded, which also finds NaN/Inf
         samples and damaged compressed streams (e.g. a truncated FLAC); with
         ``preload=false`` and ``on_bad_file=error`` only headers are read (fast), and those
@@ -258,6 +276,7 @@ class AudioDataModule(pl.LightningDataModule):
         """
         records, splits, cfg = self.table.source.records, self.table.splits, self.cfg
         bad = dict(self.table.source.problems)
+        index = self._file_index()
         decode = cfg.preload or cfg.on_bad_file == "skip"
         cache: dict[int, np.ndarray] = {}
         short = 0
@@ -265,11 +284,12 @@ class AudioDataModule(pl.LightningDataModule):
             if i in bad:
                 continue
             try:
+                index[i].check(records[i].path, self.limits)
                 if decode:
-                    audio = read_audio(records[i].path, cfg.sample_rate)
+                    audio = read_audio(records[i].path, cfg.sample_rate, self.limits)
                     length = len(audio)
                 else:
-                    length = round(audio_info(records[i].path)["duration_s"] * cfg.sample_rate)
+                    length = round(index[i].frames / index[i].sample_rate * cfg.sample_rate)
             except AudioFileError as err:
                 bad[i] = str(err)
                 continue
@@ -360,6 +380,7 @@ class AudioDataModule(pl.LightningDataModule):
             self.cfg.sample_rate,
             train=train,
             cache=self.cache,
+            limits=self.limits,
             pseudo_labels=self.pseudo_labels,
         )
 

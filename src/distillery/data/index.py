@@ -1,0 +1,142 @@
+"""The header index of a data set: every file's frames and rate, or why it is bad.
+
+Built once, by a thread pool (header reads wait on the file system, not the CPU), and
+kept under ``data.cache_dir/index``: one small JSON file per audio folder, each entry
+keyed by the file's path, size, modification and status-change time (the last catches a
+``chmod`` that makes an unreadable file readable). Every stage and every rank that
+uses the same files reads it instead of opening each file again, and a changed file
+(new size or mtime) is read again on its own. Missing files are never cached.
+
+The cache holds what the header says, not the verdict on it: the rate and duration
+limits (:class:`AudioLimits`) are applied when the index is used, so changing them
+needs no new scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from distillery.data import audio_io
+from distillery.data.audio_io import AudioFileError, AudioLimits, check_limits
+
+__all__ = ["FileEntry", "build_index"]
+
+log = logging.getLogger(__name__)
+
+# Entries in a cache file written by another layout are ignored, not misread.
+_FORMAT = 1
+_THREADS = 16
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file's header: ``frames`` and ``sample_rate``, or ``error`` (why it is bad)."""
+
+    frames: int = 0
+    sample_rate: int = 0
+    error: str | None = None
+
+    def check(self, path: Path, limits: AudioLimits) -> None:
+        """Raise the file's AudioFileError: a bad header, or a rate/duration outside limits."""
+        if self.error is not None:
+            raise AudioFileError(self.error)
+        check_limits(path, self.sample_rate, self.frames, limits)
+
+
+def _stat_key(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_entry(path: Path) -> FileEntry:
+    try:
+        info = audio_io.audio_info(path)
+    except AudioFileError as err:
+        return FileEntry(error=str(err))
+    return FileEntry(info["frames"], info["sample_rate"])
+
+
+def _cache_file(cache_dir: Path, folder: Path) -> Path:
+    digest = hashlib.sha1(str(folder).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return cache_dir / "index" / f"{digest}.json"
+
+
+def _load(file: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, or half-written by a crashed older version
+        return {}
+    return data.get("files", {}) if data.get("format") == _FORMAT else {}
+
+
+def _save(file: Path, folder: Path, entries: dict[str, dict]) -> None:
+    """Atomic write: a rank reading it meanwhile sees the old or the new file, whole."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"format": _FORMAT, "folder": str(folder), "files": entries}, f)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_index(
+    paths: Sequence[Path], cache_dir: str | os.PathLike[str] | None
+) -> list[FileEntry]:
+    """The header entry of every file in ``paths`` (in order), reading only those that
+    are not cached under ``cache_dir`` with their current size and times (all of them
+    when ``cache_dir`` is None)."""
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(_THREADS) as pool:
+        keys = list(pool.map(_stat_key, paths))
+    by_folder: dict[Path, list[int]] = defaultdict(list)
+    for i, path in enumerate(paths):
+        by_folder[path.parent].append(i)
+
+    entries: list[FileEntry | None] = [None] * len(paths)
+    todo: list[int] = []
+    cached: dict[Path, dict[str, dict]] = {}
+    for folder, members in by_folder.items():
+        stored = _load(_cache_file(Path(cache_dir), folder)) if cache_dir is not None else {}
+        cached[folder] = stored
+        for i in members:
+            hit = stored.get(paths[i].name)
+            if keys[i] is not None and hit is not None and hit["key"] == keys[i]:
+                entries[i] = FileEntry(hit["frames"], hit["sample_rate"], hit["error"])
+            else:
+                todo.append(i)
+
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for i, entry in zip(todo, pool.map(lambda i: _read_entry(paths[i]), todo)):
+            entries[i] = entry
+    log.info("data index: %d file(s), %d read, %d cached", len(paths), len(todo), len(paths) - len(todo))
+
+    if cache_dir is not None and todo:
+        changed = {paths[i].parent for i in todo}
+        for folder in changed:
+            stored = cached[folder]
+            for i in by_folder[folder]:
+                if keys[i] is not None:  # a missing file is not cached: it may appear
+                    e = entries[i]
+                    stored[paths[i].name] = {
+                        "key": keys[i],
+                        "frames": e.frames,
+                        "sample_rate": e.sample_rate,
+                        "error": e.error,
+                    }
+            _save(_cache_file(Path(cache_dir), folder), folder, stored)
+    return entries
