@@ -94,9 +94,7 @@ def _save(file: Path, folder: Path, entries: dict[str, dict]) -> None:
         raise
 
 
-def build_index(
-    paths: Sequence[Path], cache_dir: str | os.PathLike[str] | None
-) -> list[FileEntry]:
+def build_index(paths: Sequence[Path], cache_dir: str | os.PathLike[str] | None) -> list[FileEntry]:
     """The header entry of every file in ``paths`` (in order), reading only those that
     are not cached under ``cache_dir`` with their current size and times (all of them
     when ``cache_dir`` is None)."""
@@ -121,9 +119,11 @@ def build_index(
                 todo.append(i)
 
     with ThreadPoolExecutor(_THREADS) as pool:
-        for i, entry in zip(todo, pool.map(lambda i: _read_entry(paths[i]), todo)):
+        for i, entry in zip(todo, pool.map(_read_entry, [paths[i] for i in todo]), strict=True):
             entries[i] = entry
-    log.info("data index: %d file(s), %d read, %d cached", len(paths), len(todo), len(paths) - len(todo))
+    log.info(
+        "data index: %d file(s), %d read, %d cached", len(paths), len(todo), len(paths) - len(todo)
+    )
 
     if cache_dir is not None and todo:
         changed = {paths[i].parent for i in todo}
