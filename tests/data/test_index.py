@@ -17,6 +17,7 @@ import torchaudio.functional as AF
 from tests.data.test_bad_audio import listing_line, manifest_rows, sine, write
 from tests.helpers import FAST, compose_config
 
+from distillery.config.validation import config_problems
 from distillery.data import audio_io, datamodule, index
 from distillery.data.audio_io import AudioFileError, read_audio
 from distillery.data.datamodule import AudioDataModule
@@ -81,6 +82,16 @@ def test_bad_rates_and_durations_are_named_in_the_one_error(tmp_path: Path, prel
     with pytest.raises(AudioFileError) as err:
         AudioDataModule(cfg | {"max_sample_rate": 200_000, "max_clip_seconds": 5.0}).setup()
     assert str(err.value).startswith("1 bad audio file(s)") and str(one_hz) in str(err.value)
+
+
+def test_limit_settings_are_checked_at_start_up() -> None:
+    cfg = compose_config(
+        [*FAST, "data.sample_rate=2000", "data.max_clip_seconds=0", "data.max_clips=0"]
+    )
+    problems = "\n".join(config_problems(cfg))
+    assert "data.sample_rate: 2000 is outside data.min_sample_rate..max_sample_rate" in problems
+    assert "data.max_clip_seconds: must be > 0, got 0" in problems
+    assert "data.max_clips: must be > 0 or null, got 0" in problems
 
 
 def test_read_audio_checks_limits_before_decoding(tmp_path: Path) -> None:
@@ -210,3 +221,38 @@ def test_two_stage_pipeline_reads_each_header_once(
     Runner(cfg).run()
     assert builds == [len(files)] * 2  # one data module per stage: ssl, coss
     assert header_reads == {f.resolve(): 1 for f in files}
+
+
+# --------------------------------------------------------------------------- preload
+
+
+def test_lazy_and_preloaded_clips_give_identical_batches(tmp_path: Path) -> None:
+    root = tmp_path / "audio"
+    folder(root, classes=2, per_class=10, seconds=0.3)  # longer than a clip: random crops
+    write(root / "class0" / "rate44k.wav", sine(0.25, sr=44100), sr=44100)
+    write(root / "class1" / "short.wav", sine(0.03))  # zero-padded
+
+    def batches(**data) -> tuple[AudioDataModule, list[dict]]:
+        module = folder_data(root, tmp_path / "cache", **data)
+        module.setup()
+        torch.manual_seed(0)  # the train sampler's seed
+        loaders = [module.train_dataloader(), module.val_dataloader(), module.test_dataloader()]
+        return module, [batch for loader in loaders for batch in loader]
+
+    preloaded, expected = batches(preload=True)
+    auto_small, auto_small_batches = batches()  # data.preload=null, 2 MB: preloaded
+    auto_large, auto_large_batches = batches(preload_max_mb=0.01)  # null, too big: lazy
+    lazy, lazy_batches = batches(preload=False)
+    assert (preloaded.preload, auto_small.preload, auto_large.preload, lazy.preload) == (
+        True,
+        True,
+        False,
+        False,
+    )
+    assert preloaded.cache and lazy.cache is None and auto_large.cache is None
+    for other in (auto_small_batches, auto_large_batches, lazy_batches):
+        assert len(other) == len(expected) > 3
+        for got, want in zip(other, expected, strict=True):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), key

@@ -99,9 +99,10 @@ class ClipDataset(Dataset):
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,
-                f"{err.reason} (found when first read: with data.preload=false only headers "
-                "are checked before training; data.preload=true or data.on_bad_file=skip "
-                "decodes every file at start-up)",
+                f"{err.reason} (found when first read: with data.preload=false, or null on a "
+                "set larger than data.preload_max_mb, only headers are checked before "
+                "training; data.preload=true or data.on_bad_file=skip decodes every file at "
+                "start-up)",
             ) from err
 
     def _fixed_length(self, audio: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
@@ -195,6 +196,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.pseudo_labels: np.ndarray | None = None
         self.features: LogMel | None = None
         self.skipped_files: list[str] = []
+        self.preload: bool | None = None  # data.preload, or what null chose (at setup)
 
     # -- set-up ---------------------------------------------------------------------------
     def _load_source(self) -> SourceTable:
@@ -277,7 +279,8 @@ class AudioDataModule(pl.LightningDataModule):
         records, splits, cfg = self.table.source.records, self.table.splits, self.cfg
         bad = dict(self.table.source.problems)
         index = self._file_index()
-        decode = cfg.preload or cfg.on_bad_file == "skip"
+        self.preload = self._choose_preload(index) if cfg.preload is None else cfg.preload
+        decode = self.preload or cfg.on_bad_file == "skip"
         cache: dict[int, np.ndarray] = {}
         short = 0
         for i in track(range(len(records)), description="checking audio", transient=True):
@@ -294,13 +297,32 @@ class AudioDataModule(pl.LightningDataModule):
                 bad[i] = str(err)
                 continue
             short += length < self.num_samples
-            if cfg.preload:  # val/test: a copy of the crop, so the full recording is freed
+            if self.preload:  # val/test: a copy of the crop, so the full recording is freed
                 crop = splits[i] != "train"
                 cache[i] = centre_crop(audio, self.num_samples).copy() if crop else audio
         if short:
             log.info("data: %d clip(s) shorter than %g s are zero-padded", short, cfg.clip_seconds)
         self._leave_out(bad)
-        return cache if cfg.preload else None
+        return cache if self.preload else None
+
+    def _choose_preload(self, index: list[FileEntry]) -> bool:
+        """``data.preload=null``: preload when the decoded clips (float32 at the target rate;
+        val/test their centre crop) fit in ``data.preload_max_mb``."""
+        splits, rate = self.table.splits, self.cfg.sample_rate
+        samples = 0
+        for entry, split in zip(index, splits, strict=True):
+            if entry.error is None and entry.sample_rate > 0:
+                length = round(entry.frames / entry.sample_rate * rate)
+                samples += length if split == "train" else min(length, self.num_samples)
+        megabytes = samples * 4 / 2**20
+        preload = megabytes <= self.cfg.preload_max_mb
+        log.info(
+            "data: decoded clips take %.0f MB; %s (data.preload_max_mb=%g)",
+            megabytes,
+            "preloading them" if preload else "reading each clip when a batch needs it",
+            self.cfg.preload_max_mb,
+        )
+        return preload
 
     def _leave_out(self, bad: dict[int, str]) -> None:
         """Raise one error listing every bad file (``on_bad_file=error``), or take them out
