@@ -5,7 +5,9 @@ kept under ``data.cache_dir/index``: one small JSON file per audio folder, each 
 keyed by the file's path, size, modification and status-change time (the last catches a
 ``chmod`` that makes an unreadable file readable). Every stage and every rank that
 uses the same files reads it instead of opening each file again, and a changed file
-(new size or mtime) is read again on its own. Missing files are never cached.
+(new size or mtime) is read again on its own. Missing files are never cached. Processes
+that index at the same time (DDP ranks) take turns under a file lock, so the first
+reads the headers and the others find them cached.
 
 The cache holds what the header says, not the verdict on it: the rate and duration
 limits (:class:`AudioLimits`) are applied when the index is used, so changing them
@@ -14,14 +16,15 @@ needs no new scan.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,49 +97,74 @@ def _save(file: Path, folder: Path, entries: dict[str, dict]) -> None:
         raise
 
 
+@contextmanager
+def _exclusive(cache_dir: Path) -> Iterator[None]:
+    """Held while reading and storing headers: of several processes indexing the same
+    files (DDP ranks, pipelines sharing a cache), one reads them and the others wait and
+    then find them cached."""
+    lock = cache_dir / "index" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _lookup(
+    paths: list[Path], keys: list[list[int] | None], cache_dir: Path | None
+) -> tuple[list[FileEntry | None], dict[Path, dict[str, dict]]]:
+    """The cached entry of each file whose key still matches (else None), and the stored
+    entries by folder."""
+    entries: list[FileEntry | None] = [None] * len(paths)
+    stored: dict[Path, dict[str, dict]] = {}
+    for i, path in enumerate(paths):
+        if path.parent not in stored:
+            stored[path.parent] = (
+                {} if cache_dir is None else _load(_cache_file(cache_dir, path.parent))
+            )
+        hit = stored[path.parent].get(path.name)
+        if keys[i] is not None and hit is not None and hit["key"] == keys[i]:
+            entries[i] = FileEntry(hit["frames"], hit["sample_rate"], hit["error"])
+    return entries, stored
+
+
+def _read_missing(paths: list[Path], entries: list[FileEntry | None]) -> list[int]:
+    """Read the headers of the files without an entry; returns their positions."""
+    todo = [i for i, entry in enumerate(entries) if entry is None]
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for i, entry in zip(todo, pool.map(_read_entry, [paths[i] for i in todo]), strict=True):
+            entries[i] = entry
+    return todo
+
+
 def build_index(paths: Sequence[Path], cache_dir: str | os.PathLike[str] | None) -> list[FileEntry]:
     """The header entry of every file in ``paths`` (in order), reading only those that
     are not cached under ``cache_dir`` with their current size and times (all of them
     when ``cache_dir`` is None)."""
     paths = [Path(p) for p in paths]
+    cache = None if cache_dir is None else Path(cache_dir)
     with ThreadPoolExecutor(_THREADS) as pool:
         keys = list(pool.map(_stat_key, paths))
-    by_folder: dict[Path, list[int]] = defaultdict(list)
-    for i, path in enumerate(paths):
-        by_folder[path.parent].append(i)
-
-    entries: list[FileEntry | None] = [None] * len(paths)
+    entries, stored = _lookup(paths, keys, cache)
     todo: list[int] = []
-    cached: dict[Path, dict[str, dict]] = {}
-    for folder, members in by_folder.items():
-        stored = _load(_cache_file(Path(cache_dir), folder)) if cache_dir is not None else {}
-        cached[folder] = stored
-        for i in members:
-            hit = stored.get(paths[i].name)
-            if keys[i] is not None and hit is not None and hit["key"] == keys[i]:
-                entries[i] = FileEntry(hit["frames"], hit["sample_rate"], hit["error"])
-            else:
-                todo.append(i)
-
-    with ThreadPoolExecutor(_THREADS) as pool:
-        for i, entry in zip(todo, pool.map(_read_entry, [paths[i] for i in todo]), strict=True):
-            entries[i] = entry
-    log.info(
-        "data index: %d file(s), %d read, %d cached", len(paths), len(todo), len(paths) - len(todo)
-    )
-
-    if cache_dir is not None and todo:
-        changed = {paths[i].parent for i in todo}
-        for folder in changed:
-            stored = cached[folder]
-            for i in by_folder[folder]:
-                if keys[i] is not None:  # a missing file is not cached: it may appear
+    if cache is None:
+        todo = _read_missing(paths, entries)
+    elif None in entries:
+        with _exclusive(cache):
+            entries, stored = _lookup(paths, keys, cache)  # what a waited-for process wrote
+            todo = _read_missing(paths, entries)
+            changed = {paths[i].parent for i in todo}
+            for i, path in enumerate(paths):
+                if path.parent in changed and keys[i] is not None:  # missing: never cached
                     e = entries[i]
-                    stored[paths[i].name] = {
+                    stored[path.parent][path.name] = {
                         "key": keys[i],
                         "frames": e.frames,
                         "sample_rate": e.sample_rate,
                         "error": e.error,
                     }
-            _save(_cache_file(Path(cache_dir), folder), folder, stored)
+            for folder in changed:
+                _save(_cache_file(cache, folder), folder, stored[folder])
+    log.info(
+        "data index: %d file(s), %d read, %d cached", len(paths), len(todo), len(paths) - len(todo)
+    )
     return entries
