@@ -4,6 +4,7 @@ AudioDataModule and the composed config as a user runs them."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torchaudio.functional as AF
 from tests.data.test_bad_audio import listing_line, manifest_rows, sine, write
 from tests.helpers import FAST, compose_config
+from tests.test_cli import distillery
 
 from distillery.config.validation import config_problems
 from distillery.data import audio_io, datamodule, index
@@ -256,3 +258,30 @@ def test_lazy_and_preloaded_clips_give_identical_batches(tmp_path: Path) -> None
             assert got.keys() == want.keys()
             for key in want:
                 assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_ranks_and_two_stages_read_each_header_once(tmp_path: Path) -> None:
+    root, run_dir = tmp_path / "audio", tmp_path / "run"
+    files = folder(root, classes=4, per_class=8, seconds=1.0)
+    result = distillery(
+        "experiment=coss",
+        "debug=smoke",
+        "logger=csv",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data=folder",
+        f"data.root={root}",
+        "eval.plots=false",
+        "eval.probe_epochs=1",
+        f"run_dir={run_dir}",
+        cache=tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = (run_dir / "distillery.log").read_text() + (run_dir / "ddp_rank1.log").read_text()
+    built = re.findall(r"data index: (\d+) file\(s\), (\d+) read, (\d+) cached", logs)
+    assert len(built) == 4  # 2 stages x 2 ranks
+    assert all(int(n) == len(files) for n, _, _ in built)
+    assert sum(int(read) for _, read, _ in built) == len(files)  # each header read once
