@@ -65,7 +65,8 @@ def test_bad_rates_and_durations_are_named_in_the_one_error(tmp_path: Path, prel
     one_hz = write(tmp_path / "one_hz.wav", sine(0.5), sr=1)
     too_fast = write(tmp_path / "too_fast.wav", sine(0.01, sr=200_000), sr=200_000)
     long = write(tmp_path / "long.wav", sine(3.0))
-    rows = [(p, "a", "train") for p in [*ok, one_hz, too_fast, long]] + [(ok[0], "a", "test")]
+    rows = [(p, "a", "train") for p in [*ok, one_hz, too_fast, long]]
+    rows += [(write(tmp_path / f"{split}.wav", sine(0.2)), "a", split) for split in ("val", "test")]
     manifest = manifest_rows(rows, tmp_path / "m.csv")
     cfg = {"source": "manifest", "path": str(manifest), "sample_rate": SR, "clip_seconds": 0.1}
     cfg |= {"cache_dir": str(tmp_path / "cache"), "preload": preload, "max_clip_seconds": 2.0}
@@ -92,8 +93,8 @@ def test_limit_settings_are_checked_at_start_up() -> None:
     )
     problems = "\n".join(config_problems(cfg))
     assert "data.sample_rate: 2000 is outside data.min_sample_rate..max_sample_rate" in problems
-    assert "data.max_clip_seconds: must be > 0, got 0" in problems
-    assert "data.max_clips: must be > 0 or null, got 0" in problems
+    assert "data.max_clip_seconds: 0.0 is outside the allowed range (0, inf)" in problems
+    assert "data.max_clips: 0 is outside the allowed range [1, inf)" in problems
 
 
 def test_read_audio_checks_limits_before_decoding(tmp_path: Path) -> None:

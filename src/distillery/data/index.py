@@ -21,13 +21,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from distillery import artifacts
 from distillery.data import audio_io
 from distillery.data.audio_io import AudioFileError, AudioLimits, check_limits
 
@@ -85,16 +85,9 @@ def _load(file: Path) -> dict[str, dict]:
 
 
 def _save(file: Path, folder: Path, entries: dict[str, dict]) -> None:
-    """Atomic write: a rank reading it meanwhile sees the old or the new file, whole."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": _FORMAT, "folder": str(folder), "files": entries}, f)
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic: a rank reading it meanwhile sees the old or the new file, whole."""
+    record = {"format": _FORMAT, "folder": str(folder), "files": entries}
+    artifacts.write_bytes(file, json.dumps(record).encode("utf-8"))
 
 
 @contextmanager
