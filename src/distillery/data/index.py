@@ -16,6 +16,7 @@ needs no new scan.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -36,16 +37,18 @@ __all__ = ["FileEntry", "build_index"]
 log = logging.getLogger(__name__)
 
 # Entries in a cache file written by another layout are ignored, not misread.
-_FORMAT = 1
+_FORMAT = 2
 _THREADS = 16
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file's header: ``frames`` and ``sample_rate``, or ``error`` (why it is bad)."""
+    """One file's header (``frames``, ``sample_rate``, ``channels``), or ``error``: why
+    it is bad."""
 
     frames: int = 0
     sample_rate: int = 0
+    channels: int = 0
     error: str | None = None
 
     def check(self, path: Path, limits: AudioLimits) -> None:
@@ -68,7 +71,7 @@ def _read_entry(path: Path) -> FileEntry:
         info = audio_io.audio_info(path)
     except AudioFileError as err:
         return FileEntry(error=str(err))
-    return FileEntry(info["frames"], info["sample_rate"])
+    return FileEntry(info["frames"], info["sample_rate"], info["channels"])
 
 
 def _cache_file(cache_dir: Path, folder: Path) -> Path:
@@ -116,7 +119,7 @@ def _lookup(
             )
         hit = stored[path.parent].get(path.name)
         if keys[i] is not None and hit is not None and hit["key"] == keys[i]:
-            entries[i] = FileEntry(hit["frames"], hit["sample_rate"], hit["error"])
+            entries[i] = FileEntry(**hit["entry"])
     return entries, stored
 
 
@@ -148,13 +151,8 @@ def build_index(paths: Sequence[Path], cache_dir: str | os.PathLike[str] | None)
             changed = {paths[i].parent for i in todo}
             for i, path in enumerate(paths):
                 if path.parent in changed and keys[i] is not None:  # missing: never cached
-                    e = entries[i]
-                    stored[path.parent][path.name] = {
-                        "key": keys[i],
-                        "frames": e.frames,
-                        "sample_rate": e.sample_rate,
-                        "error": e.error,
-                    }
+                    entry = dataclasses.asdict(entries[i])
+                    stored[path.parent][path.name] = {"key": keys[i], "entry": entry}
             for folder in changed:
                 _save(_cache_file(cache, folder), folder, stored[folder])
     log.info(
