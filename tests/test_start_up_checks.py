@@ -158,6 +158,9 @@ def numeric_fields(cls: type, prefix: str = "") -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if type(None) in typing.get_args(kind) and len(args) == 1:  # optional: null or a value
+            kind = args[0]
         if dataclasses.is_dataclass(kind):
             out |= numeric_fields(kind, f"{prefix}{f.name}.")
         elif kind in (int, float) or kind == list[int]:
