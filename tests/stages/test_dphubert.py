@@ -246,3 +246,38 @@ def test_checkpoints_leave_the_frozen_teacher_out_and_resume_strictly() -> None:
     for key, value in stage.state_dict().items():
         if not key.startswith("teacher."):
             assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_multipliers_ascend_under_gradient_accumulation(one_thread, accumulate: int) -> None:
+    """One optimizer step (SGD) over the same 4 clips, in one batch or two accumulated
+    halves: the multipliers take the same ascent step ``gate_lr * (s - t), gate_lr * (s - t)^2``
+    (target 0 at step 0), not a cancelled one."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from distillery.stages.prune_distill import PruneDistillStage
+
+    torch.manual_seed(0)
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    stage = PruneDistillStage(
+        {"_target_": "distillery.models.encoders.TransformerEncoder", **TINY},
+        distill_layers=[0, 1, 2],
+        gate_lr=0.5,
+        optimizer=sgd,
+    )
+    sparsity = float(stage.gated.expected_sparsity().detach())
+    clips = [{"features": torch.randn(1, 16, 16)} for _ in range(4)]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(stage, DataLoader(clips, batch_size=4 // accumulate))
+    assert trainer.global_step == 1
+    expected = torch.tensor([0.5 * sparsity, 0.5 * sparsity**2])
+    torch.testing.assert_close(stage.lagrangian.multipliers.detach(), expected)
