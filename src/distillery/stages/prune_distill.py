@@ -93,6 +93,7 @@ class PruneDistillStage(TeacherDistillStage):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         student = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.freeze_outside_hidden_states(student)
         self.gated = GatedModel(student, list(prune), teacher)
         dim = self.teacher.embed_dim
         self.distill_loss = LayerDistillLoss(dim, dim, distill_layers)
