@@ -283,7 +283,6 @@ def test_multipliers_ascend_under_gradient_accumulation(one_thread, accumulate: 
     torch.testing.assert_close(stage.lagrangian.multipliers.detach(), expected)
 
 
-
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["prune_distill", "final_distill"])
@@ -293,7 +292,6 @@ def test_teacher_student_stages_train_under_ddp(tmp_path: Path, kind: str) -> No
     import socket
 
     import torch.multiprocessing as mp
-
     from tests.stages.teacher_student_ddp_worker import STEPS, fit_worker
 
     with socket.socket() as s:

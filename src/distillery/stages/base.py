@@ -85,7 +85,9 @@ class StageModule(pl.LightningModule):
         takes_total = "total_steps" in inspect.signature(build).parameters and (
             "total_steps" not in cfg
         )
-        kwargs = {"total_steps": int(self.trainer.estimated_stepping_batches)} if takes_total else {}
+        kwargs = (
+            {"total_steps": int(self.trainer.estimated_stepping_batches)} if takes_total else {}
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": build(optimizer, **kwargs), "interval": interval},

@@ -50,7 +50,9 @@ def warmup_decay(
 ) -> LambdaLR:
     """A :class:`LambdaLR` of :func:`warmup_decay_factor`, to be stepped per optimizer step."""
     if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"scheduler.warmup must be a fraction of the steps in [0, 1), got {warmup}")
+        raise ValueError(
+            f"scheduler.warmup must be a fraction of the steps in [0, 1), got {warmup}"
+        )
     if decay not in DECAYS:
         raise ValueError(f"scheduler.decay must be one of {DECAYS}, got {decay!r}")
     if not 0.0 <= final_lr_factor <= 1.0:
