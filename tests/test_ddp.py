@@ -182,3 +182,22 @@ def test_small_labelled_split_trains_on_every_rank(tmp_path: Path, data_cache: P
     finetune = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
     assert finetune["status"] == "done"
     assert finetune["optimizer_steps"] == [1, 1]  # one epoch of one (ragged) batch per rank
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """What fp16 (loss checked, gradients not) needs: a rank whose own loss is NaN must not
+    stop alone while the others wait for it in the next gradient all-reduce."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.fault_ddp_worker import BAD_STEP, nan_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(nan_worker, args=(port, str(tmp_path)), nprocs=2)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes == [f"NonFiniteLossError {BAD_STEP}"] * 2
