@@ -156,3 +156,48 @@ def test_interrupted_ddp_stage_resumes_with_its_wandb_run(tmp_path: Path, data_c
         (run_dir / "finetune" / "logs" / "attempt-2" / "metrics.csv").read_text().splitlines()[1:]
     )
     assert min(int(row.split(",")[0]) for row in rows) == 1
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_small_labelled_split_trains_on_every_rank(tmp_path: Path, data_cache: Path) -> None:
+    """2 ranks, a train split larger than one batch but each rank's share smaller: every
+    rank still trains (the ragged batch is kept per rank), and pipeline.json says so."""
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=supervised", "debug=smoke", "data.batch_size=24"]
+    data = AudioDataModule(compose_config([*overrides, f"data.cache_dir={data_cache}"]).data)
+    data.setup()
+    clips = len(data.train_indices())
+    assert 24 < clips <= 48  # more than a batch in all, less than a batch per rank
+    result = distillery(
+        *overrides,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        f"run_dir={run_dir}",
+        cache=data_cache,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    finetune = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert finetune["status"] == "done"
+    assert finetune["optimizer_steps"] == [1, 1]  # one epoch of one (ragged) batch per rank
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """What fp16 (loss checked, gradients not) needs: a rank whose own loss is NaN must not
+    stop alone while the others wait for it in the next gradient all-reduce."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.fault_ddp_worker import BAD_STEP, nan_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(nan_worker, args=(port, str(tmp_path)), nprocs=2)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes == [f"NonFiniteLossError {BAD_STEP}"] * 2

@@ -13,6 +13,7 @@ from distillery.pipeline.checkpoints import latest_checkpoint
 from distillery.pipeline.manifest import RunManifest
 from distillery.pipeline.runner import Runner
 from tests.helpers import FAST, compose_config
+from tests.test_cli import distillery
 
 
 def smoke_config(run_dir: Path, cache: Path, *extra: str) -> DictConfig:
@@ -177,3 +178,22 @@ def test_bad_audio_files_are_reported_together_or_skipped(
     else:
         record = Runner(cfg).run()["finetune"]
         assert record.status == "done" and record.metrics["finetune/data/skipped_files"] == 2
+
+
+@pytest.mark.slow
+def test_stage_without_an_optimizer_step_fails_naming_the_sizes(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    result = distillery(
+        "experiment=supervised",
+        "debug=smoke",
+        "logger=csv",
+        "debug.trainer.max_epochs=0",
+        f"run_dir={run_dir}",
+        cache=data_cache,
+    )
+    assert result.returncode != 0
+    assert "took no optimizer step" in result.stderr and "world size 1" in result.stderr
+    finetune = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert finetune["status"] == "failed" and "NoTrainingError" in finetune["error"]

@@ -52,7 +52,8 @@ class MixupWithPastBatches(nn.Module):
     The memory is updated only in training mode, so validation batches never leak into the
     training mix; in eval mode the (frozen) memory is still used. It is a plain tensor
     attribute, not a buffer, so DDP never broadcasts it and every rank keeps its own past
-    examples; its filled rows are saved in checkpoints as the module's extra state, so a
+    examples; its filled rows are saved in checkpoints as the module's extra state (the
+    ``ssl`` stage adds every rank's, see :class:`~distillery.stages.ssl.SSLStage`), so a
     resumed run mixes exactly what an uninterrupted one would. It follows the batch's
     device. A batch whose (F, T) differs from the memory's restarts the memory.
 

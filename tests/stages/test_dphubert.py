@@ -246,3 +246,59 @@ def test_checkpoints_leave_the_frozen_teacher_out_and_resume_strictly() -> None:
     for key, value in stage.state_dict().items():
         if not key.startswith("teacher."):
             assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_multipliers_ascend_under_gradient_accumulation(one_thread, accumulate: int) -> None:
+    """One optimizer step (SGD) over the same 4 clips, in one batch or two accumulated
+    halves: the multipliers take the same ascent step ``gate_lr * (s - t), gate_lr * (s - t)^2``
+    (target 0 at step 0), not a cancelled one."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from distillery.stages.prune_distill import PruneDistillStage
+
+    torch.manual_seed(0)
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    stage = PruneDistillStage(
+        {"_target_": "distillery.models.encoders.TransformerEncoder", **TINY},
+        distill_layers=[0, 1, 2],
+        gate_lr=0.5,
+        optimizer=sgd,
+    )
+    sparsity = float(stage.gated.expected_sparsity().detach())
+    clips = [{"features": torch.randn(1, 16, 16)} for _ in range(4)]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(stage, DataLoader(clips, batch_size=4 // accumulate))
+    assert trainer.global_step == 1
+    expected = torch.tensor([0.5 * sparsity, 0.5 * sparsity**2])
+    torch.testing.assert_close(stage.lagrangian.multipliers.detach(), expected)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["prune_distill", "final_distill"])
+def test_teacher_student_stages_train_under_ddp(tmp_path: Path, kind: str) -> None:
+    """2 processes (gloo) on the transformer: no student parameter is left without a
+    gradient (DDP rejects those at the second step), and both ranks end with equal weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from tests.stages.teacher_student_ddp_worker import STEPS, fit_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fit_worker, args=(kind, port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["steps"] == rank1["steps"] == STEPS
+    for key, value in rank0["state"].items():
+        torch.testing.assert_close(value, rank1["state"][key], msg=key)

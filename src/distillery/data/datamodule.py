@@ -423,12 +423,15 @@ class AudioDataModule(pl.LightningDataModule):
         indices = self.split_indices(split) if indices is None else indices
         dataset = self._dataset(indices, train=train)
         sampler = self._shard_sampler(dataset, train) if sharded else None
+        # A ragged last training batch is dropped only when this rank has a full one: the
+        # decision is per rank (its shard), or a small labelled split trains on nothing.
+        per_rank = len(sampler) if isinstance(sampler, TrainSampler) else len(indices)
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            drop_last=train and len(indices) > self.cfg.batch_size,
+            drop_last=train and per_rank > self.cfg.batch_size,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
         )

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ModelPool", "RegressionModel"]
+
+# What a random draw is for (the first element of its key after the seed).
+_INIT, _STEPS, _SAMPLE = 0, 1, 2
 
 
 class RegressionModel(nn.Module):
@@ -47,6 +51,11 @@ class ModelPool(nn.Module):
     Members never require gradients outside their own training step, so the outer loss's
     gradients flow through them to the synthetic set only. Members and counters are
     submodules and buffers: they are saved in checkpoints and restored on resume.
+
+    Every random draw (fresh weights, initial step counts, the member of an outer step) is
+    a function of ``seed`` and where it happens, never of the global RNG: DDP ranks (which
+    draw their augmentations differently) keep identical pools, and a resumed run draws
+    what an uninterrupted one would.
     """
 
     def __init__(
@@ -56,6 +65,7 @@ class ModelPool(nn.Module):
         max_steps: int = 1000,
         lr: float = 0.1,
         weight_decay: float = 1e-3,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if size < 1:
@@ -66,6 +76,7 @@ class ModelPool(nn.Module):
         self.max_steps = max_steps
         self.lr = lr
         self.weight_decay = weight_decay
+        self.seed = seed
         self.members = nn.ModuleList(build() for _ in range(size)).requires_grad_(False)
         self.register_buffer("steps", torch.zeros(size, dtype=torch.long))
         self.register_buffer("resets", torch.zeros(size, dtype=torch.long))
@@ -74,9 +85,17 @@ class ModelPool(nn.Module):
     def __len__(self) -> int:
         return len(self.members)
 
+    def _draw(self, *key: int) -> int:
+        """A 32-bit random integer determined by ``seed`` and ``key`` alone."""
+        return int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0])
+
     def reinitialise(self, i: int) -> None:
-        """Fresh random weights for member ``i`` (in place, so its device stays) and counter 0."""
-        self.members[i].load_state_dict(self.build().state_dict())
+        """Fresh random weights for member ``i`` (in place, so its device stays) and counter 0;
+        the weights are drawn from (seed, member, how often it was reset)."""
+        with torch.random.fork_rng(devices=[]):  # leaves the global RNG where it was
+            torch.manual_seed(self._draw(_INIT, i, int(self.resets[i])))
+            fresh = self.build()
+        self.members[i].load_state_dict(fresh.state_dict())
         self.steps[i] = 0
         self.resets[i] += 1
 
@@ -84,15 +103,16 @@ class ModelPool(nn.Module):
         """Re-initialise every member and train it ``U{1..max_steps}`` steps on ``(x, y)``."""
         for i in range(len(self)):
             self.reinitialise(i)
-            for _ in range(int(torch.randint(1, self.max_steps + 1, ()))):
+            for _ in range(1 + self._draw(_STEPS, i) % self.max_steps):
                 self._train_step(self.members[i], x, y)
                 self.steps[i] += 1
         self.resets.zero_()
         self.ready.fill_(True)
 
-    def sample(self) -> int:
-        """Index of a uniformly drawn member (torch's global RNG, so seeded runs repeat)."""
-        return int(torch.randint(len(self), ()))
+    def sample(self, step: int) -> int:
+        """The member of outer step ``step``, uniform over the pool: the same on every rank
+        and for every micro-batch of an accumulated step."""
+        return self._draw(_SAMPLE, step) % len(self)
 
     def features(self, i: int, x: Tensor) -> Tensor:
         """Kernel features of member ``i``: its encoder in eval mode (no dropout; BatchNorm

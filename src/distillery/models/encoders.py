@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +303,10 @@ class TransformerEncoder(nn.Module):
         forward_hidden_states: [(B, T', dim)] * (depth + 1): the blocks' input, then every
             block's output.
     """
+
+    #: Submodules :meth:`forward_hidden_states` does not run: layer-wise distillation
+    #: cannot train them (and DDP rejects parameters without a gradient).
+    outside_hidden_states: ClassVar[tuple[str, ...]] = ("final_norm",)
 
     def __init__(
         self,

@@ -29,25 +29,29 @@ class NonFiniteLossError(RuntimeError):
 class FiniteLossGuard(pl.Callback):
     """Raise :class:`NonFiniteLossError` naming the stage, step and batch.
 
-    The gradient check runs after DDP has averaged the gradients, so a NaN on any rank
-    reaches every rank and all of them stop at the same step (no rank waits for another in
-    a collective). Under fp16 mixed precision, inf gradients are the loss scaler's normal
-    business (it skips the step), so only the loss is checked there.
+    Checked before each optimizer step: every micro-batch's loss since the last step (under
+    gradient accumulation too) and, except under fp16 mixed precision, where inf gradients
+    are the loss scaler's normal business (it skips the step), the averaged gradients. The
+    verdict is reduced over the ranks, so all of them stop at the same step, also when only
+    one rank's own loss is bad (no rank is left waiting for another in a collective).
     """
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self._loss: float | None = None
+        self._bad_loss: float | None = None  # the first non-finite loss since the last step
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         self._loss = float(loss.detach())
+        if self._bad_loss is None and not math.isfinite(self._loss):
+            self._bad_loss = self._loss
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        bad_loss = self._loss is not None and not math.isfinite(self._loss)
+        bad_loss, self._bad_loss = self._bad_loss, None
         check_grads = not str(trainer.precision).startswith("16")
         grads = [
             p.grad
@@ -56,8 +60,14 @@ class FiniteLossGuard(pl.Callback):
             if p.grad is not None
         ]
         bad_grads = check_grads and bool(grads) and not _all_finite(grads)
-        if bad_loss or bad_grads:
-            what = f"loss {self._loss}" if bad_loss else f"gradients (loss {self._loss})"
+        mine = bad_loss is not None or bad_grads
+        if trainer.strategy.reduce_boolean_decision(mine, all=False):
+            if bad_loss is not None:
+                what = f"loss {bad_loss}"
+            elif bad_grads:
+                what = f"gradients (loss {self._loss})"
+            else:
+                what = f"loss or gradients on another rank (this rank's loss {self._loss})"
             raise NonFiniteLossError(
                 f"stage {self.stage!r}: non-finite {what} at global step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}); "

@@ -121,6 +121,8 @@ class StageRecord:
     finished_at: str | None = None
     wall_time_s: float | None = None
     error: str | None = None
+    #: Optimizer steps each rank took in the stage (all ranks of a DDP run alike).
+    optimizer_steps: list[int] = field(default_factory=list)
 
     def artifact_path(self, name: str) -> Path | None:
         """Where artifact ``name`` of this stage lies, or None if the stage did not write it."""

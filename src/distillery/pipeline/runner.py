@@ -307,6 +307,7 @@ class Runner:
         try:
             ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            record.optimizer_steps = _optimizer_steps_per_rank(name, trainer)
             _finish_artifact_callbacks(trainer, module)
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
@@ -474,6 +475,29 @@ def _instantiate_callback(cfg: dict[str, Any], stage_dir: Path) -> pl.Callback:
     cls = get_class(cfg["_target_"])
     extra = {"out_dir": str(stage_dir)} if "out_dir" in inspect.signature(cls).parameters else {}
     return instantiate(cfg, **extra)
+
+
+class NoTrainingError(RuntimeError):
+    """A stage took no optimizer step on some rank: its result would be untrained."""
+
+
+def _optimizer_steps_per_rank(name: str, trainer: pl.Trainer) -> list[int]:
+    """Every rank's optimizer steps (``global_step``); raise :class:`NoTrainingError` if any
+    rank took none, naming what decides the batch count: split size, batch size, world size."""
+    steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step))
+    per_rank = [int(s) for s in steps.reshape(-1)]
+    if min(per_rank) > 0:
+        return per_rank
+    loader = trainer.train_dataloader  # what fit iterated
+    dataset = getattr(loader, "dataset", None)
+    items = len(dataset) if dataset is not None else "unknown"
+    raise NoTrainingError(
+        f"stage {name!r} took no optimizer step on some rank (steps per rank: {per_rank}): "
+        f"train split of {items} items, batch size {getattr(loader, 'batch_size', 'unknown')}, "
+        f"world size {trainer.world_size}, max_epochs {trainer.max_epochs}, "
+        f"accumulate_grad_batches {trainer.accumulate_grad_batches}. Each rank needs at least "
+        "one batch per optimizer step: lower data.batch_size, use fewer devices or train longer"
+    )
 
 
 def _overrides(module: pl.LightningModule, hook: str) -> bool:

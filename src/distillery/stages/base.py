@@ -4,6 +4,7 @@ The contract every stage (ours or a user's) follows is in :mod:`distillery.pipel
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -33,7 +34,9 @@ class StageModule(pl.LightningModule):
     (see :mod:`distillery.pipeline.contract`).
 
     ``optimizer`` is a ``_partial_`` config called with the parameters; ``scheduler`` an
-    optional ``_partial_`` config called with the optimizer (stepped per epoch).
+    optional ``_partial_`` config called with the optimizer, stepped per epoch or, with
+    ``interval: step``, per optimizer step; a scheduler that takes ``total_steps`` gets the
+    stage's optimizer steps (e.g. :func:`distillery.stages.schedules.warmup_decay`).
     """
 
     #: Artifacts :meth:`export_artifacts` returns, by name and kind; checked against other
@@ -74,10 +77,20 @@ class StageModule(pl.LightningModule):
         optimizer = instantiate(self.optimizer_cfg)(self.trainable_parameters())
         if not self.scheduler_cfg:
             return optimizer
-        scheduler = instantiate(self.scheduler_cfg)(optimizer)
+        cfg = dict(self.scheduler_cfg)
+        interval = cfg.pop("interval", "epoch")
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler.interval must be 'epoch' or 'step', got {interval!r}")
+        build = instantiate(cfg)
+        takes_total = "total_steps" in inspect.signature(build).parameters and (
+            "total_steps" not in cfg
+        )
+        kwargs = (
+            {"total_steps": int(self.trainer.estimated_stepping_batches)} if takes_total else {}
+        )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+            "lr_scheduler": {"scheduler": build(optimizer, **kwargs), "interval": interval},
         }
 
     def encoder_for_eval(self) -> nn.Module | None:

@@ -94,6 +94,7 @@ class DatasetDistillStage(StageModule):
                 max_steps=pool_max_steps,
                 lr=pool_lr,
                 weight_decay=pool_weight_decay,
+                seed=torch.initial_seed(),  # the run's seed: the same pool on every rank
             )
         )
         self.augment = _build_augment(augment) if augment else None
@@ -172,7 +173,7 @@ class DatasetDistillStage(StageModule):
             real = self.augment(real)
         with torch.no_grad():
             targets = self.teacher(real)
-        self._member = self.pool.sample()
+        self._member = self.pool.sample(self.global_step)
         loss = self.outer_loss(self._member, real, targets)
         self.log_split("train", {"loss": loss}, on_step=True, on_epoch=True, prog_bar=True)
         self.log_split(

@@ -52,6 +52,7 @@ class FinalDistillStage(TeacherDistillStage):
             self.student, self.encoder_cfg = student.module, student.config
         else:
             self.student, self.encoder_cfg = build_encoder(student_encoder), student_encoder
+        self.freeze_outside_hidden_states(self.student)
         self.distill_loss = LayerDistillLoss(
             self.student.embed_dim, self.teacher.embed_dim, distill_layers, student_layers
         )

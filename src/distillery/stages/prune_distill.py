@@ -8,8 +8,9 @@ The student is a copy of the teacher with hard-concrete gates on its prunable un
 with ``s`` the expected sparsity (``1 - expected params / teacher params``) and ``t`` the
 target, ramped linearly from 0 to ``target_sparsity`` over the first ``sparsity_warmup``
 fraction of the training steps. The multipliers ``l1, l2`` start at 0 and are trained by
-gradient *ascent*: their gradients are negated after every backward pass, so any optimizer
-and torch version works (the reference relies on a negative learning rate instead).
+gradient *ascent*: their accumulated gradient is negated once, just before each optimizer
+step, so any optimizer, torch version and ``accumulate_grad_batches`` works (the reference
+relies on a negative learning rate instead).
 At the end the deterministic masks are folded in and the model physically pruned; that
 smaller model is the stage's ``encoder`` artifact (see :func:`distillery.models.load_pruned`).
 """
@@ -33,8 +34,10 @@ from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillSt
 class SparsityLagrangian(nn.Module):
     """``l1 (s - t) + l2 (s - t)^2`` with multipliers trained by gradient ascent.
 
-    Call :meth:`flip_gradients_` after backward and before the optimizer step: a descent
-    step on the negated gradient is an ascent step on the penalty.
+    Call :meth:`flip_gradients_` once between the last backward and the optimizer step: a
+    descent step on the negated gradient is an ascent step on the penalty. (Not after each
+    backward: under gradient accumulation the micro-batches' flipped and unflipped
+    contributions would cancel.)
     """
 
     def __init__(self) -> None:
@@ -90,6 +93,7 @@ class PruneDistillStage(TeacherDistillStage):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         student = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.freeze_outside_hidden_states(student)
         self.gated = GatedModel(student, list(prune), teacher)
         dim = self.teacher.embed_dim
         self.distill_loss = LayerDistillLoss(dim, dim, distill_layers)
@@ -147,8 +151,8 @@ class PruneDistillStage(TeacherDistillStage):
         )
         return loss
 
-    def on_after_backward(self) -> None:
-        self.lagrangian.flip_gradients_()
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.lagrangian.flip_gradients_()  # once per step, on the accumulated gradient
 
     def on_validation_epoch_end(self) -> None:
         # What the export would keep right now (deterministic masks).

@@ -10,18 +10,21 @@ import copy
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import Tensor, nn
 
 from distillery.artifact_kinds import EncoderArtifact
-from distillery.augment import BYOLAAugment
+from distillery.augment import BYOLAAugment, MixupWithPastBatches
 from distillery.losses.ssl import barlow_twins_loss, byol_loss, nt_xent
 from distillery.models.heads import ProjectionHead
 from distillery.models.io import build_encoder
 from distillery.stages.base import StageModule
 
 METHODS = ("byol", "simclr", "barlow_twins")
+#: Checkpoint key of every rank's mixup memories (a list over ranks).
+MIXUP_PER_RANK = "mixup_memory_per_rank"
 
 
 class SSLStage(StageModule):
@@ -122,6 +125,35 @@ class SSLStage(StageModule):
         # per real optimizer step, which is what the EMA is defined over.
         super().optimizer_step(*args, **kwargs)
         self.update_target()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _mixup_state_keys(self) -> list[str]:
+        """``state_dict`` keys of the mixup memories (each one's extra state)."""
+        return [
+            f"{name}._extra_state"
+            for name, m in self.named_modules()
+            if isinstance(m, MixupWithPastBatches)
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # state_dict holds this rank's mixup memory, and only rank 0 writes the file: every
+        # rank's memory goes into the checkpoint too (all ranks run this hook).
+        keys = self._mixup_state_keys()
+        if keys and dist.is_available() and dist.is_initialized():
+            mine = [checkpoint["state_dict"][k] for k in keys]
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+            checkpoint[MIXUP_PER_RANK] = gathered
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the state_dict is loaded: put this rank's own memory in it. (A resume
+        # on another number of ranks keeps rank 0's.)
+        per_rank = checkpoint.get(MIXUP_PER_RANK)
+        if per_rank and self._trainer is not None and len(per_rank) == self.trainer.world_size:
+            for key, state in zip(
+                self._mixup_state_keys(), per_rank[self.global_rank], strict=True
+            ):
+                checkpoint["state_dict"][key] = state
 
     # -- objective ------------------------------------------------------------------------
     def _views(

@@ -87,6 +87,9 @@ class LayerDistillLoss(nn.Module):
             for proj in (self.front_proj, self.layer_proj):
                 nn.init.eye_(proj.weight)
                 nn.init.zeros_(proj.bias)
+        # A projection no distilled layer uses is frozen: DDP rejects gradient-less parameters.
+        self.front_proj.requires_grad_(0 in self.teacher_layers)
+        self.layer_proj.requires_grad_(any(t != 0 for t in self.teacher_layers))
 
     def check_depths(self, student_states: int, teacher_states: int) -> None:
         for name, layers, n in (
@@ -139,6 +142,15 @@ class TeacherDistillStage(StageModule):
 
     def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
+
+    @staticmethod
+    def freeze_outside_hidden_states(student: nn.Module) -> None:
+        """Freeze the student's submodules its ``forward_hidden_states`` does not run (the
+        encoder's ``outside_hidden_states``, e.g. the transformer's ``final_norm``): the layer
+        loss cannot train them, and under DDP a trainable parameter without a gradient
+        stops training. They keep their initial (for a copied teacher: the teacher's) values."""
+        for name in getattr(student, "outside_hidden_states", ()):
+            student.get_submodule(name).requires_grad_(False)
 
     def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         inputs = encoder_inputs(self.teacher, batch)  # the student reads what the teacher does

@@ -1,0 +1,62 @@
+"""A few training steps of ``prune_distill`` or ``final_distill`` under the Trainer's DDP
+strategy, in a process :func:`torch.multiprocessing.spawn` started (the gated student's
+mask hooks cannot be pickled, so each process builds its own stage).
+
+Kept out of the test module so that spawned processes can import it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from distillery.stages.final_distill import FinalDistillStage
+from distillery.stages.prune_distill import PruneDistillStage
+
+ENCODER = {
+    "_target_": "distillery.models.encoders.TransformerEncoder",
+    "n_mels": 16,
+    "dim": 32,
+    "depth": 2,
+    "heads": 4,
+    "ffn_dim": 64,
+    "dropout": 0.0,
+}
+STEPS = 3
+
+
+def fit_worker(rank: int, kind: str, port: int, out_dir: str) -> None:
+    """Train ``STEPS`` steps as rank ``rank`` of 2; save the student's weights."""
+    # Set as a cluster launcher would: the Trainer joins these processes, starts none.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial student on both ranks
+    if kind == "prune_distill":
+        stage = PruneDistillStage(ENCODER, distill_layers=[0, 1, 2])
+    else:
+        stage = FinalDistillStage(ENCODER, student_encoder=ENCODER, distill_layers=[0, 1, 2])
+    clips = [{"features": torch.randn(1, 16, 16)} for _ in range(4 * STEPS)]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(stage, DataLoader(clips, batch_size=2))
+    state = {k: v for k, v in stage.state_dict().items() if not k.startswith("teacher.")}
+    torch.save({"steps": trainer.global_step, "state": state}, Path(out_dir) / f"rank{rank}.pt")
