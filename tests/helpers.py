@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from pathlib import Path
@@ -13,6 +14,16 @@ from omegaconf import DictConfig
 
 from distillery.cli import CONF_DIR
 from distillery.config.schema import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: offline W&B, ``tests`` importable (for
+    ``_target_: tests.helpers...``) ahead of the caller's own PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": path} | extra
+
 
 #: Small, fast settings every pipeline test starts from.
 FAST = ["debug=smoke", "logger=csv", "trainer.enable_progress_bar=false"]

@@ -19,9 +19,8 @@ from distillery.pipeline.checkpoints import latest_checkpoint
 from distillery.pipeline.faults import NonFiniteLossError
 from distillery.pipeline.manifest import RunDirError, RunManifest
 from distillery.pipeline.runner import Runner
-from tests.helpers import FAST, compose_config
+from tests.helpers import FAST, REPO, cli_env, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
 #: UnFuSeD with 3 epochs per stage, each batch slowed a little so a test can land a signal mid-stage.
 UNFUSED = [
     "experiment=unfused",
@@ -35,7 +34,7 @@ UNFUSED = [
 def cli(
     *args: str, cache: Path, script: tuple[str, ...] = ("-m", "distillery.cli")
 ) -> subprocess.Popen:
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    env = cli_env()
     return subprocess.Popen(
         [sys.executable, *script, *args, f"data.cache_dir={cache}"],
         env=env,

@@ -24,7 +24,7 @@ def _main(cfg: DictConfig) -> float | None:
 
     from distillery.config.validation import ConfigError
     from distillery.data.audio_io import AudioFileError
-    from distillery.pipeline import launch
+    from distillery.pipeline import faults, launch
     from distillery.pipeline.manifest import RunDirError
     from distillery.pipeline.runner import Runner, StageInterrupted
     from distillery.pipeline.tracking import report_to_wandb_sweep
@@ -40,11 +40,9 @@ def _main(cfg: DictConfig) -> float | None:
     except (ConfigError, RunDirError, AudioFileError) as err:  # bad input: the message says it all
         log.error("%s", err)
         sys.exit(2)
-    except (
-        StageInterrupted
-    ) as err:  # SIGTERM: a checkpoint was saved; 128 + SIGTERM, as for a killed job
+    except StageInterrupted as err:  # a stop signal: a checkpoint was saved
         log.warning("%s", err)
-        sys.exit(143)
+        faults.exit_after_stop(err.signum)
     if rank_zero_only.rank == 0:
         report_to_wandb_sweep(
             {k: v for record in stages.values() for k, v in record.metrics.items()}

@@ -50,10 +50,20 @@ class TrainSampler(DistributedSampler):
     from them, so the data of an epoch is a function of the seed and the epoch alone, not
     of the process, the worker or how many draws came before (a resumed stage reads
     exactly what an uninterrupted one would).
+
+    ``resume_at = (epoch, consumed)``: the first pass over ``epoch`` skips the ``consumed``
+    items this rank had already trained on when a mid-epoch checkpoint was saved, so the
+    resumed epoch reads only the batches the interrupted one had not.
     """
 
+    resume_at: tuple[int, int] | None = None
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return ((self.seed, self.epoch, i) for i in super().__iter__())
+        items = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            items = items[self.resume_at[1] :]
+            self.resume_at = None
+        return ((self.seed, self.epoch, i) for i in items)
 
 
 class ClipDataset(Dataset):
@@ -186,6 +196,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.pseudo_labels: np.ndarray | None = None
         self.features: LogMel | None = None
         self.skipped_files: list[str] = []
+        self._train_resume_at: tuple[int, int] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def _load_source(self) -> SourceTable:
@@ -396,9 +407,11 @@ class AudioDataModule(pl.LightningDataModule):
         world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
         if train:
             # Same seed on every rank (all ranks are seeded alike), different per run seed.
-            return TrainSampler(
+            sampler = TrainSampler(
                 dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
             )
+            sampler.resume_at = self._train_resume_at
+            return sampler
         if len(dataset) < world:  # a process without a batch would wait forever in the metric sync
             raise ValueError(
                 f"data: an evaluation split has {len(dataset)} clips, fewer than the {world} "
@@ -406,6 +419,23 @@ class AudioDataModule(pl.LightningDataModule):
                 "or use fewer devices)"
             )
         return None if world == 1 else list(range(rank, len(dataset), world))
+
+    # -- the train sampler's position, carried in checkpoints --------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in its epoch: (epoch, items this rank has trained on).
+
+        Counted from the batches the fit loop has processed, not from the sampler's
+        iterator, which the loader has read ahead of training.
+        """
+        if self.trainer is None or not self.trainer.training:
+            return {}
+        loop = self.trainer.fit_loop
+        batches = loop.epoch_loop.batch_progress.current.processed
+        return {"train_position": [loop.epoch_progress.current.processed, batches * self.cfg.batch_size]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if position := state_dict.get("train_position"):
+            self._train_resume_at = (int(position[0]), int(position[1]))
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", train=True, sharded=True)

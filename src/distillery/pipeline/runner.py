@@ -17,7 +17,6 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
@@ -31,7 +30,15 @@ from distillery.pipeline.checkpoints import (
     epoch_checkpointing,
     latest_checkpoint,
 )
-from distillery.pipeline.faults import BatchSeed, FiniteLossGuard, SigtermCheckpoint
+from distillery.pipeline.faults import (
+    BatchSeed,
+    FiniteLossGuard,
+    SignalCheckpoint,
+    StopRequested,
+    keep_lightning_off_signals,
+    stop_if_requested,
+    stop_on_signals,
+)
 from distillery.pipeline.manifest import (
     RunDirError,
     RunManifest,
@@ -149,7 +156,8 @@ class Runner:
             ):
                 action, reason = "skip", "done with the same config"
             elif last is not None:
-                action, reason = "resume", f"{record.status}; resuming from {last}"
+                was = f"interrupted by {record.error}" if record.status == "interrupted" else record.status
+                action, reason = "resume", f"{was}; resuming from {last}"
             else:
                 action, reason = "fresh", f"{record.status} without a checkpoint"
             if code_changed and action in ("skip", "resume"):
@@ -166,6 +174,10 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> dict[str, StageRecord]:
+        with stop_on_signals():
+            return self._run()
+
+    def _run(self) -> dict[str, StageRecord]:
         plans = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log.info("pipeline %s in %s", self.cfg.pipeline.name, self.run_dir)
@@ -262,6 +274,7 @@ class Runner:
             ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
             _finish_artifact_callbacks(trainer, module)
+            stop_if_requested(trainer.strategy, "after training")  # e.g. during k-means
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(datamodule.skipped_files))
@@ -275,13 +288,14 @@ class Runner:
                 record.artifacts = self._export(module, trainer, stage_dir)
                 if stage_cfg.evaluate and module.encoder_for_eval() is not None:
                     metrics |= self._evaluate(name, module, datamodule, trainer, stage_dir)
-        except SIGTERMException:
-            record.status, record.error = "interrupted", "SIGTERM"
+        except StopRequested as stop:
+            record.status, record.error = "interrupted", str(stop)
             record.wall_time_s = round(time.perf_counter() - start, 2)
             self._save_manifest()
             raise StageInterrupted(
-                f"stage {name!r} stopped by SIGTERM at global step {trainer.global_step}; "
-                f"checkpoint {latest_checkpoint(stage_dir)}; run the same command to resume"
+                f"stage {name!r} stopped by {stop}; checkpoint {latest_checkpoint(stage_dir)}; "
+                "run the same command to resume",
+                signum=stop.signum,
             ) from None
         except BaseException as err:
             self._record_failure(record, err, start)
@@ -322,7 +336,7 @@ class Runner:
             epoch_checkpointing(stage_dir),
             CheckpointedMetrics(),
             FiniteLossGuard(name),
-            SigtermCheckpoint(stage_dir / CHECKPOINT_DIR),
+            SignalCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
         ]
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
@@ -334,7 +348,7 @@ class Runner:
         }
         if trainer_args.get("enable_progress_bar", True):
             callbacks.append(StageProgressBar(name, leave=True))
-        return pl.Trainer(
+        trainer = pl.Trainer(
             **trainer_args,
             default_root_dir=str(stage_dir),
             callbacks=callbacks,
@@ -342,6 +356,8 @@ class Runner:
             plugins=[AtomicCheckpointIO()],
             use_distributed_sampler=False,  # the data module shards itself, without padding eval sets
         )
+        keep_lightning_off_signals(trainer)
+        return trainer
 
     def _evaluate(
         self,
@@ -386,7 +402,11 @@ class Runner:
 
 
 class StageInterrupted(RuntimeError):
-    """A stage stopped on request (SIGTERM) after saving a checkpoint to resume from."""
+    """A stage stopped on request (a stop signal) after saving a checkpoint to resume from."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) -> None:
