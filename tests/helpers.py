@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import time
 from pathlib import Path
@@ -82,6 +83,31 @@ class SlowBatches(pl.Callback):
 
     def on_train_batch_end(self, *args) -> None:
         time.sleep(self.seconds)
+
+
+class SignalAt(pl.Callback):
+    """Send ``signal`` (a name: SIGTERM, SIGUSR2, SIGINT) to this process on rank ``rank``
+    (-1: every rank) at the end of training batch ``batch`` of epoch ``epoch``, or at
+    ``on_train_end`` when ``epoch`` is -1; once per rank and ``marker``, so a re-run with
+    the same config is not signalled again."""
+
+    def __init__(self, signal: str, marker: str, epoch: int = -1, batch: int = 0, rank: int = -1) -> None:
+        self.signal, self.marker = signal, Path(marker)
+        self.epoch, self.batch, self.rank = epoch, batch, rank
+
+    def _send(self, trainer: pl.Trainer) -> None:
+        marker = self.marker.with_name(f"{self.marker.name}.rank{trainer.global_rank}")
+        if self.rank in (-1, trainer.global_rank) and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            self._send(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epoch == -1:
+            self._send(trainer)
 
 
 def read_wandb_records(path: Path) -> list:

@@ -139,6 +139,49 @@ def test_sigkill_while_writing_then_resume_matches(
     assert_same_results(run_dir, reference_run)
 
 
+def signal_at(stage: str, name: str, marker: Path, **where: int) -> list[str]:
+    """Overrides that make ``stage`` send itself signal ``name`` (see tests.helpers.SignalAt)."""
+    key = f"+pipeline.stages.{stage}.callbacks.signal"
+    return [
+        f"{key}._target_=tests.helpers.SignalAt",
+        f"{key}.signal={name}",
+        f"{key}.marker={marker}",
+        *(f"{key}.{k}={v}" for k, v in where.items()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "where"),
+    [
+        ("SIGTERM", 143, {"epoch": 1, "batch": 0}),  # mid-epoch: the next batch is the safe point
+        pytest.param("SIGUSR2", 140, {"epoch": 2, "batch": 1}, marks=pytest.mark.slow),
+        # Ctrl-C while the pseudo-labeler clusters at the end of training.
+        pytest.param("SIGINT", 130, {"epoch": -1}, marks=pytest.mark.slow),
+    ],
+)
+def test_stop_signal_saves_marks_interrupted_and_resume_is_bit_identical(
+    tmp_path: Path, data_cache: Path, reference_run: Path, name: str, code: int, where: dict
+) -> None:
+    run_dir = tmp_path / "run"
+    args = [*UNFUSED, f"run_dir={run_dir}", *signal_at("ssl", name, tmp_path / "sent", **where)]
+    code_, out = finish(cli(*args, cache=data_cache))
+    assert code_ == code, out[-3000:]
+    assert f"stopped by {name}" in out and "Traceback" not in out, out[-3000:]
+    record = manifest(run_dir)["stages"]["ssl"]
+    assert record["status"] == "interrupted" and record["error"].startswith(name)
+    checkpoint = torch.load(latest_checkpoint(run_dir / "ssl"), weights_only=False)
+    if where["epoch"] >= 0:  # saved after the batch following the signal, mid-epoch
+        assert latest_checkpoint(run_dir / "ssl").name == "interrupted.ckpt"
+        batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        assert (checkpoint["epoch"], batches["processed"]) == (where["epoch"], where["batch"] + 2)
+
+    code_, out = finish(cli(*args, cache=data_cache))
+    assert code_ == 0, out[-3000:]
+    assert f"interrupted by {name}" in out and "resuming from" in out
+    assert manifest(run_dir)["stages"]["ssl"]["attempts"] == 2
+    assert_same_results(run_dir, reference_run)
+
+
 def test_non_finite_loss_fails_the_stage_keeps_the_good_checkpoint_and_resumes(
     tmp_path: Path, data_cache: Path
 ) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import MISSING
 
 
@@ -128,3 +129,7 @@ class Config:
 def register_configs() -> None:
     """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
     ConfigStore.instance().store(name="distillery_schema", node=Config)
+    # conf/hydra/launcher/submitit_slurm.yaml extends the plugin's config of that name.
+    ConfigStore.instance().store(
+        group="hydra/launcher", name="submitit_slurm_plugin", node=SlurmQueueConf
+    )

@@ -23,6 +23,7 @@ from distillery import artifacts
 from distillery.config.validation import stage_data, stage_trainer, validate
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
+from distillery.pipeline import run_lock
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
@@ -174,7 +175,7 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> dict[str, StageRecord]:
-        with stop_on_signals():
+        with stop_on_signals(), run_lock.hold(self.run_dir, writer=self.is_rank_zero):
             return self._run()
 
     def _run(self) -> dict[str, StageRecord]:
