@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,7 @@ from tests.helpers import REPO, cli_env
 
 def distillery(*args: str, cache: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "distillery.cli", *args, f"data.cache_dir={cache}"]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600
-    )
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
 
 
 def test_smoke_run_then_skip(tmp_path: Path, data_cache: Path) -> None:

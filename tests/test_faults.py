@@ -4,7 +4,6 @@ other code or another pipeline. Nothing computed is lost and a re-run finishes t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

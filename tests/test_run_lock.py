@@ -35,13 +35,17 @@ def test_live_holder_refuses_dead_or_same_job_holder_is_taken_over(
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(json.dumps(holder_of(sleeper)))
-        with pytest.raises(RunDirLocked, match=rf"in use by another run \(pid {sleeper.pid} on host"):
+        with pytest.raises(
+            RunDirLocked, match=rf"in use by another run \(pid {sleeper.pid} on host"
+        ):
             run_lock.acquire(tmp_path)
         lock.write_text(json.dumps(holder_of(sleeper) | {"host": "elsewhere"}))
         with pytest.raises(RunDirLocked, match="on host elsewhere"):  # cannot tell: refuse
             run_lock.acquire(tmp_path)
         monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto another node
-        lock.write_text(json.dumps(holder_of(sleeper) | {"host": "elsewhere", "slurm_job_id": "77"}))
+        lock.write_text(
+            json.dumps(holder_of(sleeper) | {"host": "elsewhere", "slurm_job_id": "77"})
+        )
         assert json.loads(run_lock.acquire(tmp_path).read_text())["pid"] == run_lock.os.getpid()
         monkeypatch.delenv("SLURM_JOB_ID")
         # The holder's pid now runs another program (a different start time): stale.

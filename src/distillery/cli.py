@@ -30,6 +30,7 @@ def _main(cfg: DictConfig) -> float | None:
     from distillery.pipeline.tracking import report_to_wandb_sweep
 
     launch.install()
+    launch.tag_rank_logs(rank_zero_only.rank)
 
     # The run dir Hydra created is the one every process (and DDP child) agrees on.
     with open_dict(cfg):
@@ -65,6 +66,9 @@ def quiet_third_party_logs() -> None:
     """Keep the console to what the pipeline is doing: Lightning's tips and device banners,
     and deprecation notices from inside dependencies, are not actionable for a user."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(
+        logging.WARNING
+    )  # hydra.verbose=faiss.loader shows it
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
 

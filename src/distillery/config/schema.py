@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import MISSING
+
+from distillery.config import run_stamp  # noqa: F401 - registers ${run_stamp:...}
 
 
 @dataclass
@@ -124,12 +125,11 @@ class Config:
     optimized_metric: str | None = None
     #: Stages in ``run_dir`` made by another code version: error | rerun | reuse.
     on_code_change: str = "error"
+    #: Minutes the other DDP ranks wait while rank 0 alone clusters, evaluates and exports
+    #: (every other collective times out after ``trainer.strategy.timeout``).
+    rank_zero_wait_min: float = 120
 
 
 def register_configs() -> None:
     """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
     ConfigStore.instance().store(name="distillery_schema", node=Config)
-    # conf/hydra/launcher/submitit_slurm.yaml extends the plugin's config of that name.
-    ConfigStore.instance().store(
-        group="hydra/launcher", name="submitit_slurm_plugin", node=SlurmQueueConf
-    )

@@ -431,7 +431,9 @@ class AudioDataModule(pl.LightningDataModule):
             return {}
         loop = self.trainer.fit_loop
         batches = loop.epoch_loop.batch_progress.current.processed
-        return {"train_position": [loop.epoch_progress.current.processed, batches * self.cfg.batch_size]}
+        return {
+            "train_position": [loop.epoch_progress.current.processed, batches * self.cfg.batch_size]
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if position := state_dict.get("train_position"):

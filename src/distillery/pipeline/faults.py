@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import Strategy
 
+from distillery import artifacts
 from distillery.pipeline.checkpoints import INTERRUPTED_CHECKPOINT
 
 
@@ -220,3 +223,33 @@ class BatchSeed(pl.Callback):
         random.seed(value)
         np.random.seed(value)  # noqa: NPY002 - the global RNG is what data code draws from
         torch.manual_seed(value)
+
+
+#: Where each rank of a failed attempt leaves its error: ``<stage>/errors/rank<r>.json``.
+ERRORS_DIR = "errors"
+
+
+def first_rank_error(stage_dir: Path, attempt: int, error: str, grace_s: float = 2.0) -> str:
+    """This rank's ``error`` as the stage's error, or under DDP the first one of any rank.
+
+    Every failing rank writes its error; rank 0's then names the rank that failed first:
+    a rank that crashes writes before it exits, and only its exit makes the others fail
+    ("Connection closed by peer"). Returns ``"rank <r>: <error>"`` under DDP.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return error
+    rank = torch.distributed.get_rank()
+    errors_dir = Path(stage_dir) / ERRORS_DIR
+    mine = {"rank": rank, "attempt": attempt, "error": error, "time": time.time()}
+    artifacts.write_json(errors_dir / f"rank{rank}.json", mine)
+    if rank != 0:
+        return error
+    deadline = time.monotonic() + grace_s  # a rank failing at the same moment
+    while True:
+        reports = [json.loads(p.read_text()) for p in errors_dir.glob("rank*.json")]
+        reports = [r for r in reports if r["attempt"] == attempt]
+        if len(reports) == torch.distributed.get_world_size() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    first = min(reports, key=lambda r: r["time"])
+    return f"rank {first['rank']}: {first['error']}"

@@ -23,7 +23,7 @@ from distillery import artifacts
 from distillery.config.validation import stage_data, stage_trainer, validate
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
-from distillery.pipeline import run_lock
+from distillery.pipeline import launch, run_lock
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
@@ -31,11 +31,13 @@ from distillery.pipeline.checkpoints import (
     epoch_checkpointing,
     latest_checkpoint,
 )
+from distillery.pipeline.collectives import RankZeroWait
 from distillery.pipeline.faults import (
     BatchSeed,
     FiniteLossGuard,
     SignalCheckpoint,
     StopRequested,
+    first_rank_error,
     keep_lightning_off_signals,
     stop_if_requested,
     stop_on_signals,
@@ -157,7 +159,11 @@ class Runner:
             ):
                 action, reason = "skip", "done with the same config"
             elif last is not None:
-                was = f"interrupted by {record.error}" if record.status == "interrupted" else record.status
+                was = (
+                    f"interrupted by {record.error}"
+                    if record.status == "interrupted"
+                    else record.status
+                )
                 action, reason = "resume", f"{was}; resuming from {last}"
             else:
                 action, reason = "fresh", f"{record.status} without a checkpoint"
@@ -197,8 +203,11 @@ class Runner:
         if self.is_rank_zero:
             self.manifest.save()
 
-    def _record_failure(self, record: StageRecord, err: BaseException, start: float) -> None:
-        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+    def _record_failure(
+        self, record: StageRecord, err: BaseException, start: float, stage_dir: Path
+    ) -> None:
+        error = first_rank_error(stage_dir, record.attempts, f"{type(err).__name__}: {err}")
+        record.status, record.error = "failed", error
         record.wall_time_s = round(time.perf_counter() - start, 2)
         self._save_manifest()
 
@@ -268,7 +277,7 @@ class Runner:
             )
             trainer = self._build_trainer(name, stage_dir, loggers, module)
         except BaseException as err:
-            self._record_failure(record, err, start)
+            self._record_failure(record, err, start, stage_dir)
             raise
         log.info("stage %s (%s): %s -> %s", name, plan.kind, plan.action, stage_dir)
         try:
@@ -299,7 +308,7 @@ class Runner:
                 signum=stop.signum,
             ) from None
         except BaseException as err:
-            self._record_failure(record, err, start)
+            self._record_failure(record, err, start, stage_dir)
             raise
         finally:
             finish_loggers(loggers)
@@ -307,7 +316,7 @@ class Runner:
         record.status, record.finished_at = "done", now_iso()
         record.wall_time_s = round(time.perf_counter() - start, 2)
         self._save_manifest()
-        trainer.strategy.barrier("artifacts-written")
+        RankZeroWait(trainer.strategy, cfg.rank_zero_wait_min).barrier()  # rank 0 evaluated
         if not self.is_rank_zero:  # pick up the artifact paths rank 0 recorded
             self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
         log.info(
@@ -354,7 +363,7 @@ class Runner:
             default_root_dir=str(stage_dir),
             callbacks=callbacks,
             logger=loggers or False,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(), *launch.cluster_plugins()],
             use_distributed_sampler=False,  # the data module shards itself, without padding eval sets
         )
         keep_lightning_off_signals(trainer)
