@@ -202,18 +202,20 @@ def test_signal_to_any_rank_stops_every_rank_and_the_rerun_resumes(
     assert first.returncode == code, first.stderr[-3000:]
     sent = min(p.stat().st_mtime for p in tmp_path.glob("sent.rank*"))
     assert finished - sent < 60  # every rank stopped, none hung in a collective
-    assert f"stopped by {name} at global step 3 (epoch 1, batch 1)" in first.stderr
+    # Stopped together at the next batch: the end of batch 1 of epoch 1 (2 batches per epoch).
+    assert f"stopped by {name} at global step 4 (epoch 1, batch 1)" in first.stdout, first.stdout
     record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
     assert record["status"] == "interrupted"
 
     second = distillery(*args, cache=data_cache)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"interrupted by {name}" in second.stderr
+    assert f"interrupted by {name}" in second.stdout
     record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
     assert record["status"] == "done" and record["attempts"] == 2
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_crash_on_one_rank_stops_all_and_is_recorded_with_its_rank(
     tmp_path: Path, data_cache: Path
 ) -> None:
