@@ -177,7 +177,7 @@ def pseudo_label_worker(
     saves the labels it holds as ``labels-w<world>-r<rank>.npy``."""
     import numpy as np
 
-    from distillery.callbacks.pseudo_labeler import label_dataset
+    from distillery.clustering.distributed import label_dataset
     from distillery.data.datamodule import AudioDataModule
     from distillery.models.io import load_encoder
 

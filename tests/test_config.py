@@ -9,15 +9,38 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from distillery.cli import CONF_DIR
-from distillery.config.validation import ConfigError, validate
+from distillery.models.io import build_encoder, save_encoder
+from distillery.pipeline.contract import ConfigError, validate
 from tests.helpers import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+#: Recipes that read the teacher of another run (its encoder.pt file), by config key.
+TEACHER_FILES = {
+    "coss_compare": "pipeline.stages.cosine_random.module.teacher",
+    "krr_st_compare": "pipeline.stages.distill.module.teacher",
+    "pll_noise": "pipeline.stages.gce_00.module.pretrained",
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "encoder.pt"
+    cfg = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 64, "channels": 8}
+    save_encoder(path, build_encoder(cfg), cfg)
+    return path
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("extra", [[], ["debug=smoke"], ["data=folder", "data.root=/tmp/x"]])
-def test_every_experiment_composes_and_validates(experiment: str, extra: list[str]) -> None:
+def test_every_experiment_composes_and_validates(
+    experiment: str, extra: list[str], teacher_file: Path
+) -> None:
+    if experiment in TEACHER_FILES:  # without the file, start-up names the missing file
+        with pytest.raises(
+            ConfigError, match=f"{TEACHER_FILES[experiment]}: file .* does not exist"
+        ):
+            validate(compose_config([f"experiment={experiment}", "run_dir=/tmp/unused", *extra]))
+        extra = [*extra, f"{TEACHER_FILES[experiment]}={teacher_file}"]
     cfg = compose_config([f"experiment={experiment}", "run_dir=/tmp/unused", *extra])
     validate(cfg)
     assert cfg.pipeline.order, experiment

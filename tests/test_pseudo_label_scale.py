@@ -19,17 +19,17 @@ from sklearn.datasets import make_blobs
 from torch import nn
 
 from distillery.bench import pseudo_label_scale as bench
-from distillery.callbacks import pseudo_labeler as pl
-from distillery.callbacks.pseudo_labeler import (
+from distillery.callbacks.pseudo_labeler import PseudoLabeler
+from distillery.clustering import assign
+from distillery.clustering import distributed as pl
+from distillery.clustering.distributed import (
     LocalComm,
-    PseudoLabeler,
     fit_subset,
     iter_chunks,
     label_dataset,
     pseudo_label,
     take_rows,
 )
-from distillery.clustering import assign
 from distillery.eval.embed import NpyFeatureWriter, embed
 
 K = 6

@@ -13,11 +13,13 @@ from omegaconf import DictConfig, open_dict
 
 from distillery.config.schema import register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+#: The config tree inside the package (a link to the checkout's top-level conf/ in a source
+#: tree, package data in an installed wheel).
+CONF_DIR = str(Path(__file__).parent / "conf")
 log = logging.getLogger("distillery")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://distillery.conf", config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     # Heavy imports only once Hydra has parsed argv, so `--help` stays quick.
     from lightning.fabric.utilities.rank_zero import rank_zero_only

@@ -22,11 +22,13 @@ def test_both_terms_by_hand_on_a_3x2_batch() -> None:
     c0 = (0.6 * 0.8 + r) / math.sqrt(1.36 * 1.14)
     c1 = (0.8 * 0.6 - 1.0) / math.sqrt(1.64 * 1.86)
     space = ((1 - c0) + (1 - c1)) / 2
-    total, terms = coss_loss(s, t, l0=1.0, l1=1.0)
+    total, terms = coss_loss(s, t, cosine_weight=1.0, space_weight=1.0)
     assert terms["cos"].item() == pytest.approx(cos, abs=1e-6)
     assert terms["space"].item() == pytest.approx(space, abs=1e-6)
     assert total.item() == pytest.approx(cos + space, abs=1e-6)
-    assert coss_loss(s, t, l0=0.0, l1=2.0)[0].item() == pytest.approx(2 * space, abs=1e-6)
+    assert coss_loss(s, t, cosine_weight=0.0, space_weight=2.0)[0].item() == pytest.approx(
+        2 * space, abs=1e-6
+    )
 
 
 def test_space_term_is_the_sample_term_of_the_transposed_normalised_matrices() -> None:
@@ -36,5 +38,5 @@ def test_space_term_is_the_sample_term_of_the_transposed_normalised_matrices() -
     _, terms = coss_loss(s, t)
     # (D, B) matrices: their rows are the feature columns; the per-sample term on them
     # normalises those rows, as the space term must.
-    _, transposed = coss_loss(s_rows.T.contiguous(), t_rows.T.contiguous(), l1=0.0)
+    _, transposed = coss_loss(s_rows.T.contiguous(), t_rows.T.contiguous(), space_weight=0.0)
     assert terms["space"].item() == pytest.approx(transposed["cos"].item(), abs=1e-6)

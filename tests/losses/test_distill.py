@@ -28,7 +28,7 @@ def test_coss_hand_values_space_term_uses_columns() -> None:
     assert terms["cos"].item() == pytest.approx(cos, abs=1e-6)
     assert terms["space"].item() == pytest.approx(space, abs=1e-6)
     assert total.item() == pytest.approx(cos + space, abs=1e-6)
-    total, terms = coss_loss(s, t, l0=0.25, l1=2.0)
+    total, terms = coss_loss(s, t, cosine_weight=0.25, space_weight=2.0)
     assert total.item() == pytest.approx(0.25 * cos + 2.0 * space, abs=1e-6)
     assert terms["total"].item() == pytest.approx(total.item())
 

@@ -91,7 +91,12 @@ def test_against_python_reference_two_exits_custom_weights() -> None:
     targets = [2, 0]
     ref = _reference(exits, final, targets, a=0.5, b=0.8, g=0.1)
     loss, terms = multi_exit_loss(
-        [_t(e) for e in exits], _t(final), torch.tensor(targets), a=0.5, b=0.8, g=0.1
+        [_t(e) for e in exits],
+        _t(final),
+        torch.tensor(targets),
+        exit_ce_weight=0.5,
+        exit_kl_weight=0.8,
+        exit_cos_weight=0.1,
     )
     for key, value in ref.items():
         assert terms[key].item() == pytest.approx(value, abs=1e-5), key

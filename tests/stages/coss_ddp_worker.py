@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from tests.helpers import close_process_group
 
+from distillery.artifact_kinds import EncoderArtifact
 from distillery.stages.coss_kd import CoSSDistillStage
 
 #: No BatchNorm in the student: per-device BatchNorm statistics would differ from one
@@ -35,7 +36,10 @@ def coss_step_worker(fabric, teacher_path: str, out_dir: str) -> None:
     for space_batch in ("global", "device"):
         torch.manual_seed(0)  # the same student on every rank
         module = CoSSDistillStage(
-            encoder=STUDENT, teacher=teacher_path, batches="random", space_batch=space_batch
+            encoder=STUDENT,
+            teacher=EncoderArtifact.load(teacher_path),
+            batches="random",
+            space_batch=space_batch,
         )
         module.fabric = fabric  # world size and all_gather as under the Trainer's strategy
         module.train()

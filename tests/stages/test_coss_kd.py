@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 from tests.helpers import FAST, compose_config
 from tests.stages.coss_ddp_worker import coss_step_worker
 
+from distillery.artifact_kinds import EncoderArtifact
 from distillery.config.validation import stage_data
 from distillery.data.datamodule import AudioDataModule
 from distillery.data.knn_batches import NeighbourBatchSampler
@@ -85,7 +86,7 @@ def test_the_fit_reads_neighbour_batches(tmp_path: Path, data_cache: Path) -> No
     data = AudioDataModule(stage_data(cfg, "coss"))
     data.setup("fit")
     module = CoSSDistillStage(
-        encoder=STUDENT, teacher=str(teacher), num_neighbours=3, neighbour_pool=5
+        encoder=STUDENT, teacher=EncoderArtifact.load(teacher), num_neighbours=3, neighbour_pool=5
     )
     trainer = pl.Trainer(
         max_steps=2,
@@ -95,7 +96,7 @@ def test_the_fit_reads_neighbour_batches(tmp_path: Path, data_cache: Path) -> No
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.configure_data(data))
     sampler = trainer.train_dataloader.batch_sampler
     assert isinstance(sampler, NeighbourBatchSampler)
     assert sampler.batch_size == 64 and sampler.anchors_per_batch == 16  # data.batch_size / (1 + 3)
@@ -104,20 +105,19 @@ def test_the_fit_reads_neighbour_batches(tmp_path: Path, data_cache: Path) -> No
 
     data.cfg.batch_size = 30  # not a multiple of 1 + 3
     with pytest.raises(ValueError, match="multiple of 1 \\+ num_neighbours"):
-        pl.Trainer(
-            max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
-        ).fit(
-            CoSSDistillStage(
-                encoder=STUDENT, teacher=str(teacher), num_neighbours=3, neighbour_pool=5
-            ),
-            datamodule=data,
-        )
+        CoSSDistillStage(
+            encoder=STUDENT,
+            teacher=EncoderArtifact.load(teacher),
+            num_neighbours=3,
+            neighbour_pool=5,
+        ).configure_data(data)
 
 
 def test_no_projection_when_widths_match(tmp_path: Path) -> None:
     teacher = save_teacher(tmp_path / "teacher.pt", STUDENT)
     assert isinstance(
-        CoSSDistillStage(encoder=STUDENT, teacher=str(teacher)).projection, torch.nn.Identity
+        CoSSDistillStage(encoder=STUDENT, teacher=EncoderArtifact.load(teacher)).projection,
+        torch.nn.Identity,
     )
 
 
@@ -149,14 +149,14 @@ def test_global_space_term_equals_one_process_with_the_whole_batch(tmp_path: Pat
 
 
 def test_loss_weights_must_not_be_negative(tmp_path: Path) -> None:
-    from distillery.config.validation import ConfigError, validate
+    from distillery.pipeline.contract import ConfigError, validate
 
     cfg = compose_config(
-        ["experiment=coss", f"run_dir={tmp_path}", "pipeline.stages.coss.module.l1=-0.5"]
+        ["experiment=coss", f"run_dir={tmp_path}", "pipeline.stages.coss.module.space_weight=-0.5"]
     )
     with pytest.raises(
         ConfigError,
-        match=r"pipeline.stages.coss.module.l1: -0.5 is outside the allowed range \[0, inf\)",
+        match=r"pipeline.stages.coss.module.space_weight: -0.5 is outside the allowed range \[0, inf\)",
     ):
         validate(cfg)
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 
-from distillery.config.validation import ConfigError, validate
 from distillery.models import load_pruned
 from distillery.models.encoders import TransformerEncoder, count_parameters
 from distillery.models.pruning import GatedModel, HardConcreteGate
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.pipeline.runner import Runner
-from distillery.stages.final_distill import LayerDistillLoss
 from distillery.stages.prune_distill import SparsityLagrangian, target_sparsity_at
+from distillery.stages.teacher_student import LayerDistillLoss
 
 TINY = {"n_mels": 16, "dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64, "dropout": 0.0}
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from tests.helpers import FAST, compose_config
 
-from distillery.config.validation import ConfigError, validate
+from distillery.artifact_kinds import EncoderArtifact, SyntheticSet
 from distillery.data.datamodule import AudioDataModule
 from distillery.distill.synthetic_set import load_synthetic_set
 from distillery.losses.krr import krr_distill_loss
 from distillery.models.encoders import AudioNTT
 from distillery.models.io import save_encoder
+from distillery.pipeline.contract import ConfigError, validate
 from distillery.pipeline.runner import Runner
 from distillery.stages.dataset_distill import DatasetDistillStage
 from distillery.stages.pretrain_synthetic import PretrainSyntheticStage
@@ -82,7 +83,7 @@ def _distill_stage(teacher: str, **kwargs) -> DatasetDistillStage:
             "weight_decay": 0.0,
         },
     } | kwargs
-    return DatasetDistillStage(TINY, teacher, **kwargs)
+    return DatasetDistillStage(TINY, EncoderArtifact.load(teacher), **kwargs)
 
 
 def test_smoke_pipeline_writes_the_synthetic_set(tmp_path: Path, data_cache: Path) -> None:
@@ -112,7 +113,6 @@ def test_smoke_pipeline_writes_the_synthetic_set(tmp_path: Path, data_cache: Pat
     )  # teacher: audiontt_small
     assert torch.isfinite(inputs).all() and torch.isfinite(targets).all()
     assert meta["size"] == 6 and meta["outer_steps"] == 3 and not meta["init_only"]
-    assert meta["teacher"] == stages["ssl"].artifacts["encoder"]
     assert meta["input_shift_rms"] > 0 and meta["target_shift_rms"] > 0  # the outer steps moved it
     assert len(meta["initial_indices"]) == 6
     assert (path.parent / "examples.png").read_bytes()[:4] == b"\x89PNG"
@@ -180,11 +180,7 @@ def test_init_only_keeps_the_same_real_subset_as_the_distilled_set(
     with torch.no_grad():
         assert torch.allclose(baseline.synthetic_targets, baseline.teacher(baseline.initial_inputs))
     assert not torch.equal(distilled.synthetic_inputs, distilled.initial_inputs)
-    meta = json.loads(
-        (
-            Path(baseline.export_artifacts(tmp_path)["synthetic_set"]).with_name("meta.json")
-        ).read_text()
-    )
+    meta = baseline.export_artifacts()["synthetic_set"].meta
     assert meta["init_only"] and meta["outer_steps"] == 0 and meta["input_shift_rms"] == 0.0
 
 
@@ -204,11 +200,12 @@ def test_pretrain_synthetic_regresses_onto_the_targets(
     torch.manual_seed(0)
     module = _distill_stage(teacher, init_only=True)
     _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
-    path = module.export_artifacts(tmp_path / "distill")["synthetic_set"]
+    synthetic = module.export_artifacts()["synthetic_set"]
+    path = synthetic.save(tmp_path / "distill" / "synthetic_set")
 
     stage = PretrainSyntheticStage(
         TINY,
-        path,
+        SyntheticSet.load(path),
         batch_size=4,
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05},
     )
@@ -220,17 +217,15 @@ def test_pretrain_synthetic_regresses_onto_the_targets(
             return float(torch.nn.functional.mse_loss(stage.model(inputs), targets))
 
     before = mse()
-    trainer = _trainer(tmp_path, max_epochs=20, limit_train_batches=1, limit_val_batches=0)
-    trainer.fit(stage, datamodule=datamodule)
+    trainer = _trainer(tmp_path, max_epochs=20, limit_val_batches=0)
+    trainer.fit(stage, datamodule=stage.configure_data(datamodule))
     assert trainer.global_step == 20 * 2  # 8 examples in minibatches of 4: two steps per pass
     assert mse() < 0.5 * before
-    exported = stage.export_artifacts(tmp_path / "pretrain")["encoder"]
-    assert Path(exported).exists()
+    exported = stage.export_artifacts()["encoder"]
+    assert exported.module is stage.model.encoder
 
 
 def test_missing_or_bad_synthetic_set_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="module.synthetic_set is required"):
-        PretrainSyntheticStage(TINY, None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_synthetic_set(tmp_path / "nope.pt")
     torch.save(
@@ -240,7 +235,7 @@ def test_missing_or_bad_synthetic_set_is_a_clear_error(tmp_path: Path) -> None:
         load_synthetic_set(tmp_path / "bad.pt")
 
 
-def test_config_ranges_are_checked_at_start_up() -> None:
+def test_config_ranges_are_checked_at_start_up(teacher: str) -> None:
     cfg = compose_config(
         [
             "experiment=krr_st",
@@ -258,5 +253,7 @@ def test_config_ranges_are_checked_at_start_up() -> None:
     ]
     validate(compose_config(["experiment=krr_st"]))  # the recipe itself is valid
     validate(
-        compose_config(["experiment=krr_st_compare", "pipeline.stages.distill.module.teacher=t.pt"])
+        compose_config(
+            ["experiment=krr_st_compare", f"pipeline.stages.distill.module.teacher={teacher}"]
+        )
     )

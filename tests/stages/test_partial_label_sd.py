@@ -121,7 +121,7 @@ def test_clean_labels_and_a_separable_encoder_learn(
 
 
 def test_ranges_are_checked_at_start_up(tmp_path: Path) -> None:
-    from distillery.config.validation import ConfigError, validate
+    from distillery.pipeline.contract import ConfigError, validate
 
     cfg = compose_config(
         [

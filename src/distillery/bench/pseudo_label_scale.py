@@ -1,4 +1,4 @@
-"""Peak memory and wall time of :func:`~distillery.callbacks.pseudo_labeler.pseudo_label` at scale.
+"""Peak memory and wall time of :func:`~distillery.clustering.distributed.pseudo_label` at scale.
 
 Synthetic embedding-like features (an imbalanced mixture of anisotropic Gaussians in a
 32-dimensional latent space, randomly projected to ``dim`` dimensions plus noise, as
@@ -48,7 +48,7 @@ import scipy.sparse as sp
 from numpy.lib.format import open_memmap
 from sklearn.metrics import normalized_mutual_info_score
 
-from distillery.callbacks.pseudo_labeler import LocalComm
+from distillery.clustering.distributed import LocalComm
 from distillery.eval.embed import release_pages
 
 __all__ = ["make_features", "markdown_table", "run"]
@@ -123,7 +123,7 @@ def _vm_kib(field: str) -> int:
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant, in a fresh process: returns its timings and memory in MiB."""
-    from distillery.callbacks.pseudo_labeler import pseudo_label
+    from distillery.clustering.distributed import pseudo_label
 
     base_rss = _vm_kib("VmRSS") / 1024  # interpreter + torch + faiss, before any data
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def _objective(x: np.ndarray, model: Any, labels: np.ndarray, k: int) -> float:
     Sum of squared norms minus sum over clusters of |cluster sum|^2 / size, in float64,
     one chunk at a time.
     """
-    from distillery.callbacks.pseudo_labeler import iter_chunks
+    from distillery.clustering.distributed import iter_chunks
 
     sums, sq_total = None, 0.0
     for lo, hi, block in iter_chunks(x):
@@ -214,7 +214,7 @@ def run(
         and ``data_rss_ratio`` (over variant a's), ``nmi_vs_a``,
         ``inertia_ratio`` (see the module docstring), ``nmi_planted``, ``repeats``.
     """
-    from distillery.callbacks.pseudo_labeler import iter_chunks
+    from distillery.clustering.distributed import iter_chunks
     from distillery.eval.embed import NpyFeatureWriter
 
     if quick:

@@ -10,7 +10,7 @@ Both clustering pipelines then get the same embeddings, fit on the train split, 
 every clip (``assign_splits=("val", "test")``, so that the whole set is labeled) and
 write ``labels.npy`` atomically:
 
-- ours: :func:`distillery.callbacks.pseudo_labeler.pseudo_label` in one process, as the
+- ours: :func:`distillery.clustering.distributed.pseudo_label` in one process, as the
   ``PseudoLabeler`` calls it: ``pca_whiten(dim=128)``, ``l2_normalize``,
   ``distillery.clustering.kmeans`` (k = 32, 20 iterations), chunked assignment;
 - scikit-learn: ``PCA(128, whiten=True)``, ``normalize``,
@@ -40,7 +40,7 @@ from distillery import artifacts
 from distillery.bench.common import EXPERIMENT, compose_config
 from distillery.bench.timing import Comparison, interleaved, median, stopwatch
 from distillery.bench.training import build_datamodule
-from distillery.callbacks.pseudo_labeler import LocalComm, pseudo_label
+from distillery.clustering.distributed import LocalComm, pseudo_label
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.embed import embed
 from distillery.models.io import build_encoder

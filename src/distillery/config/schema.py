@@ -42,7 +42,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | folder | manifest
+    #: synthetic | folder | manifest, or the import path of a user's function that returns a
+    #: ``distillery.data.sources.SourceTable``, called with ``source_args``.
+    source: str = "synthetic"
+    source_args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None  # folder source: class-per-subfolder root
     path: str | None = None  # manifest source: CSV or JSONL file
     cache_dir: str = ".cache/distillery"

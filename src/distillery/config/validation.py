@@ -1,7 +1,9 @@
 """Start-up checks the schema cannot express: ``_target_`` arguments, ranges, stage wiring.
 
 Every problem is collected and reported at once, each with its full key path, before any
-stage runs: a typo must never surface an hour into a pipeline.
+stage runs: a typo must never surface an hour into a pipeline. What a stage's own class
+must provide (the stage contract, its ``inputs``) is checked one layer up, in
+:mod:`distillery.pipeline.contract`, which adds those problems to these.
 """
 
 from __future__ import annotations
@@ -18,10 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from distillery.config.schema import Config
-from distillery.stages.registry import stage_class, stage_kinds
 
-#: Constructor arguments the runner fills in itself; a config may not set them.
-INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes")
 #: Trainer arguments the runner owns.
 INJECTED_TRAINER_ARGS = (
     "default_root_dir",
@@ -133,13 +132,21 @@ def _range(
 
 def check_data(data: dict[str, Any], path: str) -> list[str]:
     problems = []
+    source = str(data.get("source"))
+    if "." in source:  # a user's source function
+        try:
+            problems += check_call_args(
+                get_method(source), data["source_args"], f"{path}.source_args"
+            )
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"{path}.source: cannot import {source!r} ({err})")
     choices = {
         "source": ("synthetic", "folder", "manifest"),
         "train_items": ("all", "labeled", "pseudo_labeled"),
         "on_bad_file": ("error", "skip"),
     }
     for key, allowed in choices.items():
-        if data.get(key) not in allowed:
+        if data.get(key) not in allowed and not (key == "source" and "." in source):
             problems.append(f"{path}.{key}: {data.get(key)!r} is not one of {list(allowed)}")
     problems += _range(
         f"{path}.label_fraction", data["label_fraction"], 0, 1, low_open=True, high_open=False
@@ -168,7 +175,10 @@ METHOD_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
         "epochs": (1, math.inf, False, True),
         "gce_q": (0, 1, True, False),
     },
-    "coss_kd": {"l0": (0, math.inf, False, True), "l1": (0, math.inf, False, True)},
+    "coss_kd": {
+        "cosine_weight": (0, math.inf, False, True),
+        "space_weight": (0, math.inf, False, True),
+    },
     "dataset_distill": {
         "size": (1, math.inf, False, True),
         "ridge": (0, math.inf, True, True),
@@ -207,15 +217,6 @@ def stage_trainer(cfg: DictConfig, name: str) -> dict[str, Any]:
     return OmegaConf.to_container(merged)
 
 
-def stage_produces(cfg: DictConfig, name: str) -> set[str]:
-    stage = cfg.pipeline.stages[name]
-    produced = set(stage_class(stage.kind, stage.module).produces)
-    for callback in stage.callbacks.values():
-        if callback and "_target_" in callback:
-            produced |= set(getattr(get_class(callback._target_), "produces", ()))
-    return produced
-
-
 def check_schema(cfg: DictConfig) -> list[str]:
     """Re-check against the schema: ``+key=value`` overrides bypass it at composition."""
     try:
@@ -225,11 +226,14 @@ def check_schema(cfg: DictConfig) -> list[str]:
     return []
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem of a composed config."""
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of a composed config that the schema and ranges can tell, by key path.
+
+    A schema violation is returned alone: the other checks assume the schema's shape.
+    """
     problems = check_schema(cfg)
-    if problems:  # the checks below assume the schema's shape
-        raise ConfigError(problems)
+    if problems:
+        return problems
     order = list(cfg.pipeline.order)
     stages = cfg.pipeline.stages
     if missing := [n for n in order if n not in stages]:
@@ -252,27 +256,12 @@ def validate(cfg: DictConfig) -> None:
     data_problems = check_data(OmegaConf.to_container(cfg.data), "data")
     problems += data_problems
 
-    for position, name in enumerate(order):
+    for name in order:
         if name not in stages:
             continue
         path = f"pipeline.stages.{name}"
         stage = stages[name]
-        try:
-            target = stage_class(stage.kind, stage.module)
-        except KeyError:
-            problems.append(
-                f"{path}.kind: unknown stage kind {stage.kind!r} (known: {stage_kinds()})"
-            )
-            continue
-        except Exception as err:  # noqa: BLE001
-            problems.append(f"{path}.module._target_: cannot import ({err})")
-            continue
         module_args = OmegaConf.to_container(stage.module)
-        inputs = OmegaConf.to_container(stage.inputs)
-        problems += check_call_args(
-            target, module_args, f"{path}.module", reserved=INJECTED_MODULE_ARGS
-        )
-        problems += check_targets(module_args, f"{path}.module")
         for key, high_open in (("target_sparsity", True), ("sparsity_warmup", False)):
             if isinstance(value := module_args.get(key), int | float):  # prune_distill
                 problems += _range(
@@ -295,10 +284,8 @@ def validate(cfg: DictConfig) -> None:
             ]
         except Exception as err:  # noqa: BLE001 - schema violation inside the stage override
             problems.append(f"{path}.data: {err}".splitlines()[0])
-        problems += _check_inputs(cfg, order[:position], inputs, path)
         problems += _check_cluster_counts(cfg, name, path)
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:
@@ -320,26 +307,5 @@ def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:
                 f"{path}.callbacks.{key}.k: {k} clusters for about {train} training clips "
                 f"(data.synthetic: {data.synthetic.num_classes} classes x {data.synthetic.clips_per_class} "
                 "clips, less val/test); k must be at most the number of clips"
-            )
-    return problems
-
-
-def _check_inputs(
-    cfg: DictConfig, earlier: list[str], inputs: dict[str, str], path: str
-) -> list[str]:
-    problems = []
-    for dest, source in inputs.items():
-        if not dest.startswith(("module.", "data.")):
-            problems.append(f"{path}.inputs.{dest}: must start with 'module.' or 'data.'")
-        producer, _, artifact = str(source).partition(".")
-        if producer not in earlier:
-            problems.append(
-                f"{path}.inputs.{dest}: {source!r} names stage {producer!r}, which does not run "
-                f"before this one (earlier stages: {earlier})"
-            )
-        elif artifact not in (produced := stage_produces(cfg, producer)):
-            problems.append(
-                f"{path}.inputs.{dest}: stage {producer!r} produces no {artifact!r} "
-                f"(it produces: {sorted(produced)})"
             )
     return problems

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,6 +21,9 @@ from distillery.data.features import LogMel
 from distillery.data.sources import AudioRecord, SourceTable, load_source
 from distillery.data.splits import assign_splits, label_subset
 from distillery.data.synthetic import SyntheticSpec
+
+if TYPE_CHECKING:  # the artifact kinds build on the data layer, not the other way round
+    from distillery.artifact_kinds import PseudoLabels
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,11 @@ class AudioDataModule(pl.LightningDataModule):
         self,
         cfg: DataConfig | DictConfig | dict[str, Any],
         *,
-        pseudo_labels: str | None = None,
+        pseudo_labels: PseudoLabels | None = None,
     ) -> None:
         super().__init__()
         self.cfg = as_data_config(cfg)
-        self.pseudo_labels_path = pseudo_labels
+        self.attached_pseudo_labels = pseudo_labels
         self.num_samples = round(self.cfg.clip_seconds * self.cfg.sample_rate)
         self._source: SourceTable | None = None
         self.table: SplitTable | None = None
@@ -218,6 +219,7 @@ class AudioDataModule(pl.LightningDataModule):
             cache_dir=cfg.cache_dir,
             synthetic=spec,
             classes=cfg.classes,
+            source_args=cfg.source_args,
         )
 
     def prepare_data(self) -> None:
@@ -228,8 +230,8 @@ class AudioDataModule(pl.LightningDataModule):
         if self.table is not None:
             return
         self.table = resolve_splits(self._load_source(), self.cfg)
-        if self.pseudo_labels_path:
-            self.pseudo_labels = self._read_pseudo_labels(Path(self.pseudo_labels_path))
+        if self.attached_pseudo_labels is not None:
+            self.pseudo_labels = self._check_pseudo_labels(self.attached_pseudo_labels)
         self.cache = self._check_files()
         self.features = self._fit_features()
         counts = {s: len(self.table.indices(s)) for s in SPLITS}
@@ -242,15 +244,14 @@ class AudioDataModule(pl.LightningDataModule):
             len(self.train_indices()),
         )
 
-    def _read_pseudo_labels(self, path: Path) -> np.ndarray:
-        labels = np.load(path)
+    def _check_pseudo_labels(self, pseudo: PseudoLabels) -> np.ndarray:
         n = len(self.table.source.records)
-        if labels.shape != (n,):
+        if pseudo.labels.shape != (n,):
             raise ValueError(
-                f"{path}: pseudo-labels have shape {labels.shape}, expected ({n},) — one per "
+                f"pseudo-labels have shape {pseudo.labels.shape}, expected ({n},) — one per "
                 "record of the data source; were they computed on a different data set?"
             )
-        return labels.astype(np.int64)
+        return pseudo.labels
 
     def _check_files(self) -> dict[int, np.ndarray] | None:
         """Check every file before training; returns the preloaded clips with ``preload``.
@@ -342,13 +343,10 @@ class AudioDataModule(pl.LightningDataModule):
 
     @property
     def num_pseudo_classes(self) -> int:
-        """k of the attached pseudo-labels (from their ``meta.json``, else the largest label + 1)."""
-        if self.pseudo_labels is None:
+        """k of the attached pseudo-labels."""
+        if self.attached_pseudo_labels is None:
             raise ValueError("no pseudo-labels attached: set inputs.data.pseudo_labels")
-        meta = Path(self.pseudo_labels_path).with_name("meta.json")
-        if meta.exists():
-            return int(json.loads(meta.read_text())["k"])
-        return int(self.pseudo_labels.max()) + 1
+        return self.attached_pseudo_labels.k
 
     def train_indices(self) -> np.ndarray:
         train = self.table.indices("train")

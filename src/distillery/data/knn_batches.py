@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import faiss
+import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["NeighbourBatchSampler", "teacher_neighbours"]
+from distillery.eval.embed import embed
+
+__all__ = ["NeighbourBatchDataModule", "NeighbourBatchSampler", "teacher_neighbours"]
 
 
 def teacher_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
@@ -121,3 +127,59 @@ class NeighbourBatchSampler(Sampler[list[int]]):
                 ]
                 batch += [int(anchor), *picks.tolist()]
             yield batch
+
+
+class NeighbourBatchDataModule(pl.LightningDataModule):
+    """The shared audio data with training batches of teacher-space neighbourhoods.
+
+    Training reads the same items as ``data`` (random crops), only the batch composition
+    changes: ``data.batch_size // (1 + num_neighbours)`` anchors, each with
+    ``num_neighbours`` drawn from its ``neighbour_pool`` nearest neighbours. The neighbours
+    are found once, when training first asks for its loader, from the frozen ``teacher``'s
+    embeddings of the centre crops (on every rank alike). Validation, test and features
+    are ``data``'s.
+    """
+
+    def __init__(
+        self, data: Any, teacher: nn.Module, num_neighbours: int, neighbour_pool: int
+    ) -> None:
+        super().__init__()
+        group = 1 + num_neighbours
+        if data.cfg.batch_size % group:
+            raise ValueError(
+                f"data.batch_size={data.cfg.batch_size} must be a multiple of 1 + num_neighbours "
+                f"= {group} for kNN batches (anchors plus their neighbours)"
+            )
+        self.data, self.teacher = data, teacher
+        self.num_neighbours, self.neighbour_pool = num_neighbours, neighbour_pool
+
+    def train_dataloader(self) -> DataLoader:
+        data, trainer = self.data, self.trainer
+        device = trainer.strategy.root_device
+        in_order = data.dataloader("train")  # centre crops, data-set order
+        _, embeddings, _ = embed(self.teacher.to(device), in_order, data.featurize, device)
+        neighbours = teacher_neighbours(embeddings, min(self.neighbour_pool, len(embeddings) - 1))
+        sampler = NeighbourBatchSampler(
+            neighbours,
+            anchors_per_batch=data.cfg.batch_size // (1 + self.num_neighbours),
+            num_neighbours=min(self.num_neighbours, neighbours.shape[1]),
+            seed=torch.initial_seed() % 2**31,  # the run's seed, the same on every rank
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        dataset = data.dataloader("train", train=True).dataset  # random crops, as training
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=data.cfg.num_workers,
+            persistent_workers=data.cfg.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.data.val_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self.data.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        return self.data.on_after_batch_transfer(batch, dataloader_idx)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_method
+
 from distillery.data.synthetic import SyntheticSpec, generate_synthetic
 
 __all__ = [
@@ -294,12 +296,15 @@ def load_source(
     cache_dir: str | os.PathLike[str] | None = None,
     synthetic: SyntheticSpec | None = None,
     classes: Sequence[str] | None = None,
+    source_args: dict[str, Any] | None = None,
 ) -> SourceTable:
     """Resolve the configured data source (``data.source``) to a :class:`SourceTable`.
 
     - ``synthetic``: generate (or reuse) the synthetic set under ``cache_dir``.
     - ``folder``: :func:`scan_folder` of ``root``.
     - ``manifest``: :func:`read_manifest` of ``path``.
+    - a dotted import path (``my_pkg.sources.my_source``): a user's function, called with
+      ``source_args`` (``data.source_args``), that returns a :class:`SourceTable`.
 
     ``classes`` (``data.classes``) fixes the class list and its order, when given.
     """
@@ -317,4 +322,14 @@ def load_source(
         if path is None or str(path) == "":
             raise ValueError("data.source=manifest needs data.path (a .csv or .jsonl manifest)")
         return read_manifest(path, classes)
-    raise ValueError(f"data.source: unknown value {source!r}; allowed: {', '.join(SOURCES)}")
+    if "." in source:
+        table = get_method(source)(**(source_args or {}))
+        if not isinstance(table, SourceTable):
+            raise TypeError(
+                f"data.source: {source} returned {type(table).__name__}, not a SourceTable"
+            )
+        return table
+    raise ValueError(
+        f"data.source: unknown value {source!r}; allowed: {', '.join(SOURCES)} "
+        "or the import path of a function returning a SourceTable"
+    )

@@ -16,15 +16,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from distillery import artifacts
 from distillery.eval.plots import _save as save_figure
 
-__all__ = ["load_synthetic_set", "plot_synthetic_examples", "save_synthetic_set"]
+__all__ = [
+    "SyntheticSetDataModule",
+    "load_synthetic_set",
+    "plot_synthetic_examples",
+    "save_synthetic_set",
+]
 
 TENSORS, META, EXAMPLES = "tensors.pt", "meta.json", "examples.png"
 
@@ -124,3 +131,36 @@ def plot_synthetic_examples(
         axes[0, col].set_title(f"#{col}")
     fig.suptitle("synthetic log-mel inputs vs the real clips they started from")
     return save_figure(fig, path)
+
+
+class SyntheticSetDataModule(pl.LightningDataModule):
+    """Batches ``{"index", "features", "target"}`` of a synthetic set, shuffled per epoch.
+
+    Under DDP each rank takes its share (a ``DistributedSampler`` seeded by the run seed);
+    Lightning sets the sampler's epoch, so an epoch's order depends on (seed, epoch) alone.
+    """
+
+    def __init__(self, synthetic: Any, batch_size: int) -> None:
+        super().__init__()
+        self.synthetic, self.batch_size = synthetic, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = _SyntheticItems(self.synthetic.inputs, self.synthetic.targets)
+        world, rank = (1, 0)
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(
+            dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
+        )
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+class _SyntheticItems(Dataset):
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, "features": self.inputs[index], "target": self.targets[index]}

@@ -13,7 +13,7 @@ __all__ = ["coss_loss", "l1_cosine_distill_loss"]
 
 
 def coss_loss(
-    student: Tensor, teacher: Tensor, *, l0: float = 1.0, l1: float = 1.0
+    student: Tensor, teacher: Tensor, *, cosine_weight: float = 1.0, space_weight: float = 1.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CoSS: per-sample cosine plus per-dimension ("space") cosine.
 
@@ -22,7 +22,7 @@ def coss_loss(
     - ``cos   = mean_i (1 - <T_i, S_i>)`` (rows: samples);
     - ``space = mean_j (1 - <T^_j, S^_j>)`` where ``T^_j`` and ``S^_j`` are column j of
       T and S (one feature dimension across the batch), L2-normalised over the batch;
-    - ``total = l0 * cos + l1 * space``.
+    - ``total = cosine_weight * cos + space_weight * space`` (the method's l0, l1).
 
     The space term depends on the whole batch (it is per device under DDP unless the caller
     gathers features first), and is noisy for small B.
@@ -46,7 +46,7 @@ def coss_loss(
     s_cols = F.normalize(s, dim=0)
     t_cols = F.normalize(t, dim=0)
     space = (1.0 - (s_cols * t_cols).sum(dim=0)).mean()
-    total = l0 * cos + l1 * space
+    total = cosine_weight * cos + space_weight * space
     return total, {"cos": cos.detach(), "space": space.detach(), "total": total.detach()}
 
 

@@ -25,16 +25,17 @@ def multi_exit_loss(
     final_logits: Tensor,
     targets: Tensor,
     *,
-    a: float = 0.7,
-    b: float = 0.3,
-    g: float = 0.003,
+    exit_ce_weight: float = 0.7,
+    exit_kl_weight: float = 0.3,
+    exit_cos_weight: float = 0.003,
     detach_teacher: bool = False,
     ignore_index: int = -1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """UnFuSeD loss on exit heads h_i and the final classifier c, with pseudo-labels y.
 
-    ``L = a * sum_i CE(h_i, y) + CE(c, y) + b * sum_i KL(softmax(c) || softmax(h_i))
-    + g * sum_i (2 - 2 cos(h_i, c))``
+    ``L = exit_ce_weight * sum_i CE(h_i, y) + CE(c, y)
+    + exit_kl_weight * sum_i KL(softmax(c) || softmax(h_i))
+    + exit_cos_weight * sum_i (2 - 2 cos(h_i, c))`` (the method's a, b, g)
 
     - CE: mean over samples with ``y != ignore_index`` (0 when there are none).
     - KL: per sample ``sum_k p_c,k (log p_c,k - log p_h,k)``, then mean over the batch
@@ -77,7 +78,7 @@ def multi_exit_loss(
         )
     ce_final = _masked_ce(final_logits.float(), targets, ignore_index)
 
-    total = a * ce_exits + ce_final + b * kl + g * cos_dist
+    total = exit_ce_weight * ce_exits + ce_final + exit_kl_weight * kl + exit_cos_weight * cos_dist
     terms = {
         "ce_exits": ce_exits.detach(),
         "ce_final": ce_final.detach(),

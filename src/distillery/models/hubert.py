@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchaudio.models.wav2vec2.components import SelfAttention
 
 from distillery.models.encoders import count_parameters
-from distillery.models.pruning import PruningSpec, UnitGroup, select_units
+from distillery.models.pruning import PruningSpec, UnitGroup, register_pruning_spec, select_units
 
 __all__ = ["HuBERTEncoder", "HuBERTPruning"]
 
@@ -185,3 +185,6 @@ class HuBERTPruning(PruningSpec):
                     ffn.output_dense.weight.mul_(scale[name])
                 select_units(ffn.intermediate_dense, keep[name], dim=0)
                 select_units(ffn.output_dense, keep[name], dim=1)
+
+
+register_pruning_spec(HuBERTEncoder, HuBERTPruning)

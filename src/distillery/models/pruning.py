@@ -248,18 +248,27 @@ class TransformerPruning(PruningSpec):
                 block.ffn.prune_units(keep[name])
 
 
+#: Pruning specs by encoder class; an encoder module registers its own (e.g. ``hubert``).
+_PRUNING_SPECS: dict[type[nn.Module], type[PruningSpec]] = {}
+
+
+def register_pruning_spec(encoder_cls: type[nn.Module], spec_cls: type[PruningSpec]) -> None:
+    """Make ``encoder_cls`` prunable by ``prune_distill`` through ``spec_cls``."""
+    _PRUNING_SPECS[encoder_cls] = spec_cls
+
+
 def pruning_spec(model: nn.Module) -> PruningSpec:
     """The :class:`PruningSpec` of ``model``'s architecture."""
-    if isinstance(model, TransformerEncoder):
-        return TransformerPruning()
-    from distillery.models.hubert import HuBERTEncoder, HuBERTPruning  # torchaudio only when used
-
-    if isinstance(model, HuBERTEncoder):
-        return HuBERTPruning()
+    for cls in type(model).__mro__:
+        if cls in _PRUNING_SPECS:
+            return _PRUNING_SPECS[cls]()
+    supported = ", ".join(c.__name__ for c in _PRUNING_SPECS)
     raise TypeError(
-        f"no structured-pruning support for {type(model).__name__} "
-        "(supported: TransformerEncoder, HuBERTEncoder)"
+        f"no structured-pruning support for {type(model).__name__} (supported: {supported})"
     )
+
+
+register_pruning_spec(TransformerEncoder, TransformerPruning)
 
 
 @torch.no_grad()

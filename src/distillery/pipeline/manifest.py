@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from distillery import __version__, artifacts
 
@@ -53,6 +57,54 @@ def code_version() -> str:
     return version
 
 
+def _import_paths(node: Any) -> list[str]:
+    """Every ``_target_`` in a config tree, and dotted strings given as such (a stage class)."""
+    if isinstance(node, dict):
+        found = [str(node["_target_"])] if "_target_" in node else []
+        return found + [
+            p for key, value in node.items() if key != "_target_" for p in _import_paths(value)
+        ]
+    if isinstance(node, list):
+        return [p for value in node for p in _import_paths(value)]
+    return []
+
+
+def _defining_module(target: str) -> tuple[str, Path] | None:
+    """The module (name, source file) that defines ``target`` (``pkg.mod.Name``), if any."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        name = ".".join(parts[:cut])
+        try:
+            module = sys.modules.get(name) or importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - not a module at this depth; try the parent
+            continue
+        source = getattr(module, "__file__", None)
+        return (name, Path(source)) if source else None
+    return None
+
+
+def source_hashes(nodes: list[Any]) -> dict[str, str]:
+    """``{module: sha256 prefix of its file}`` for the user code that ``nodes`` name.
+
+    ``nodes`` are config trees (their ``_target_`` values count) and plain import paths.
+    distillery's own code is tracked as a whole by :func:`code_version`, installed
+    packages by their versions; a user's plugin modules are hashed file by file, so
+    editing one changes the config hash of every stage that names it.
+    """
+    targets = [n for n in nodes if isinstance(n, str) and "." in n]
+    targets += [t for n in nodes if not isinstance(n, str) for t in _import_paths(n)]
+    hashes = {}
+    for target in targets:
+        found = _defining_module(target)
+        if found is None or found[0].split(".")[0] == "distillery":
+            continue
+        name, path = found
+        installed = {"site-packages", "dist-packages"} & set(path.parts)
+        if not installed and path.suffix == ".py" and path.exists():
+            hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return dict(sorted(hashes.items()))
+
+
 @dataclass
 class StageRecord:
     kind: str
@@ -69,6 +121,10 @@ class StageRecord:
     finished_at: str | None = None
     wall_time_s: float | None = None
     error: str | None = None
+
+    def artifact_path(self, name: str) -> Path | None:
+        """Where artifact ``name`` of this stage lies, or None if the stage did not write it."""
+        return Path(self.artifacts[name]) if name in self.artifacts else None
 
 
 @dataclass

@@ -20,7 +20,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
-from distillery.config.validation import stage_data, stage_trainer, validate
+from distillery.artifact_kinds import Artifact
+from distillery.config.validation import stage_data, stage_trainer
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
 from distillery.pipeline import launch, run_lock
@@ -32,6 +33,11 @@ from distillery.pipeline.checkpoints import (
     latest_checkpoint,
 )
 from distillery.pipeline.collectives import RankZeroWait
+from distillery.pipeline.contract import (
+    stage_contract,
+    stage_produces,
+    validate,
+)
 from distillery.pipeline.faults import (
     BatchSeed,
     FiniteLossGuard,
@@ -48,12 +54,11 @@ from distillery.pipeline.manifest import (
     StageRecord,
     code_version,
     now_iso,
+    source_hashes,
 )
 from distillery.pipeline.progress import StageProgressBar
 from distillery.pipeline.report import write_results
 from distillery.pipeline.tracking import build_loggers, finish_loggers, log_to_loggers
-from distillery.stages.base import StageModule
-from distillery.stages.registry import stage_class
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +67,21 @@ UNHASHED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "enable_mod
 
 
 def stage_settings(cfg: DictConfig, name: str) -> dict[str, Any]:
-    """Everything in the config that determines a stage's result."""
+    """Everything that determines a stage's result: its config, and the source of the
+    code outside distillery that the config names (a user's stage, loss, encoder, data
+    source), so that editing that code re-runs the stage."""
     trainer = {k: v for k, v in stage_trainer(cfg, name).items() if k not in UNHASHED_TRAINER_KEYS}
+    stage = OmegaConf.to_container(cfg.pipeline.stages[name], resolve=True)
+    data = OmegaConf.to_container(stage_data(cfg, name), resolve=True)
+    targets = [stage_contract(cfg, name).name, data["source"], stage, trainer]
     return json.loads(
         json.dumps(
             {
-                "stage": OmegaConf.to_container(cfg.pipeline.stages[name], resolve=True),
-                "data": OmegaConf.to_container(stage_data(cfg, name), resolve=True),
+                "stage": stage,
+                "data": data,
                 "trainer": trainer,
                 "seed": cfg.seed,
+                "code": source_hashes(targets),
             },
             default=str,
         )
@@ -145,8 +156,10 @@ class Runner:
             if record is None or not record.config_hash:
                 action, reason = "fresh", "not run before"
             elif record.config_hash != config_hash:
-                changed = ", ".join(changed_keys(record.config, settings)[:8]) or "an earlier stage"
-                action, reason = "fresh", f"config changed ({changed})"
+                keys = changed_keys(record.config, settings)
+                code = [k.removeprefix("code.") for k in keys if k.startswith("code.")]
+                config = [k for k in keys if not k.startswith("code.")]
+                action, reason = "fresh", _change_reason(config, code)
             elif rerun_upstream:
                 action, reason = "fresh", "an earlier stage is re-run"
             elif code_changed and self.cfg.on_code_change == "rerun":
@@ -155,7 +168,7 @@ class Runner:
                     f"code changed ({record.code_version} -> {code_version()})",
                 )
             elif record.status == "done" and all(
-                Path(p).exists() for p in record.artifacts.values()
+                record.artifact_path(a).exists() for a in record.artifacts
             ):
                 action, reason = "skip", "done with the same config"
             elif last is not None:
@@ -220,19 +233,32 @@ class Runner:
         (self.run_dir / name).rename(target)
         log.info("stage %s: previous outputs moved to %s", name, target)
 
-    def _resolve_inputs(self, name: str) -> tuple[dict[str, str], dict[str, str]]:
-        """``module.<arg>`` and ``data.<arg>`` keyword arguments from earlier stages' artifacts."""
-        module_kwargs, data_kwargs = {}, {}
-        for dest, source in self.cfg.pipeline.stages[name].inputs.items():
+    def _resolve_inputs(self, name: str) -> tuple[dict[str, Any], dict[str, Artifact]]:
+        """Module and data keyword arguments: earlier stages' artifacts wired by ``inputs``,
+        and artifact files named in the module config, each loaded into the kind its
+        argument is annotated with (an argument without a kind gets the file's path)."""
+        stage_cfg = self.cfg.pipeline.stages[name]
+        contract = stage_contract(self.cfg, name)
+        module_kwargs: dict[str, Any] = {}
+        data_kwargs: dict[str, Artifact] = {}
+        for dest, source in stage_cfg.inputs.items():
             producer, _, artifact = source.partition(".")
-            path = self.manifest.stages[producer].artifacts.get(artifact)
+            path = self.manifest.stages[producer].artifact_path(artifact)
             if path is None:
                 raise RuntimeError(
                     f"pipeline.stages.{name}.inputs.{dest}: stage {producer!r} finished "
                     f"without writing {artifact!r} (see {self.manifest.path})"
                 )
             target, _, arg = dest.partition(".")
-            (module_kwargs if target == "module" else data_kwargs)[arg] = path
+            if target == "module" and not contract.input_kinds(arg):
+                module_kwargs[arg] = str(path)  # an argument that takes a file (e.g. weights)
+                continue
+            kind = stage_produces(self.cfg, producer)[artifact]
+            (module_kwargs if target == "module" else data_kwargs)[arg] = kind.load(path)
+        for arg, kinds in contract.artifact_args().items():
+            value = stage_cfg.module.get(arg)
+            if isinstance(value, str) and arg not in module_kwargs:
+                module_kwargs[arg] = kinds[0].load(value)
         return module_kwargs, data_kwargs
 
     def _run_stage(self, plan: StagePlan) -> None:
@@ -261,10 +287,13 @@ class Runner:
         try:  # bad data or a bad artifact fails the stage in pipeline.json too
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module_inputs, data_inputs = self._resolve_inputs(name)
-            datamodule = AudioDataModule(stage_data(cfg, name), **data_inputs)
-            datamodule.prepare_data()
-            datamodule.setup("fit")
-            module = self._build_module(name, datamodule, module_inputs)
+            audio = AudioDataModule(stage_data(cfg, name), **data_inputs)
+            audio.prepare_data()
+            audio.setup("fit")
+            module = self._build_module(name, audio, module_inputs)
+            # The stage's own data (default: the shared audio, which evaluation always uses).
+            configure_data = getattr(module, "configure_data", None)
+            datamodule = configure_data(audio) if configure_data else audio
             loggers = build_loggers(
                 OmegaConf.to_container(cfg.logger, resolve=True),
                 stage=name,
@@ -287,7 +316,7 @@ class Runner:
             stop_if_requested(trainer.strategy, "after training")  # e.g. during k-means
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
-            metrics[f"{name}/data/skipped_files"] = float(len(datamodule.skipped_files))
+            metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
             if stage_cfg.evaluate and _overrides(module, "test_step"):
                 for result in trainer.test(module, datamodule=datamodule, verbose=False):
                     metrics.update(_floats(result))
@@ -296,8 +325,9 @@ class Runner:
                     metrics |= extra
             if self.is_rank_zero:
                 record.artifacts = self._export(module, trainer, stage_dir)
-                if stage_cfg.evaluate and module.encoder_for_eval() is not None:
-                    metrics |= self._evaluate(name, module, datamodule, trainer, stage_dir)
+                encoder = _encoder_for_eval(module)
+                if stage_cfg.evaluate and encoder is not None:
+                    metrics |= self._evaluate(name, encoder, audio, trainer, stage_dir)
         except StopRequested as stop:
             record.status, record.error = "interrupted", str(stop)
             record.wall_time_s = round(time.perf_counter() - start, 2)
@@ -324,19 +354,16 @@ class Runner:
         )
 
     def _build_module(
-        self, name: str, datamodule: AudioDataModule, inputs: dict[str, str]
+        self, name: str, data: AudioDataModule, inputs: dict[str, Artifact]
     ) -> pl.LightningModule:
         stage_cfg = self.cfg.pipeline.stages[name]
         module_cfg = OmegaConf.to_container(stage_cfg.module, resolve=True)
-        cls = stage_class(stage_cfg.kind, module_cfg)
+        contract = stage_contract(self.cfg, name)
         module_cfg.pop("_target_", None)
-        params = inspect.signature(cls).parameters
-        injected: dict[str, Any] = {"stage_name": name}
-        if "num_classes" in params:
-            injected["num_classes"] = datamodule.num_classes
-        if "num_pseudo_classes" in params:
-            injected["num_pseudo_classes"] = datamodule.num_pseudo_classes
-        return cls(**(module_cfg | inputs), **injected)  # artifacts wired by `inputs` win
+        injected = contract.injected(data) | (
+            {"stage_name": name} if "stage_name" in contract.params else {}
+        )
+        return contract.cls(**(module_cfg | inputs | injected))  # artifacts wired by `inputs` win
 
     def _build_trainer(
         self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule
@@ -372,7 +399,7 @@ class Runner:
     def _evaluate(
         self,
         name: str,
-        module: StageModule,
+        encoder: torch.nn.Module,
         datamodule: AudioDataModule,
         trainer: pl.Trainer,
         stage_dir: Path,
@@ -383,7 +410,7 @@ class Runner:
         labeled = train[table.visible_labels[train] >= 0]
         eval_cfg = self.cfg.eval
         scores, plots = evaluate_encoder(
-            module.encoder_for_eval(),
+            encoder,
             datamodule.dataloader("train", indices=labeled),
             datamodule.dataloader("test"),
             datamodule.featurize,
@@ -403,12 +430,17 @@ class Runner:
     def _export(
         self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path
     ) -> dict[str, str]:
-        written = {"checkpoint": str(latest_checkpoint(stage_dir))}
-        written |= module.export_artifacts(stage_dir) if hasattr(module, "export_artifacts") else {}
+        """Save what the stage returns; record every artifact's path relative to the run dir."""
+        written = {"checkpoint": latest_checkpoint(stage_dir)}
+        export = getattr(module, "export_artifacts", None)
+        for name, artifact in (export() if export else {}).items():
+            suffix = Path(type(artifact).filename).suffix
+            written[name] = artifact.save(stage_dir / f"{name}{suffix}")
         for callback in trainer.callbacks:
-            written |= getattr(callback, "artifacts", {})
-        artifacts.write_json(stage_dir / "artifacts.json", written)
-        return written
+            written |= {k: Path(v) for k, v in getattr(callback, "artifacts", {}).items()}
+        recorded = {k: str(v) for k, v in written.items()}
+        artifacts.write_json(stage_dir / "artifacts.json", recorded)
+        return recorded
 
 
 class StageInterrupted(RuntimeError):
@@ -429,6 +461,21 @@ def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) 
     for callback in trainer.callbacks:
         if getattr(callback, "produces", None) and not getattr(callback, "artifacts", True):
             callback.on_train_end(trainer, module)
+
+
+def _encoder_for_eval(module: pl.LightningModule) -> torch.nn.Module | None:
+    """The stage's encoder for the shared evaluation; a stage without one is not evaluated."""
+    encoder_for_eval = getattr(module, "encoder_for_eval", None)
+    return encoder_for_eval() if callable(encoder_for_eval) else None
+
+
+def _change_reason(config_keys: list[str], code_targets: list[str]) -> str:
+    parts = []
+    if config_keys:
+        parts.append(f"config changed ({', '.join(config_keys[:8])})")
+    if code_targets:
+        parts.append(f"source changed ({', '.join(code_targets[:8])})")
+    return "; ".join(parts) or "an earlier stage changed"
 
 
 def _instantiate_callback(cfg: dict[str, Any], stage_dir: Path) -> pl.Callback:

@@ -1,8 +1,9 @@
-"""What every stage module shares: metric naming, optimizer construction, artifacts."""
+"""What our stage modules share: metric naming, optimizer construction, the encoder artifact.
+
+The contract every stage (ours or a user's) follows is in :mod:`distillery.pipeline.contract`."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from distillery.models.io import save_encoder
+from distillery.artifact_kinds import Artifact, EncoderArtifact
 
 
 class StageModule(pl.LightningModule):
@@ -18,14 +19,18 @@ class StageModule(pl.LightningModule):
 
     Subclasses hold their method's training step and nothing else. The runner passes
     ``stage_name`` (used in metric keys ``<stage>/<split>/<name>``) and, when the constructor
-    takes them, ``num_classes`` and ``inputs`` resolved from earlier stages.
+    takes them, ``num_classes``, ``num_pseudo_classes`` and the artifacts of earlier stages
+    (see :mod:`distillery.pipeline.contract`).
 
     ``optimizer`` is a ``_partial_`` config called with the parameters; ``scheduler`` an
     optional ``_partial_`` config called with the optimizer (stepped per epoch).
     """
 
-    #: Artifact names this kind writes, checked against other stages' ``inputs`` at start-up.
-    produces: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    #: Artifacts :meth:`export_artifacts` returns, by name and kind; checked against other
+    #: stages' ``inputs`` at start-up (the runner adds the ``checkpoint``).
+    produces: ClassVar[dict[str, type[Artifact]]] = {}
+    #: Attributes an encoder config argument must give, checked at start-up.
+    encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(
         self,
@@ -66,11 +71,13 @@ class StageModule(pl.LightningModule):
         """The encoder this stage yields (evaluated and exported, built from ``self.encoder_cfg``)."""
         return None
 
-    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
-        """Write this stage's artifacts (rank 0 only) and return their paths by name."""
+    def export_artifacts(self) -> dict[str, Artifact]:
+        """This stage's artifacts by name; the runner saves them (rank 0 only)."""
         encoder = self.encoder_for_eval()
         if encoder is None:
             return {}
-        path = stage_dir / "encoder.pt"
-        save_encoder(path, encoder, self.encoder_cfg)
-        return {"encoder": str(path)}
+        return {"encoder": EncoderArtifact(encoder, self.encoder_cfg)}
+
+    def configure_data(self, data: pl.LightningDataModule) -> pl.LightningDataModule:
+        """The data this stage trains on; by default the shared audio data module."""
+        return data

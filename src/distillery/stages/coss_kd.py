@@ -3,33 +3,33 @@ with the CoSS loss (per-sample cosine + per-dimension "space" cosine)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from distillery.data.knn_batches import NeighbourBatchSampler, teacher_neighbours
-from distillery.eval.embed import embed
+from distillery.artifact_kinds import EncoderArtifact
+from distillery.data.knn_batches import NeighbourBatchDataModule
 from distillery.losses import coss_loss
-from distillery.models.io import build_encoder, load_encoder
+from distillery.models.io import build_encoder
 from distillery.stages.base import StageModule
 
 
 class CoSSDistillStage(StageModule):
     """A fresh student encoder learns to reproduce a frozen teacher's embeddings, no labels.
 
-    ``L = l0 * mean_i (1 - cos(t_i, s_i)) + l1 * mean_j (1 - cos(t^_j, s^_j))`` on the
+    ``L = cosine_weight * mean_i (1 - cos(t_i, s_i)) + space_weight * mean_j (1 - cos(t^_j, s^_j))`` on the
     (B, D) teacher and (projected) student embeddings of the same log-mel batch
-    (:func:`~distillery.losses.coss_loss`); ``l1 = 0`` is plain cosine distillation. When
+    (:func:`~distillery.losses.coss_loss`); ``space_weight = 0`` is plain cosine distillation. When
     the student's width differs from the teacher's, a projection head Linear-ReLU-Linear
     (hidden width ``projection_hidden_dim``, default the teacher's width) maps it to the
     teacher's; it is dropped afterwards, the exported encoder is the student alone.
 
     ``batches``: ``random`` (the data module's shuffled batches) or ``knn``: anchors plus
     ``num_neighbours`` of their ``neighbour_pool`` nearest neighbours in the teacher's
-    embedding space (exact cosine kNN over the training clips, computed once at the start
-    of fit on every rank; :class:`~distillery.data.knn_batches.NeighbourBatchSampler`).
+    embedding space (exact cosine kNN over the training clips, computed once when training starts, on every
+    rank; :class:`~distillery.data.knn_batches.NeighbourBatchDataModule`).
     A kNN batch has as many items as a random one (``data.batch_size``, which must be a
     multiple of ``1 + num_neighbours``); an epoch of kNN batches makes every clip an anchor
     once, so it is ``1 + num_neighbours`` times longer than a random epoch: compare the two
@@ -43,15 +43,15 @@ class CoSSDistillStage(StageModule):
     its own batch only, a noisier per-dimension cosine when per-device batches are small.
     """
 
-    produces: ClassVar[tuple[str, ...]] = ("checkpoint", "encoder")
+    produces = {"encoder": EncoderArtifact}
 
     def __init__(
         self,
         encoder: dict[str, Any],
-        teacher: str,
+        teacher: EncoderArtifact,
         stage_name: str = "coss_kd",
-        l0: float = 1.0,
-        l1: float = 1.0,
+        cosine_weight: float = 1.0,
+        space_weight: float = 1.0,
         batches: Literal["random", "knn"] = "knn",
         num_neighbours: int = 15,
         neighbour_pool: int = 31,
@@ -69,9 +69,9 @@ class CoSSDistillStage(StageModule):
             raise ValueError(
                 f"need 1 <= num_neighbours <= neighbour_pool, got {num_neighbours}, {neighbour_pool}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["teacher"])
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
-        self.teacher = load_encoder(teacher)[0].requires_grad_(False).eval()
+        self.teacher = teacher.module.requires_grad_(False).eval()
         student_dim, teacher_dim = self.encoder.embed_dim, self.teacher.embed_dim
         self.projection: nn.Module = nn.Identity()
         if student_dim != teacher_dim:
@@ -81,7 +81,7 @@ class CoSSDistillStage(StageModule):
                 nn.ReLU(inplace=True),
                 nn.Linear(hidden, teacher_dim),
             )
-        self.weights = {"l0": float(l0), "l1": float(l1)}
+        self.weights = {"cosine_weight": float(cosine_weight), "space_weight": float(space_weight)}
         self.batches, self.space_batch = batches, space_batch
         self.num_neighbours, self.neighbour_pool = num_neighbours, neighbour_pool
 
@@ -93,44 +93,13 @@ class CoSSDistillStage(StageModule):
         self.teacher.eval()  # frozen: BatchNorm statistics and dropout stay as trained
         return self
 
-    # -- kNN batches ----------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        if self.batches == "knn":
-            self._use_neighbour_batches()
-
-    def _use_neighbour_batches(self) -> None:
-        """Swap the data module's random training batches for teacher-space neighbourhoods.
-
-        Called before the trainer first asks for the training loader; the loader reads the
-        same training items, only the batch composition changes.
-        """
-        datamodule, trainer = self.trainer.datamodule, self.trainer
-        group = 1 + self.num_neighbours
-        batch_size = datamodule.cfg.batch_size
-        if batch_size % group:
-            raise ValueError(
-                f"data.batch_size={batch_size} must be a multiple of 1 + num_neighbours = {group} "
-                "for kNN batches (anchors plus their neighbours)"
-            )
-        in_order = datamodule.dataloader("train")  # centre crops, data-set order
-        _, embeddings, _ = embed(self.teacher, in_order, datamodule.featurize, self.device)
-        neighbours = teacher_neighbours(embeddings, min(self.neighbour_pool, len(embeddings) - 1))
-        sampler = NeighbourBatchSampler(
-            neighbours,
-            anchors_per_batch=batch_size // group,
-            num_neighbours=min(self.num_neighbours, neighbours.shape[1]),
-            seed=torch.initial_seed() % 2**31,  # the run's seed, the same on every rank
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
+    # -- data -----------------------------------------------------------------------------
+    def configure_data(self, data: pl.LightningDataModule) -> pl.LightningDataModule:
+        if self.batches == "random":
+            return data
+        return NeighbourBatchDataModule(
+            data, self.teacher, self.num_neighbours, self.neighbour_pool
         )
-        dataset = datamodule.dataloader("train", train=True).dataset  # random crops, as training
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=datamodule.cfg.num_workers,
-            persistent_workers=datamodule.cfg.num_workers > 0,
-        )
-        datamodule.train_dataloader = lambda: loader
 
     # -- objective ------------------------------------------------------------------------
     def _gathers(self, split: str) -> bool:

@@ -7,7 +7,6 @@ real clips, under the kernels of a pool of models trained on the synthetic set.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +15,10 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LinearLR
 
+from distillery.artifact_kinds import EncoderArtifact, SyntheticSet
 from distillery.distill.model_pool import ModelPool, RegressionModel
-from distillery.distill.synthetic_set import save_synthetic_set
 from distillery.losses.krr import krr_distill_loss
-from distillery.models.io import build_encoder, load_encoder
+from distillery.models.io import build_encoder
 from distillery.stages.base import StageModule
 from distillery.stages.ssl import _build_augment
 
@@ -52,12 +51,12 @@ class DatasetDistillStage(StageModule):
     every pool member). Artifact ``synthetic_set``: see :mod:`distillery.distill.synthetic_set`.
     """
 
-    produces = ("checkpoint", "synthetic_set")
+    produces = {"synthetic_set": SyntheticSet}
 
     def __init__(
         self,
         encoder: dict[str, Any],
-        teacher: str | None,
+        teacher: EncoderArtifact,
         stage_name: str = "dataset_distill",
         size: int = 100,
         ridge: float = 1e-6,
@@ -78,15 +77,8 @@ class DatasetDistillStage(StageModule):
             raise ValueError(f"size must be >= 1, got {size}")
         if not 0.0 < final_lr_factor <= 1.0:
             raise ValueError(f"final_lr_factor must be in (0, 1], got {final_lr_factor}")
-        if not teacher:
-            raise ValueError(
-                f"{stage_name}: module.teacher is required (an encoder.pt artifact, "
-                "e.g. inputs: {module.teacher: ssl.encoder})"
-            )
-        self.save_hyperparameters()
-        self.teacher_path = teacher
-        self.teacher, _ = load_encoder(teacher)
-        self.teacher.requires_grad_(False).eval()
+        self.save_hyperparameters(ignore=["teacher"])
+        self.teacher = teacher.module.requires_grad_(False).eval()
         self.size = size
         self.ridge = ridge
         self.final_lr_factor = final_lr_factor
@@ -206,9 +198,8 @@ class DatasetDistillStage(StageModule):
 
     # -- artifact -------------------------------------------------------------------------
     @torch.no_grad()
-    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
+    def export_artifacts(self) -> dict[str, SyntheticSet]:
         meta = {
-            "teacher": self.teacher_path,
             "init_only": self.init_only,
             "outer_steps": 0 if self.init_only else int(self.trainer.global_step),
             "ridge": self.ridge,
@@ -217,14 +208,13 @@ class DatasetDistillStage(StageModule):
             "input_shift_rms": _rms(self.synthetic_inputs - self.initial_inputs),
             "target_shift_rms": _rms(self.synthetic_targets - self.teacher(self.initial_inputs)),
         }
-        path = save_synthetic_set(
-            stage_dir / "synthetic_set",
-            self.synthetic_inputs,
-            self.synthetic_targets,
+        synthetic = SyntheticSet(
+            self.synthetic_inputs.detach().float().cpu(),
+            self.synthetic_targets.detach().float().cpu(),
             meta,
-            real_inputs=self.initial_inputs,
+            real_inputs=self.initial_inputs.detach().float().cpu(),
         )
-        return {"synthetic_set": str(path)}
+        return {"synthetic_set": synthetic}
 
 
 def _rms(x: Tensor) -> float:

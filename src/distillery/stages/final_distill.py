@@ -8,153 +8,14 @@ DistilHuBERT-style baseline).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from distillery.losses import l1_cosine_distill_loss
-from distillery.models.io import build_encoder, load_encoder
-from distillery.stages.base import StageModule
-
-log = logging.getLogger(__name__)
-
-
-def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
-    """Frozen teacher in eval mode: architecture from ``encoder``, weights from ``weights``.
-
-    ``weights`` is an ``encoder.pt`` artifact of an earlier stage or a plain state-dict file
-    (e.g. a torchaudio HuBERT checkpoint; an encoder may adapt its keys with an
-    ``adapt_state_dict`` method). Loaded strictly. ``None`` keeps random weights (tests).
-    """
-    teacher = build_encoder(encoder)
-    if weights is None:
-        log.warning("teacher has random weights (no teacher_weights given)")
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if hasattr(teacher, "adapt_state_dict"):
-            state = teacher.adapt_state_dict(state)
-        try:
-            teacher.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"teacher_weights {weights} do not fit the teacher config: {err}"
-            ) from err
-    return teacher.requires_grad_(False).eval()
-
-
-class LayerDistillLoss(nn.Module):
-    """Sum over layer pairs of ``L1(P(S), T) - mean cos(P(S), T)`` (DPHuBERT).
-
-    ``P`` is a linear projection from the student's to the teacher's width: teacher layer 0
-    (the front-end output) has its own, every other distilled layer shares one. Both start
-    as the identity when the widths are equal, so a student copied from the teacher starts
-    at the loss minimum.
-
-    Args:
-        student_dim, teacher_dim: feature widths.
-        teacher_layers: indices into the teacher's ``forward_hidden_states``.
-        student_layers: the matching student indices (default: the same).
-    """
-
-    def __init__(
-        self,
-        student_dim: int,
-        teacher_dim: int,
-        teacher_layers: Sequence[int],
-        student_layers: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__()
-        self.teacher_layers = list(teacher_layers)
-        self.student_layers = list(student_layers if student_layers is not None else teacher_layers)
-        if len(self.student_layers) != len(self.teacher_layers) or not self.teacher_layers:
-            raise ValueError(
-                f"student_layers {self.student_layers} and distill_layers {self.teacher_layers} "
-                "must be non-empty and of equal length"
-            )
-        self.front_proj = nn.Linear(student_dim, teacher_dim)
-        self.layer_proj = nn.Linear(student_dim, teacher_dim)
-        if student_dim == teacher_dim:
-            for proj in (self.front_proj, self.layer_proj):
-                nn.init.eye_(proj.weight)
-                nn.init.zeros_(proj.bias)
-
-    def check_depths(self, student_states: int, teacher_states: int) -> None:
-        for name, layers, n in (
-            ("student_layers", self.student_layers, student_states),
-            ("distill_layers", self.teacher_layers, teacher_states),
-        ):
-            if bad := [i for i in layers if not 0 <= i < n]:
-                raise ValueError(
-                    f"{name}: {bad} out of range; the model has hidden states 0..{n - 1}"
-                )
-
-    def forward(
-        self, student: list[Tensor], teacher: list[Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student and teacher hidden states (lists of (B, T, D)) -> (total, per-layer terms)."""
-        total = torch.zeros((), device=student[0].device)
-        terms: dict[str, Tensor] = {}
-        for s_idx, t_idx in zip(self.student_layers, self.teacher_layers, strict=True):
-            proj = self.front_proj if t_idx == 0 else self.layer_proj
-            loss, parts = l1_cosine_distill_loss(proj(student[s_idx]), teacher[t_idx].detach())
-            total = total + loss
-            terms[f"layer{t_idx}_l1"], terms[f"layer{t_idx}_cos"] = parts["l1"], parts["cos"]
-        return total, terms
-
-
-class TeacherDistillStage(StageModule):
-    """Shared machinery of ``prune_distill`` and ``final_distill``: a frozen teacher (never
-    trained, kept in eval mode, left out of checkpoints and rebuilt from its weights on
-    resume), the layer loss, and the batch key the encoders read (``features`` = log-mel,
-    or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``)."""
-
-    produces = ("checkpoint", "encoder")
-
-    def __init__(
-        self,
-        teacher: dict[str, Any],
-        teacher_weights: str | None,
-        stage_name: str,
-        optimizer: dict[str, Any] | None,
-        scheduler: dict[str, Any] | None,
-    ) -> None:
-        super().__init__(stage_name, optimizer, scheduler)
-        self.teacher = load_teacher(teacher, teacher_weights)
-        self.input_key = getattr(self.teacher, "input_key", "features")
-
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
-        raise NotImplementedError
-
-    def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x = batch[self.input_key]
-        with torch.no_grad():
-            teacher_states = self.teacher.forward_hidden_states(x)
-        student_states = self.student_hidden_states(x)
-        if self.global_step == 0:
-            self.distill_loss.check_depths(len(student_states), len(teacher_states))
-        return self.distill_loss(student_states, teacher_states)
-
-    def on_train_epoch_start(self) -> None:
-        self.teacher.eval()  # Lightning switches every submodule to train mode
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"].update(
-            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        )
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss, _ = self.distill_step(batch)
-        self.log_split("val", {"distill_loss": loss}, on_step=False, on_epoch=True, prog_bar=True)
+from distillery.artifact_kinds import EncoderArtifact
+from distillery.models.io import build_encoder
+from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
 class FinalDistillStage(TeacherDistillStage):
@@ -163,7 +24,7 @@ class FinalDistillStage(TeacherDistillStage):
 
     Args:
         teacher: the teacher's encoder config; ``teacher_weights`` its weights file.
-        student: path of the student's encoder artifact (exclusive with ``student_encoder``).
+        student: the student's encoder artifact (exclusive with ``student_encoder``).
         student_encoder: config of a fresh, randomly initialised student.
         distill_layers: teacher hidden-state indices; ``student_layers`` the student's
             (default: the same indices).
@@ -173,7 +34,7 @@ class FinalDistillStage(TeacherDistillStage):
         self,
         teacher: dict[str, Any],
         teacher_weights: str | None = None,
-        student: str | None = None,
+        student: EncoderArtifact | None = None,
         student_encoder: dict[str, Any] | None = None,
         stage_name: str = "final_distill",
         distill_layers: Sequence[int] = (0, 4, 8, 12),
@@ -182,13 +43,13 @@ class FinalDistillStage(TeacherDistillStage):
         scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(teacher, teacher_weights, stage_name, optimizer, scheduler)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["student"])
         if (student is None) == (student_encoder is None):
             raise ValueError(
                 f"{stage_name}: give exactly one of module.student (an artifact) and module.student_encoder"
             )
         if student is not None:
-            self.student, self.encoder_cfg = load_encoder(student)
+            self.student, self.encoder_cfg = student.module, student.config
         else:
             self.student, self.encoder_cfg = build_encoder(student_encoder), student_encoder
         self.distill_loss = LayerDistillLoss(

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from distillery.models.io import build_encoder, load_encoder
+from distillery.artifact_kinds import EncoderArtifact
+from distillery.models.io import build_encoder
 from distillery.stages.base import StageModule
 
 
@@ -18,11 +19,11 @@ class FinetuneStage(StageModule):
 
     ``mode=full`` trains everything; ``mode=linear`` freezes the encoder (kept in eval mode,
     so its BatchNorm statistics do not move) and trains the head only: a linear probe.
-    ``pretrained`` is an ``encoder.pt`` artifact of an earlier stage; without it the encoder
+    ``pretrained`` is an earlier stage's encoder artifact (or an ``encoder.pt`` file); without it the encoder
     is built from ``encoder`` with random weights (training from scratch).
     """
 
-    produces = ("checkpoint", "encoder")
+    produces = {"encoder": EncoderArtifact}
 
     def __init__(
         self,
@@ -30,15 +31,15 @@ class FinetuneStage(StageModule):
         num_classes: int,
         stage_name: str = "finetune",
         mode: Literal["full", "linear"] = "full",
-        pretrained: str | None = None,
+        pretrained: EncoderArtifact | None = None,
         label_smoothing: float = 0.0,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(stage_name, optimizer, scheduler)
-        self.save_hyperparameters()
-        if pretrained:
-            self.encoder, self.encoder_cfg = load_encoder(pretrained)
+        self.save_hyperparameters(ignore=["pretrained"])
+        if pretrained is not None:
+            self.encoder, self.encoder_cfg = pretrained.module, pretrained.config
         else:
             self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
         self.mode = mode

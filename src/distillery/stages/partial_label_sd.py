@@ -6,22 +6,19 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-import numpy as np
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from distillery import artifacts
+from distillery.artifact_kinds import EncoderArtifact, Tensors
+from distillery.data.feature_cache import FeatureCache
 from distillery.data.label_noise import add_label_noise, resolve_clusters
-from distillery.eval.embed import embed
-from distillery.eval.metrics import _at_most_threads
 from distillery.losses.partial_label import candidate_gce_loss, soft_cross_entropy, top_k_candidates
-from distillery.models.io import load_encoder
 from distillery.stages.base import StageModule
 
 log = logging.getLogger(__name__)
@@ -32,8 +29,8 @@ SPLITS = ("train", "val", "test")
 class PartialLabelSDStage(StageModule):
     """Linear (no bias) softmax heads on frozen features, trained on noisy labels.
 
-    Features of the ``pretrained`` encoder (an ``encoder.pt`` artifact) are computed once
-    per stage, on centre crops of the train, val and test clips, and standardised with the
+    Features of the ``pretrained`` encoder (an earlier stage's encoder artifact) are computed
+    once per stage, on centre crops of the train, val and test clips, and standardised with the
     train statistics. The train labels (and, with ``noisy_val``, the val labels) get
     ``noise_kind`` noise at ``noise_rate``. Then, on the cached features:
 
@@ -51,20 +48,22 @@ class PartialLabelSDStage(StageModule):
       the teacher's preference where the teacher is confident. In our runs GCE has the
       higher *validation* accuracy (experiments/pll/README.md).
 
-    Each head trains for ``epochs`` epochs with the ``optimizer`` / per-epoch ``scheduler``
-    (SGD, momentum 0.9, lr x 0.98 per epoch by default) and keeps the epoch with the best
-    accuracy on the validation split (never the test split). The rounds run in
-    ``on_train_start``: the data module's batches are not needed, every step is on the
-    cached tensors. Test accuracy of every head (and the teacher's top-2 accuracy) comes
-    from ``test_step`` on the cached test features. Under DDP every rank caches the same
-    features and trains the same heads (seeded); the test metrics are synced over ranks.
+    The stage trains on a :class:`~distillery.data.feature_cache.FeatureCache` of those
+    features (:meth:`configure_data`), in an ordinary Lightning loop where **one epoch is
+    one round**: the trainer runs ``rounds + 2`` epochs (the stage sets it), and round
+    ``r``'s epoch holds ``epochs`` shuffled passes over the train features in batches of
+    ``batch_size``. Each head has its own ``optimizer`` and per-pass ``scheduler`` (SGD,
+    momentum 0.9, lr x 0.98 per pass by default) and keeps the pass with the best accuracy
+    on the validation split (never the test split). A checkpoint after each round resumes
+    at the next one. Test accuracy of every head (and the teacher's top-2 accuracy) comes
+    from ``test_step`` on the cached test features, synced over ranks under DDP.
     """
 
-    produces: ClassVar[tuple[str, ...]] = ("checkpoint", "heads")
+    produces = {"heads": Tensors}
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: EncoderArtifact,
         num_classes: int,
         stage_name: str = "partial_label_sd",
         noise_kind: Literal["symmetric", "asymmetric", "clustered"] = "symmetric",
@@ -88,8 +87,8 @@ class PartialLabelSDStage(StageModule):
             raise ValueError(f"pll_loss must be 'two_hot_ce' or 'gce', got {pll_loss!r}")
         if pll_init not in ("teacher", "fresh"):
             raise ValueError(f"pll_init must be 'teacher' or 'fresh', got {pll_init!r}")
-        self.save_hyperparameters()
-        self.automatic_optimization = False  # each head has its own optimizer, built per round
+        self.save_hyperparameters(ignore=["pretrained"])
+        self.automatic_optimization = False  # one optimizer per head, stepped by hand
         self.pretrained = pretrained
         self.num_classes = num_classes
         self.noise = {"kind": noise_kind, "rate": float(noise_rate), "clusters": noise_clusters}
@@ -98,13 +97,12 @@ class PartialLabelSDStage(StageModule):
         self.epochs, self.batch_size = epochs, batch_size
         self.pll_loss, self.gce_q, self.pll_init = pll_loss, gce_q, pll_init
         self.head_names = ["ce", *(f"sd{r}" for r in range(1, rounds + 1)), "pll"]
-        # Built here (not per round) so that checkpoints and DDP see them; re-initialised
-        # from a seed at the start of each round.
-        embed_dim = load_encoder(pretrained)[0].embed_dim
         self.heads = nn.ModuleDict(
-            {n: nn.Linear(embed_dim, num_classes, bias=False) for n in self.head_names}
+            {
+                n: nn.Linear(pretrained.module.embed_dim, num_classes, bias=False)
+                for n in self.head_names
+            }
         )
-        self.register_buffer("trained", torch.tensor(False))
         self.summary: dict[str, float] = {}
         self.test_acc = nn.ModuleDict(
             {name: MulticlassAccuracy(num_classes, average="micro") for name in self.head_names}
@@ -112,60 +110,58 @@ class PartialLabelSDStage(StageModule):
         self.test_teacher_top2 = MulticlassAccuracy(
             num_classes, top_k=min(2, num_classes), average="micro"
         )
-        # split -> (standardised features, clean labels, noisy labels), filled once per stage
-        self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self._row_of: Tensor | None = None  # data-set index -> row of its split's cache
-        self.feature_stats: dict[str, Tensor] = {}  # train mean and std of the raw features
+        self.noisy: dict[str, Tensor] = {}  # noisy train (and val) labels, on the device
+        self._targets: Tensor | None = None  # the current round's training targets
+        self._loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+        self._best: tuple[float, int, dict[str, Tensor] | None] = (-1.0, -1, None)
+        self._pass = 0
+        self._threads = 0
 
-    # -- features -------------------------------------------------------------------------
-    def _ensure_features(self) -> None:
-        if self._cache:
+    # -- data -----------------------------------------------------------------------------
+    def configure_data(self, data: pl.LightningDataModule) -> FeatureCache:
+        return FeatureCache(
+            data,
+            self.pretrained.module,
+            batch_size=self.batch_size,
+            passes=self.epochs,
+            seed=self.seed,
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # one epoch per round, whatever the trainer config says
+            self.trainer.fit_loop.max_epochs = len(self.head_names)
+
+    def _features(self, split: str) -> tuple[Tensor, Tensor]:
+        cache = self.trainer.datamodule
+        return cache.features[split].to(self.device), cache.labels[split].to(self.device)
+
+    def _add_noise(self) -> None:
+        """Seeded noise on the train (and, with ``noisy_val``, val) labels; once per stage."""
+        if self.noisy:
             return
-        datamodule = self.trainer.datamodule
-        encoder, _ = load_encoder(self.pretrained)
-        encoder.to(self.device)
-        n_records = len(datamodule.table.source.records)
-        row_of = torch.full((n_records,), -1, dtype=torch.long)
-        raw = {}
-        for split in SPLITS:
-            indices, x, labels = embed(
-                encoder, datamodule.dataloader(split), datamodule.featurize, self.device
-            )
-            keep = labels >= 0  # unlabeled train items (label_fraction < 1) cannot be probed
-            indices, x, labels = indices[keep], x[keep], labels[keep]
-            row_of[torch.from_numpy(indices)] = torch.arange(len(indices))
-            raw[split] = (torch.from_numpy(x), torch.from_numpy(labels))
-        mean, std = raw["train"][0].mean(0), raw["train"][0].std(0).clamp(min=1e-6)
-        for offset, split in enumerate(SPLITS):
-            x, labels = raw[split]
-            noisy = labels.clone()
-            if split == "train" or (split == "val" and self.noisy_val):
-                noisy = torch.from_numpy(self._add_noise(labels.numpy(), self.seed + offset))
-            self._cache[split] = (
-                ((x - mean) / std).to(self.device),
-                labels.to(self.device),
-                noisy.to(self.device),
-            )
-        self._row_of = row_of.to(self.device)
-        self.feature_stats = {"mean": mean, "std": std}
-
-    def _add_noise(self, labels: np.ndarray, seed: int) -> np.ndarray:
         clusters = self.noise["clusters"]
         if clusters is not None:
             clusters = resolve_clusters(clusters, self.trainer.datamodule.class_names)
-        noisy = add_label_noise(
-            labels, self.noise["kind"], self.noise["rate"], self.num_classes, seed, clusters
-        )
-        self.summary.setdefault("noise_realised_rate", noisy.realised_rate)  # train split first
-        return noisy.labels
+        for offset, split in enumerate(("train", "val")):
+            labels = self._features(split)[1]
+            if split == "val" and not self.noisy_val:
+                self.noisy[split] = labels
+                continue
+            noisy = add_label_noise(
+                labels.cpu().numpy(),
+                self.noise["kind"],
+                self.noise["rate"],
+                self.num_classes,
+                self.seed + offset,
+                clusters,
+            )
+            self.summary.setdefault("noise_realised_rate", noisy.realised_rate)  # train's
+            self.noisy[split] = torch.from_numpy(noisy.labels).to(self.device)
 
     def on_fit_start(self) -> None:
-        self._ensure_features()
+        self._add_noise()
 
-    def on_test_start(self) -> None:
-        self._ensure_features()
-
-    # -- training -------------------------------------------------------------------------
+    # -- training: one round per epoch ----------------------------------------------------
     def _reset_head(self, position: int) -> nn.Linear:
         """The head of round ``position``, freshly initialised from a seed."""
         head = self.heads[self.head_names[position]]
@@ -174,74 +170,81 @@ class PartialLabelSDStage(StageModule):
             head.reset_parameters()
         return head
 
-    def _fit_head(
-        self,
-        head: nn.Linear,
-        position: int,
-        targets: Tensor,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-    ) -> None:
-        """Train ``head`` on the cached train features; keep its best validation epoch."""
-        x = self._cache["train"][0]
-        val_x, _, val_y = self._cache["val"]
-        optimizer = instantiate(self.optimizer_cfg)(head.parameters())
-        scheduler = instantiate(self.scheduler_cfg)(optimizer) if self.scheduler_cfg else None
-        generator = torch.Generator().manual_seed(self.seed * 1000 + position)
-        best_acc, best_epoch, best_state = -1.0, -1, None
-        for epoch in range(self.epochs):
-            order = torch.randperm(len(x), generator=generator).to(self.device)
-            for start in range(0, len(x), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                loss = loss_fn(head(x[batch]), targets[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            with torch.no_grad():
-                acc = (head(val_x).argmax(1) == val_y).float().mean().item()
-            if acc > best_acc:
-                best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(head.state_dict())
-        head.load_state_dict(best_state)
-        name = self.head_names[position]
-        self.summary[f"val_acc_{name}"] = best_acc
-        self.summary[f"best_epoch_{name}"] = float(best_epoch)
-
     @torch.no_grad()
-    def _logits(self, head: nn.Module, split: str) -> Tensor:
-        return head(self._cache[split][0])
-
-    def _train_rounds(self) -> None:
-        _, clean, noisy = self._cache["train"]
-        # Tiny matmuls: threads only add waiting on a busy CPU (10x slower with 2 threads).
-        with _at_most_threads(1), torch.enable_grad(), torch.inference_mode(False):
-            teacher = self._reset_head(0)
-            self._fit_head(teacher, 0, noisy, F.cross_entropy)
-            previous = teacher
-            for position in range(1, len(self.head_names) - 1):
-                soft = F.softmax(self._logits(previous, "train"), dim=1)
-                previous = self._reset_head(position)
-                self._fit_head(previous, position, soft, soft_cross_entropy)
-            position = len(self.head_names) - 1
-            candidates = top_k_candidates(self._logits(teacher, "train"), k=2)
-            pll = self._reset_head(position)
-            if self.pll_init == "teacher":
-                pll.load_state_dict(teacher.state_dict())
-            loss_fn = soft_cross_entropy if self.pll_loss == "two_hot_ce" else self._gce
-            self._fit_head(pll, position, candidates, loss_fn)
-        teacher_logits = self._logits(teacher, "train")
-        top2 = teacher_logits.topk(min(2, self.num_classes), dim=1).indices
-        self.summary["teacher_top1_clean"] = (top2[:, 0] == clean).float().mean().item()
-        self.summary["teacher_top2_clean"] = (top2 == clean[:, None]).any(1).float().mean().item()
-        self.summary["noisy_label_acc"] = (noisy == clean).float().mean().item()
-        self.trained.fill_(True)
-
-    def _gce(self, logits: Tensor, candidates: Tensor) -> Tensor:
-        return candidate_gce_loss(logits, candidates, self.gce_q)
+    def _logits(self, name: str, split: str) -> Tensor:
+        return self.heads[name](self._features(split)[0])
 
     def on_train_start(self) -> None:
-        if not self.trained:
-            self._train_rounds()
+        # Tiny matmuls: threads only add waiting on a busy CPU (10x slower with 2 threads).
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def on_train_end(self) -> None:
+        torch.set_num_threads(self._threads)
+
+    def on_train_epoch_start(self) -> None:
+        """Start round ``current_epoch``: a fresh head and its targets."""
+        position, last = self.current_epoch, len(self.head_names) - 1
+        head = self._reset_head(position)
+        if position == 0:  # the CE teacher, on the noisy labels
+            self._targets, self._loss_fn = self.noisy["train"], F.cross_entropy
+        elif position < last:  # self-distillation from the previous round's head
+            previous = self.head_names[position - 1]
+            self._targets = F.softmax(self._logits(previous, "train"), dim=1)
+            self._loss_fn = soft_cross_entropy
+        else:  # partial labels: the teacher's top-2 candidates
+            self._targets = top_k_candidates(self._logits("ce", "train"), k=2)
+            if self.pll_init == "teacher":
+                head.load_state_dict(self.heads["ce"].state_dict())
+            self._loss_fn = soft_cross_entropy if self.pll_loss == "two_hot_ce" else self._gce
+        self._best, self._pass = (-1.0, -1, None), 0
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        position = self.current_epoch
+        optimizer = self._round_optimizer(position)
+        head = self.heads[self.head_names[position]]
+        loss = self._loss_fn(head(batch["features"]), self._targets[batch["row"]])
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        if (batch_idx + 1) % self.trainer.train_dataloader.batch_sampler.batches_per_pass == 0:
+            self._end_pass(position)
+        return loss.detach()
+
+    def _round_optimizer(self, position: int) -> Any:
+        optimizers = self.optimizers()
+        return optimizers[position] if isinstance(optimizers, list) else optimizers
+
+    def _end_pass(self, position: int) -> None:
+        """After a pass: step the head's scheduler; keep the head if validation improved."""
+        if self.scheduler_cfg:
+            schedulers = self.lr_schedulers()
+            (schedulers[position] if isinstance(schedulers, list) else schedulers).step()
+        name = self.head_names[position]
+        with torch.no_grad():
+            acc = (self._logits(name, "val").argmax(1) == self.noisy["val"]).float().mean().item()
+        if acc > self._best[0]:
+            self._best = (acc, self._pass, copy.deepcopy(self.heads[name].state_dict()))
+        self._pass += 1
+
+    def on_train_epoch_end(self) -> None:
+        """End of a round: keep the head's best validation pass, log the round's results."""
+        position = self.current_epoch
+        name = self.head_names[position]
+        if self._best[2] is None:  # a shortened epoch (e.g. debug=smoke) finished no pass
+            self._end_pass(position)
+        acc, best_pass, state = self._best
+        self.heads[name].load_state_dict(state)
+        self.summary[f"val_acc_{name}"], self.summary[f"best_epoch_{name}"] = acc, float(best_pass)
+        if position == 0:
+            clean = self._features("train")[1]
+            top2 = self._logits("ce", "train").topk(min(2, self.num_classes), dim=1).indices
+            self.summary["teacher_top1_clean"] = (top2[:, 0] == clean).float().mean().item()
+            self.summary["teacher_top2_clean"] = (
+                (top2 == clean[:, None]).any(1).float().mean().item()
+            )
+            self.summary["noisy_label_acc"] = (self.noisy["train"] == clean).float().mean().item()
+        if position == len(self.head_names) - 1:
             log.info("%s: %s", self.stage_name, {k: round(v, 4) for k, v in self.summary.items()})
         # Selection results live in the val namespace, noise and teacher facts in train.
         val = {k: v for k, v in self.summary.items() if k.startswith(("val_acc_", "best_epoch_"))}
@@ -250,18 +253,20 @@ class PartialLabelSDStage(StageModule):
             "train", {k: v for k, v in self.summary.items() if k not in val}, sync_dist=False
         )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        return None  # the rounds ran in on_train_start, on the cached features
+    def _gce(self, logits: Tensor, candidates: Tensor) -> Tensor:
+        return candidate_gce_loss(logits, candidates, self.gce_q)
 
-    def configure_optimizers(self) -> None:
-        return None  # one optimizer per head, built from ``optimizer`` in each round
+    def configure_optimizers(self) -> Any:
+        optimizers = [
+            instantiate(self.optimizer_cfg)(self.heads[n].parameters()) for n in self.head_names
+        ]
+        if not self.scheduler_cfg:
+            return optimizers
+        return optimizers, [instantiate(self.scheduler_cfg)(o) for o in optimizers]
 
     # -- test -----------------------------------------------------------------------------
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        rows = self._row_of[batch["index"]]
-        rows = rows[rows >= 0]
-        x, labels, _ = self._cache["test"]
-        x, labels = x[rows], labels[rows]
+        x, labels = batch["features"], batch["label"]
         for name in self.head_names:
             self.test_acc[name](self.heads[name](x), labels)
         self.test_teacher_top2(self.heads["ce"](x), labels)
@@ -277,21 +282,19 @@ class PartialLabelSDStage(StageModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.summary = dict(checkpoint.get("partial_label_sd_summary", {}))
 
-    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
-        path = stage_dir / "heads.pt"
-        _, _, noisy = self._cache["train"]
-        artifacts.write_torch(
-            path,
-            {
-                "heads": {
-                    n: {k: v.cpu() for k, v in self.heads[n].state_dict().items()}
-                    for n in self.head_names
-                },
-                "feature_mean": self.feature_stats["mean"],
-                "feature_std": self.feature_stats["std"],
-                "noisy_train_labels": noisy.cpu(),
-                "summary": dict(self.summary),
-                "pretrained": self.pretrained,
-            },
-        )
-        return {"heads": str(path)}
+    def export_artifacts(self) -> dict[str, Tensors]:
+        cache = self.trainer.datamodule
+        heads = {
+            n: {k: v.cpu() for k, v in self.heads[n].state_dict().items()} for n in self.head_names
+        }
+        return {
+            "heads": Tensors(
+                {
+                    "heads": heads,
+                    "feature_mean": cache.mean,
+                    "feature_std": cache.std,
+                    "noisy_train_labels": self.noisy["train"].cpu(),
+                    "summary": dict(self.summary),
+                }
+            )
+        }

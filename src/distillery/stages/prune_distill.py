@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from distillery import artifacts
-from distillery.eval.plots import _save as save_figure
+from distillery.artifact_kinds import Artifact, EncoderArtifact, JsonReport, Plot
 from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
-from distillery.stages.final_distill import LayerDistillLoss, TeacherDistillStage
+from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
 class SparsityLagrangian(nn.Module):
@@ -71,7 +69,7 @@ class PruneDistillStage(TeacherDistillStage):
             weight decay on either); the other parameters use ``optimizer``'s.
     """
 
-    produces = ("checkpoint", "encoder", "pruning", "sparsity_plot")
+    produces = {"encoder": EncoderArtifact, "pruning": JsonReport, "sparsity_plot": Plot}
 
     def __init__(
         self,
@@ -162,8 +160,8 @@ class PruneDistillStage(TeacherDistillStage):
     def encoder_for_eval(self) -> nn.Module | None:
         return self.pruned
 
-    def export_artifacts(self, stage_dir: Path) -> dict[str, str]:
-        written = super().export_artifacts(stage_dir)  # the pruned encoder.pt
+    def export_artifacts(self) -> dict[str, Artifact]:
+        exported = super().export_artifacts()  # the pruned encoder
         pruned_params = count_parameters(self.pruned)
         target_params = (1.0 - self.target_sparsity) * self.gated.full_params
         summary = {
@@ -175,15 +173,14 @@ class PruneDistillStage(TeacherDistillStage):
             "params_vs_target": pruned_params / target_params - 1.0,
             "kept": self.encoder_cfg["kept"],
         }
-        artifacts.write_json(stage_dir / "pruning.json", summary)
-        written["pruning"] = str(stage_dir / "pruning.json")
+        exported["pruning"] = JsonReport(summary)
         if self.history:
-            written["sparsity_plot"] = str(plot_sparsity(self.history, stage_dir / "sparsity.png"))
-        return written
+            exported["sparsity_plot"] = Plot(plot_sparsity(self.history))
+        return exported
 
 
-def plot_sparsity(history: list[dict[str, float]], path: Path) -> Path:
-    """Expected sparsity and its target over the training steps, as a PNG."""
+def plot_sparsity(history: list[dict[str, float]]) -> Figure:
+    """Expected sparsity and its target over the training steps."""
     fig = Figure(figsize=(5, 3.2))
     ax = fig.add_subplot()
     steps = [h["step"] for h in history]
@@ -193,4 +190,4 @@ def plot_sparsity(history: list[dict[str, float]], path: Path) -> Path:
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
-    return save_figure(fig, path)
+    return fig

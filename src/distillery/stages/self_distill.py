@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import multi_exit_loss
 from distillery.models.heads import MLPHead
 from distillery.models.io import build_encoder
@@ -17,15 +18,16 @@ from distillery.stages.base import StageModule
 class SelfDistillStage(StageModule):
     """Student with an exit head on every block, distilled from its own final classifier.
 
-    ``L = a * sum_i CE(h_i, y) + CE(c, y) + b * sum_i KL(softmax(c) || softmax(h_i))
-    + g * sum_i (2 - 2 cos(h_i, c))`` with ``y`` the pseudo-labels. Head and classifier
+    ``L = exit_ce_weight * sum_i CE(h_i, y) + CE(c, y) + exit_kl_weight * sum_i
+    KL(softmax(c) || softmax(h_i)) + exit_cos_weight * sum_i (2 - 2 cos(h_i, c))`` with ``y`` the pseudo-labels. Head and classifier
     widths are the number of pseudo-classes, read from the pseudo-label artifact
     (``num_pseudo_classes``, filled in by the runner), never typed by hand.
     ``detach_teacher`` stops the KL/cosine gradients into the final classifier; the
     reference implementation does not detach (default False).
     """
 
-    produces = ("checkpoint", "encoder")
+    produces = {"encoder": EncoderArtifact}
+    encoder_requirements = {"encoder": ("embed_dim", "exit_dims", "forward_exits")}
 
     def __init__(
         self,
@@ -33,9 +35,9 @@ class SelfDistillStage(StageModule):
         num_pseudo_classes: int,
         stage_name: str = "self_distill",
         head_hidden_dim: int = 512,
-        a: float = 0.7,
-        b: float = 0.3,
-        g: float = 0.003,
+        exit_ce_weight: float = 0.7,
+        exit_kl_weight: float = 0.3,
+        exit_cos_weight: float = 0.003,
         detach_teacher: bool = False,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
@@ -48,7 +50,12 @@ class SelfDistillStage(StageModule):
             MLPHead(dim, head_hidden_dim, k) for dim in self.encoder.exit_dims
         )
         self.classifier = nn.Linear(self.encoder.embed_dim, k)
-        self.loss_weights = {"a": a, "b": b, "g": g, "detach_teacher": detach_teacher}
+        self.loss_weights = {
+            "exit_ce_weight": exit_ce_weight,
+            "exit_kl_weight": exit_kl_weight,
+            "exit_cos_weight": exit_cos_weight,
+            "detach_teacher": detach_teacher,
+        }
         self.accuracy = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(k, average="micro") for s in ("train", "val")}
         )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import Tensor, nn
 
+from distillery.artifact_kinds import EncoderArtifact
 from distillery.augment import BYOLAAugment
 from distillery.losses.ssl import barlow_twins_loss, byol_loss, nt_xent
 from distillery.models.heads import ProjectionHead
@@ -51,7 +52,7 @@ class SSLStage(StageModule):
     online projections: about ``1 / sqrt(projection_dim)`` when healthy, 0 when collapsed.
     """
 
-    produces = ("checkpoint", "encoder")
+    produces = {"encoder": EncoderArtifact}
 
     def __init__(
         self,

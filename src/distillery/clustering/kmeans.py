@@ -17,7 +17,7 @@ iterations cannot undo; about 5x the inertia of scikit-learn's k-means++ on the 
 of :mod:`distillery.bench.clustering`), hence step 1.
 
 Helpers: :func:`assign` (nearest centroid), :func:`cluster_stats` (sizes, imbalance,
-NMI/ARI), :func:`pca_whiten` and :func:`l2_normalize` (pre-processing before k-means).
+NMI/ARI); pre-processing lives in :mod:`distillery.clustering.whitening`.
 All arrays are numpy; embeddings are float32 ``(n, d)``.
 """
 
@@ -32,15 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-__all__ = [
-    "KMeansResult",
-    "PCAWhitening",
-    "assign",
-    "cluster_stats",
-    "kmeans",
-    "l2_normalize",
-    "pca_whiten",
-]
+from distillery.clustering.arrays import as_matrix, check_finite, check_int
 
 log = logging.getLogger(__name__)
 
@@ -80,74 +72,6 @@ class KMeansResult:
     inertia: float
     n_iter: int
     n_reseeded: int
-
-
-@dataclass
-class PCAWhitening:
-    """A fitted PCA projection with eigenvalue scaling, as returned by :func:`pca_whiten`.
-
-    Attributes:
-        mean: (d,) float64 mean of the fitted data.
-        components: (dim, d) float64 principal directions, by decreasing variance.
-        eigenvalues: (dim,) float64 variance along each direction.
-        scale: (dim,) float64 factor applied to each projected coordinate
-            (``eigenvalue ** eig_power``).
-    """
-
-    mean: np.ndarray
-    components: np.ndarray
-    eigenvalues: np.ndarray
-    scale: np.ndarray
-
-    @property
-    def dim(self) -> int:
-        return int(self.components.shape[0])
-
-    def apply(self, x: np.ndarray, chunk_size: int = 16384) -> np.ndarray:
-        """Project and scale (n, d) data to (n, dim) float32, ``chunk_size`` rows at a time."""
-        x = _as_matrix(x, "x")
-        if x.shape[1] != self.components.shape[1]:
-            raise ValueError(f"x: expected {self.components.shape[1]} columns, got shape {x.shape}")
-        w = (self.components * self.scale[:, None]).T.astype(np.float32)  # (d, dim)
-        mean = self.mean.astype(np.float32)
-        out = np.empty((x.shape[0], self.dim), dtype=np.float32)
-        for lo in range(0, x.shape[0], chunk_size):
-            hi = min(lo + chunk_size, x.shape[0])
-            # Centre before projecting: x @ w - mean @ w cancels digits for data far
-            # from the origin.
-            np.matmul(x[lo:hi] - mean, w, out=out[lo:hi])
-        return out
-
-
-# ------------------------------------------------------------------------- validation
-
-
-def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
-    """C-contiguous float32 (n, d) view or copy of ``x``; checks shape only."""
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D (n, d) array, got shape {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{name}: expected a non-empty (n, d) array, got shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _check_finite(x: np.ndarray, name: str, chunk_size: int) -> None:
-    # Chunked: np.isfinite on the whole array would allocate n * d bytes at once.
-    for lo in range(0, x.shape[0], chunk_size):
-        block = x[lo : lo + chunk_size]
-        if not np.isfinite(block).all():
-            row = lo + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-            raise ValueError(f"{name}: contains NaN or inf (first in row {row})")
-
-
-def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return int(value)
 
 
 # ------------------------------------------------------------------------- assignment
@@ -201,15 +125,15 @@ def assign(
         ``(labels, sq_distances)``: (n,) int64 centroid indices and (n,) float32 squared
         distances to that centroid.
     """
-    x = _as_matrix(x, "x")
-    centroids = _as_matrix(centroids, "centroids")
+    x = as_matrix(x, "x")
+    centroids = as_matrix(centroids, "centroids")
     if centroids.shape[1] != x.shape[1]:
         raise ValueError(
             f"centroids: expected {x.shape[1]} columns like x, got shape {centroids.shape}"
         )
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    _check_finite(x, "x", chunk_size)
-    _check_finite(centroids, "centroids", chunk_size)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
+    check_finite(x, "x", chunk_size)
+    check_finite(centroids, "centroids", chunk_size)
     return _assign(x, centroids, chunk_size)
 
 
@@ -411,26 +335,26 @@ def kmeans(
         ValueError: if ``x`` is not a finite non-empty 2-D array, or an argument is out
             of range (the message names it and its value).
     """
-    x = _as_matrix(x, "x")
+    x = as_matrix(x, "x")
     n, d = x.shape
-    k = _check_int(k, "k", 1, n)
-    niter = _check_int(niter, "niter", 1)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    refine_iter = _check_int(refine_iter, "refine_iter", 0)
-    seed = _check_int(seed, "seed", 0)
+    k = check_int(k, "k", 1, n)
+    niter = check_int(niter, "niter", 1)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
+    refine_iter = check_int(refine_iter, "refine_iter", 0)
+    seed = check_int(seed, "seed", 0)
     if not 0.0 <= tol <= 1.0:
         raise ValueError(f"tol must be in [0, 1], got {tol}")
     if max_points_per_centroid is None:
         max_points_per_centroid = DEFAULT_MAX_POINTS_PER_CENTROID
-    max_points_per_centroid = _check_int(max_points_per_centroid, "max_points_per_centroid", 1)
+    max_points_per_centroid = check_int(max_points_per_centroid, "max_points_per_centroid", 1)
     n_train = min(n, k * max_points_per_centroid)
     if init_sample is None:
         init_sample = max(INIT_POINTS_PER_CENTROID * k, INIT_MIN_POINTS)
-    init_sample = min(_check_int(init_sample, "init_sample", k), n_train)
+    init_sample = min(check_int(init_sample, "init_sample", k), n_train)
     if n_local_trials is None:
         n_local_trials = max(2 + int(math.log(k)), MIN_LOCAL_TRIALS)
-    n_local_trials = _check_int(n_local_trials, "n_local_trials", 1)
-    _check_finite(x, "x", chunk_size)
+    n_local_trials = check_int(n_local_trials, "n_local_trials", 1)
+    check_finite(x, "x", chunk_size)
 
     rng = np.random.default_rng(seed)
     # Sorted indices: the gathers read x front to back.
@@ -505,7 +429,7 @@ def cluster_stats(
         ``ari`` against ``true_labels`` (over ``n_labeled`` points), ``nmi_previous``
         against ``previous_labels``.
     """
-    k = _check_int(k, "k", 1)
+    k = check_int(k, "k", 1)
     labels = np.asarray(labels).reshape(-1)
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
@@ -517,7 +441,7 @@ def cluster_stats(
         )
     if tiny_threshold is None:
         tiny_threshold = max(5, math.ceil(0.1 * n / k))
-    tiny_threshold = _check_int(tiny_threshold, "tiny_threshold", 0)
+    tiny_threshold = check_int(tiny_threshold, "tiny_threshold", 0)
     sizes = np.bincount(labels, minlength=k)
     mean_size = n / k
     stats: dict[str, float | int] = {
@@ -548,71 +472,3 @@ def cluster_stats(
         else:
             stats["nmi_previous"] = float(normalized_mutual_info_score(other[keep], labels[keep]))
     return stats
-
-
-# ------------------------------------------------------------------------- pre-processing
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of (n, d) ``x`` scaled to unit L2 norm (rows of norm < ``eps`` are divided by ``eps``).
-
-    Returns:
-        (n, d) float32 array (a new one).
-    """
-    x = _as_matrix(x, "x")
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    return x / np.maximum(norms, np.float32(eps))[:, None]
-
-
-def pca_whiten(
-    x: np.ndarray, dim: int = 128, eig_power: float = -0.5, seed: int = 0
-) -> tuple[np.ndarray, PCAWhitening]:
-    """PCA to ``dim`` dimensions, each scaled by ``eigenvalue ** eig_power``.
-
-    ``eig_power=-0.5`` whitens (unit variance along every kept direction), ``0`` is plain
-    PCA (same convention as ``faiss.PCAMatrix``). The covariance is accumulated in
-    float64 and diagonalised exactly, so ``seed`` does not change the result; it is
-    accepted for a uniform call signature. Principal directions have a fixed sign (their
-    largest-magnitude entry is positive), so equal inputs give equal outputs.
-
-    Args:
-        x: (n, d) data to fit, n >= 2.
-        dim: output dimension, ``1 <= dim <= d``.
-        eig_power: exponent applied to the eigenvalues.
-        seed: unused (see above).
-
-    Returns:
-        ``(y, whitening)``: (n, dim) float32 transformed ``x`` and the fitted
-        :class:`PCAWhitening` (its ``apply`` transforms new data the same way).
-    """
-    del seed
-    x = _as_matrix(x, "x")
-    n, d = x.shape
-    if n < 2:
-        raise ValueError(f"x: PCA needs at least 2 rows, got shape {x.shape}")
-    dim = _check_int(dim, "dim", 1, d)
-    if not math.isfinite(eig_power):
-        raise ValueError(f"eig_power must be finite, got {eig_power}")
-    chunk = 65536
-    _check_finite(x, "x", chunk)
-    mean = np.zeros(d, dtype=np.float64)
-    for lo in range(0, n, chunk):
-        mean += x[lo : lo + chunk].sum(axis=0, dtype=np.float64)
-    mean /= n
-    cov = np.zeros((d, d), dtype=np.float64)
-    for lo in range(0, n, chunk):
-        block = x[lo : lo + chunk].astype(np.float64) - mean
-        cov += block.T @ block
-    cov /= n - 1
-    eigenvalues, vectors = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(eigenvalues)[::-1][:dim]
-    eigenvalues = np.maximum(eigenvalues[order], 0.0)
-    components = vectors[:, order].T  # (dim, d)
-    flip = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
-    components *= np.where(flip == 0, 1.0, flip)[:, None]
-    # Floor tiny eigenvalues: a rank-deficient direction would otherwise be scaled by
-    # ~1/sqrt(0) and turn round-off into unit-variance noise of any size.
-    floor = max(float(eigenvalues[0]), 1e-30) * 1e-10
-    scale = np.maximum(eigenvalues, floor) ** eig_power
-    whitening = PCAWhitening(mean=mean, components=components, eigenvalues=eigenvalues, scale=scale)
-    return whitening.apply(x, chunk_size=chunk), whitening

@@ -1,0 +1,1 @@
+"""The Hydra config tree, shipped inside the package (``pkg://distillery.conf``)."""

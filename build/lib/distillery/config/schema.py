@@ -1,0 +1,133 @@
+"""Structured config schema: the typed shape every composed config must have.
+
+Registered in Hydra's ConfigStore as ``distillery_schema`` and used as the first entry of
+``conf/config.yaml``'s defaults list, so an unknown key or a wrong type fails at composition
+time with the key's full path. Free-form nodes (``module``, ``trainer``, ``logger``,
+``callbacks``) are checked against the signatures of their ``_target_`` classes by
+:mod:`distillery.config.validation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class FeatureConfig:
+    """Log-mel front-end, computed on the accelerator after batch transfer."""
+
+    n_mels: int = 64
+    n_fft: int = 400  # 25 ms at 16 kHz
+    hop_length: int = 160  # 10 ms at 16 kHz
+    f_min: float = 60.0
+    f_max: float = 7800.0
+
+
+@dataclass
+class SyntheticConfig:
+    """Built-in generator of parametric sound classes (see distillery.data.synthetic)."""
+
+    num_classes: int = 8
+    clips_per_class: int = 100
+    seed: int = 0
+    snr_db_min: float = 0.0
+    snr_db_max: float = 20.0
+
+
+@dataclass
+class DataConfig:
+    #: synthetic | folder | manifest, or the import path of a user's function that returns a
+    #: ``distillery.data.sources.SourceTable``, called with ``source_args``.
+    source: str = "synthetic"
+    source_args: dict[str, Any] = field(default_factory=dict)
+    root: str | None = None  # folder source: class-per-subfolder root
+    path: str | None = None  # manifest source: CSV or JSONL file
+    cache_dir: str = ".cache/distillery"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    label_fraction: float = 1.0  # fraction of train labels kept (stratified, seeded)
+    train_items: str = "all"  # all | labeled | pseudo_labeled
+    #: The class list, in label-index order; a label outside it is a bad file. Default:
+    #: the folder names, or a manifest's labels (only its train rows' when it has splits).
+    classes: list[str] | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    preload: bool = True  # decode every clip once into memory at setup (val/test: centre crop)
+    on_bad_file: str = (
+        "error"  # error | skip: bad files listed in one error before training, or left out
+    )
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a pipeline.
+
+    ``kind`` is a registered short name (``finetune``, ``ssl``, ...); ``module`` holds the
+    stage module's constructor arguments (``_target_`` optional, defaults to the class
+    registered for ``kind``). ``data`` and ``trainer`` override the top-level nodes for this
+    stage only. ``inputs`` maps ``module.<arg>`` or ``data.<key>`` to ``<stage>.<artifact>``
+    of an earlier stage.
+    """
+
+    kind: str = MISSING
+    module: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    evaluate: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    order: list[str] = MISSING
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Shared evaluation of every stage that yields an encoder."""
+
+    knn_k: list[int] = field(default_factory=lambda: [10, 20])
+    probe_epochs: int = 100
+    plots: bool = True
+
+
+@dataclass
+class DebugConfig:
+    """Trainer settings forced on every stage (e.g. ``debug=smoke``)."""
+
+    name: str | None = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    run_dir: str = MISSING
+    seed: int = 0
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    experiment_name: str | None = None
+    #: ``<stage>/<split>/<name>`` returned to a Hydra sweeper (e.g. Optuna) after the run.
+    optimized_metric: str | None = None
+    #: Stages in ``run_dir`` made by another code version: error | rerun | reuse.
+    on_code_change: str = "error"
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
+    ConfigStore.instance().store(name="distillery_schema", node=Config)

@@ -1,0 +1,335 @@
+"""Where audio comes from: a manifest file, a class-per-folder tree, or the synthetic set.
+
+Every source resolves to a :class:`SourceTable`: a list of absolute file paths with an
+integer label (``-1`` = unknown) and, when the source defines one, a split name.
+
+A row that cannot be used (a missing file, a label outside the class list) does not
+raise here: it stays in the table, so record indices follow the source, and its reason
+goes to ``SourceTable.problems``; the data module reports those together with the
+undecodable files, or skips them all (``data.on_bad_file``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_method
+
+from distillery.data.synthetic import SyntheticSpec, generate_synthetic
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "SOURCES",
+    "SPLIT_NAMES",
+    "AudioRecord",
+    "SourceTable",
+    "load_source",
+    "read_manifest",
+    "scan_folder",
+]
+
+log = logging.getLogger("distillery.data")
+
+SPLIT_NAMES = ("train", "val", "test")
+SOURCES = ("synthetic", "folder", "manifest")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+UNKNOWN_LABEL = -1
+
+# Speech Commands style split lists (paths relative to the root, one per line).
+_SPLIT_LISTS = {"val": "validation_list.txt", "test": "testing_list.txt"}
+
+
+@dataclass(frozen=True)
+class AudioRecord:
+    """One audio file: absolute ``path``, ``label`` index (-1 = unknown), optional ``split``."""
+
+    path: Path
+    label: int
+    split: str | None
+
+
+@dataclass
+class SourceTable:
+    """The files of a source; ``label`` values index into ``class_names``.
+
+    ``problems`` maps a record's index to why it cannot be used (a message naming the
+    file, and the manifest line where there is one).
+    """
+
+    records: list[AudioRecord]
+    class_names: list[str]
+    problems: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, row)`` for each entry of a .csv or .jsonl manifest."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [name.strip() for name in reader.fieldnames or []]
+            if "path" not in fields:
+                raise ValueError(
+                    f"{path}: line 1: the header has no 'path' column (found: {fields or 'nothing'})"
+                )
+            reader.fieldnames = fields
+            for row in reader:
+                yield reader.line_num, row
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: line {line_number}: invalid JSON ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {line_number}: expected a JSON object")
+                yield line_number, row
+    else:
+        raise ValueError(f"{path}: unsupported manifest type {suffix!r}; use .csv or .jsonl")
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _class_list(classes: Sequence[str]) -> list[str]:
+    """``data.classes`` checked: non-empty, distinct, non-blank names."""
+    names = [_text(name) for name in classes]
+    if not names or not all(names):
+        raise ValueError(f"data.classes: must list non-empty class names, got {list(classes)!r}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"data.classes: each class must be listed once; repeated: {duplicates}")
+    return names
+
+
+def _preview(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _warn_classes_without_files(classes: Sequence[str], used: set[str]) -> None:
+    unused = [name for name in classes if name not in used]
+    if unused:  # often a typo in data.classes itself
+        log.warning("data.classes: no files for %d class(es): %s", len(unused), _preview(unused))
+
+
+def read_manifest(
+    path: str | os.PathLike[str], classes: Sequence[str] | None = None
+) -> SourceTable:
+    """Read a CSV or JSON-lines manifest with keys ``path``, optional ``label`` and ``split``.
+
+    ``label`` is a class name (empty or missing = unknown, -1); ``split`` is one of
+    train/val/test or empty. Relative paths are resolved against the manifest's folder.
+
+    The class list is ``classes`` (``data.classes``; label indices follow its order)
+    when given; otherwise, when every row names its split, the sorted labels of the
+    train rows (a val/test label no train row has cannot be learned: a typo, or a
+    class missing from train); otherwise all distinct labels, sorted.
+
+    Rows whose file does not exist or whose label is outside the class list are kept
+    (label -1) and listed in ``problems``, naming the manifest line.
+
+    Raises:
+        ValueError: naming the file, line and key, for a missing ``path``, an unknown
+            split, invalid JSON, or a manifest with no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    base = path.resolve().parent
+
+    rows: list[tuple[int, Path, str, str | None]] = []
+    for line, row in _manifest_rows(path):
+        file_text = _text(row.get("path"))
+        if not file_text:
+            raise ValueError(f"{path}: line {line}: key 'path' is missing or empty")
+        split = _text(row.get("split")) or None
+        if split is not None and split not in SPLIT_NAMES:
+            raise ValueError(
+                f"{path}: line {line}: key 'split' has unknown value {split!r}; "
+                f"allowed: {', '.join(SPLIT_NAMES)} or empty"
+            )
+        file_path = Path(file_text).expanduser()
+        if not file_path.is_absolute():
+            file_path = base / file_path
+        rows.append((line, file_path, _text(row.get("label")), split))
+    if not rows:
+        raise ValueError(f"{path}: the manifest lists no files")
+
+    labels = {label for _, _, label, _ in rows if label}
+    if classes is not None:
+        class_names = _class_list(classes)
+        _warn_classes_without_files(class_names, labels)
+        outside = f"is not in data.classes ({_preview(class_names)})"
+    elif all(split is not None for *_, split in rows):
+        class_names = sorted({label for *_, label, split in rows if label and split == "train"})
+        outside = "occurs in no train row, so no model can learn it (fix the label, or list it in data.classes)"
+    else:
+        class_names = sorted(labels)
+        outside = ""
+    index = {name: i for i, name in enumerate(class_names)}
+
+    records: list[AudioRecord] = []
+    problems: dict[int, str] = {}
+    for line, file_path, label, split in rows:
+        if not file_path.is_file():
+            reason = "file does not exist" if not file_path.exists() else "is not a regular file"
+            problems[len(records)] = f"{path}: line {line}: audio file {str(file_path)!r}: {reason}"
+        elif label and label not in index:
+            problems[len(records)] = (
+                f"{path}: line {line}: audio file {str(file_path)!r}: key 'label': {label!r} {outside}"
+            )
+        records.append(AudioRecord(file_path, index.get(label, UNKNOWN_LABEL), split))
+    return SourceTable(records, class_names, problems)
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def _read_split_lists(root: Path) -> dict[str, str] | None:
+    """Map relative posix path -> split from Speech Commands style lists, if both exist."""
+    lists = {split: root / name for split, name in _SPLIT_LISTS.items()}
+    if not all(p.is_file() for p in lists.values()):
+        return None
+    assignment: dict[str, str] = {}
+    for split, list_path in lists.items():
+        for line in list_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                assignment[line.strip()] = split
+    return assignment
+
+
+def scan_folder(
+    root: str | os.PathLike[str],
+    extensions: Sequence[str] = AUDIO_EXTENSIONS,
+    classes: Sequence[str] | None = None,
+) -> SourceTable:
+    """Scan a class-per-subfolder tree: ``root/<class>/**/<file>.<ext>``.
+
+    Subfolders starting with ``_`` or ``.`` (e.g. ``_background_noise_``) are skipped,
+    and so are subfolders with no audio. Audio files directly in ``root`` have an
+    unknown label (-1). When ``validation_list.txt`` and ``testing_list.txt`` exist
+    in ``root`` (the Speech Commands layout), they define val/test and every other
+    file is train; otherwise ``split`` is None.
+
+    The class list is ``classes`` (``data.classes``; label indices follow its order)
+    when given, else the sorted subfolder names. Files of a subfolder outside
+    ``classes`` are kept (label -1) and listed in ``problems``.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"data folder {str(root)!r} does not exist or is not a directory")
+    suffixes = {ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions}
+
+    def audio_files(folder: Path, recursive: bool) -> list[Path]:
+        candidates = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in candidates if p.suffix.lower() in suffixes and p.is_file())
+
+    per_class: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if sub.name.startswith(("_", ".")):
+            continue
+        files = audio_files(sub, recursive=True)
+        if files:
+            per_class[sub.name] = files
+        else:
+            log.warning("Skipping %s: no audio files with extensions %s", sub, sorted(suffixes))
+    unlabelled = audio_files(root, recursive=False)
+    if not per_class and not unlabelled:
+        raise ValueError(
+            f"data folder {str(root)!r} contains no audio files with extensions {sorted(suffixes)}"
+        )
+
+    split_of = _read_split_lists(root)
+    if classes is None:
+        class_names = sorted(per_class)
+    else:
+        class_names = _class_list(classes)
+        _warn_classes_without_files(class_names, set(per_class))
+
+    def record(file_path: Path, label: int) -> AudioRecord:
+        split = None
+        if split_of is not None:
+            split = split_of.get(file_path.relative_to(root).as_posix(), "train")
+        return AudioRecord(file_path.resolve(), label, split)
+
+    index = {name: i for i, name in enumerate(class_names)}
+    records = [record(p, UNKNOWN_LABEL) for p in unlabelled]
+    problems: dict[int, str] = {}
+    for name, files in per_class.items():  # sorted by folder name
+        for file_path in files:
+            if name not in index:
+                problems[len(records)] = (
+                    f"audio file {str(file_path)!r}: its folder {name!r} is not in data.classes "
+                    f"({_preview(class_names)})"
+                )
+            records.append(record(file_path, index.get(name, UNKNOWN_LABEL)))
+    return SourceTable(records, class_names, problems)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def load_source(
+    source: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    synthetic: SyntheticSpec | None = None,
+    classes: Sequence[str] | None = None,
+    source_args: dict[str, Any] | None = None,
+) -> SourceTable:
+    """Resolve the configured data source (``data.source``) to a :class:`SourceTable`.
+
+    - ``synthetic``: generate (or reuse) the synthetic set under ``cache_dir``.
+    - ``folder``: :func:`scan_folder` of ``root``.
+    - ``manifest``: :func:`read_manifest` of ``path``.
+    - a dotted import path (``my_pkg.sources.my_source``): a user's function, called with
+      ``source_args`` (``data.source_args``), that returns a :class:`SourceTable`.
+
+    ``classes`` (``data.classes``) fixes the class list and its order, when given.
+    """
+    if source == "synthetic":
+        if cache_dir is None:
+            raise ValueError(
+                "data.source=synthetic needs data.cache_dir (where to write the audio)"
+            )
+        return read_manifest(generate_synthetic(synthetic or SyntheticSpec(), cache_dir), classes)
+    if source == "folder":
+        if root is None or str(root) == "":
+            raise ValueError("data.source=folder needs data.root (a folder of class subfolders)")
+        return scan_folder(root, classes=classes)
+    if source == "manifest":
+        if path is None or str(path) == "":
+            raise ValueError("data.source=manifest needs data.path (a .csv or .jsonl manifest)")
+        return read_manifest(path, classes)
+    if "." in source:
+        table = get_method(source)(**(source_args or {}))
+        if not isinstance(table, SourceTable):
+            raise TypeError(
+                f"data.source: {source} returned {type(table).__name__}, not a SourceTable"
+            )
+        return table
+    raise ValueError(
+        f"data.source: unknown value {source!r}; allowed: {', '.join(SOURCES)} "
+        "or the import path of a function returning a SourceTable"
+    )

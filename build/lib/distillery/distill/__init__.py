@@ -1,0 +1,1 @@
+"""Dataset distillation (KRR-ST): the model pool and the synthetic-set artifact."""

@@ -1,0 +1,35 @@
+"""Encoders as artifacts: weights plus the ``_target_`` config that rebuilds them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from distillery import artifacts
+
+
+def build_encoder(cfg: dict[str, Any] | DictConfig) -> nn.Module:
+    """Instantiate an encoder from its ``_target_`` config."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return instantiate(cfg)
+
+
+def save_encoder(path: str | os.PathLike, encoder: nn.Module, cfg: dict[str, Any]) -> None:
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    artifacts.write_torch(path, {"config": dict(cfg), "state_dict": state})
+
+
+def load_encoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an encoder saved by :func:`save_encoder`; every weight must match (strict)."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    encoder = build_encoder(payload["config"])
+    encoder.load_state_dict(payload["state_dict"], strict=True)
+    return encoder, payload["config"]

@@ -1,0 +1,466 @@
+"""The pipeline runner: stages in order, each one skipped, resumed or run from scratch."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from distillery import artifacts
+from distillery.artifact_kinds import Artifact
+from distillery.config.validation import stage_data, stage_trainer
+from distillery.data.datamodule import AudioDataModule
+from distillery.eval.report import evaluate_encoder
+from distillery.pipeline.checkpoints import (
+    CHECKPOINT_DIR,
+    AtomicCheckpointIO,
+    CheckpointedMetrics,
+    epoch_checkpointing,
+    latest_checkpoint,
+)
+from distillery.pipeline.contract import (
+    stage_contract,
+    stage_produces,
+    validate,
+)
+from distillery.pipeline.faults import BatchSeed, FiniteLossGuard, SigtermCheckpoint
+from distillery.pipeline.manifest import (
+    RunDirError,
+    RunManifest,
+    StageRecord,
+    code_version,
+    now_iso,
+    source_hashes,
+)
+from distillery.pipeline.progress import StageProgressBar
+from distillery.pipeline.report import write_results
+from distillery.pipeline.tracking import build_loggers, finish_loggers, log_to_loggers
+
+log = logging.getLogger(__name__)
+
+#: Trainer settings that change how a stage is shown, not what it computes.
+UNHASHED_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps", "enable_model_summary")
+
+
+def stage_settings(cfg: DictConfig, name: str) -> dict[str, Any]:
+    """Everything that determines a stage's result: its config, and the source of the
+    code outside distillery that the config names (a user's stage, loss, encoder, data
+    source), so that editing that code re-runs the stage."""
+    trainer = {k: v for k, v in stage_trainer(cfg, name).items() if k not in UNHASHED_TRAINER_KEYS}
+    stage = OmegaConf.to_container(cfg.pipeline.stages[name], resolve=True)
+    data = OmegaConf.to_container(stage_data(cfg, name), resolve=True)
+    targets = [stage_contract(cfg, name).name, data["source"], stage, trainer]
+    return json.loads(
+        json.dumps(
+            {
+                "stage": stage,
+                "data": data,
+                "trainer": trainer,
+                "seed": cfg.seed,
+                "code": source_hashes(targets),
+            },
+            default=str,
+        )
+    )
+
+
+def stage_config_hash(settings: dict[str, Any], upstream_hash: str) -> str:
+    """Hash of a stage's settings, chained to the stages before it."""
+    text = json.dumps(settings | {"upstream": upstream_hash}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    config_hash: str
+    settings: dict[str, Any]
+    action: str  # skip | resume | fresh
+    reason: str
+
+
+class Runner:
+    """Runs ``cfg.pipeline`` in ``cfg.run_dir``.
+
+    Every rank runs the same plan: it is derived from ``pipeline.json`` alone, which only
+    rank 0 writes, and all ranks meet at a barrier after each stage's artifacts are written.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.is_rank_zero = rank_zero_only.rank == 0
+        self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
+
+    # -- planning -------------------------------------------------------------------------
+    def plan(self) -> list[StagePlan]:
+        """What each stage does now, from ``pipeline.json``: skip, resume or run afresh.
+
+        A stage whose settings changed is re-run with every stage after it (its previous
+        outputs move to ``superseded/``). Results of another code version are not reused
+        silently: ``on_code_change`` says whether to stop (default), re-run or reuse them.
+        """
+        if self.manifest.stages and self.manifest.pipeline != self.cfg.pipeline.name:
+            raise RunDirError(
+                f"run_dir {self.run_dir} holds pipeline {self.manifest.pipeline!r} "
+                f"(run {self.manifest.run_id}), not {self.cfg.pipeline.name!r}: choose another run_dir"
+            )
+        plans, upstream, rerun_upstream, stale = [], "", False, []
+        for name in self.cfg.pipeline.order:
+            kind = self.cfg.pipeline.stages[name].kind
+            settings = stage_settings(self.cfg, name)
+            config_hash = upstream = stage_config_hash(settings, upstream)
+            record = self.manifest.stages.get(name)
+            last = latest_checkpoint(self.run_dir / name)
+            code_changed = (
+                record is not None and record.config_hash and record.code_version != code_version()
+            )
+            if record is None or not record.config_hash:
+                action, reason = "fresh", "not run before"
+            elif record.config_hash != config_hash:
+                keys = changed_keys(record.config, settings)
+                code = [k.removeprefix("code.") for k in keys if k.startswith("code.")]
+                config = [k for k in keys if not k.startswith("code.")]
+                action, reason = "fresh", _change_reason(config, code)
+            elif rerun_upstream:
+                action, reason = "fresh", "an earlier stage is re-run"
+            elif code_changed and self.cfg.on_code_change == "rerun":
+                action, reason = (
+                    "fresh",
+                    f"code changed ({record.code_version} -> {code_version()})",
+                )
+            elif record.status == "done" and all(
+                record.artifact_path(a).exists() for a in record.artifacts
+            ):
+                action, reason = "skip", "done with the same config"
+            elif last is not None:
+                action, reason = "resume", f"{record.status}; resuming from {last}"
+            else:
+                action, reason = "fresh", f"{record.status} without a checkpoint"
+            if code_changed and action in ("skip", "resume"):
+                stale.append(f"{name} ({record.code_version or 'unknown version'})")
+            rerun_upstream |= action != "skip"
+            plans.append(StagePlan(name, kind, config_hash, settings, action, reason))
+        if stale and self.cfg.on_code_change == "error":
+            raise RunDirError(
+                f"run_dir {self.run_dir} holds stages made by other code: {', '.join(stale)}; "
+                f"this is {code_version()}. Set on_code_change=rerun to recompute them, "
+                "on_code_change=reuse to keep them, or choose another run_dir"
+            )
+        return plans
+
+    # -- execution ------------------------------------------------------------------------
+    def run(self) -> dict[str, StageRecord]:
+        plans = self.plan()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("pipeline %s in %s", self.cfg.pipeline.name, self.run_dir)
+        for p in plans:
+            log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
+        for plan in plans:
+            if plan.action == "skip":
+                continue
+            self._run_stage(plan)
+        if self.is_rank_zero:
+            table = write_results(self.run_dir, self.manifest)
+            log.info("results (also in %s):\n%s", self.run_dir / "results.md", table)
+        return self.manifest.stages
+
+    def _save_manifest(self) -> None:
+        if self.is_rank_zero:
+            self.manifest.save()
+
+    def _record_failure(self, record: StageRecord, err: BaseException, start: float) -> None:
+        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        record.wall_time_s = round(time.perf_counter() - start, 2)
+        self._save_manifest()
+
+    def _supersede(self, name: str, record: StageRecord) -> None:
+        """Move a stage's previous outputs to ``superseded/<stage>-<hash>`` instead of deleting them."""
+        target = self.run_dir / "superseded" / f"{name}-{record.config_hash}"
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / name).rename(target)
+        log.info("stage %s: previous outputs moved to %s", name, target)
+
+    def _resolve_inputs(self, name: str) -> tuple[dict[str, Any], dict[str, Artifact]]:
+        """Module and data keyword arguments: earlier stages' artifacts wired by ``inputs``,
+        and artifact files named in the module config, each loaded into the kind its
+        argument is annotated with (an argument without a kind gets the file's path)."""
+        stage_cfg = self.cfg.pipeline.stages[name]
+        contract = stage_contract(self.cfg, name)
+        module_kwargs: dict[str, Any] = {}
+        data_kwargs: dict[str, Artifact] = {}
+        for dest, source in stage_cfg.inputs.items():
+            producer, _, artifact = source.partition(".")
+            path = self.manifest.stages[producer].artifact_path(artifact)
+            if path is None:
+                raise RuntimeError(
+                    f"pipeline.stages.{name}.inputs.{dest}: stage {producer!r} finished "
+                    f"without writing {artifact!r} (see {self.manifest.path})"
+                )
+            target, _, arg = dest.partition(".")
+            if target == "module" and not contract.input_kinds(arg):
+                module_kwargs[arg] = str(path)  # an argument that takes a file (e.g. weights)
+                continue
+            kind = stage_produces(self.cfg, producer)[artifact]
+            (module_kwargs if target == "module" else data_kwargs)[arg] = kind.load(path)
+        for arg, kinds in contract.artifact_args().items():
+            value = stage_cfg.module.get(arg)
+            if isinstance(value, str) and arg not in module_kwargs:
+                module_kwargs[arg] = kinds[0].load(value)
+        return module_kwargs, data_kwargs
+
+    def _run_stage(self, plan: StagePlan) -> None:
+        name, cfg = plan.name, self.cfg
+        stage_cfg = cfg.pipeline.stages[name]
+        stage_dir = self.run_dir / name
+        record = self.manifest.stage(name, plan.kind)
+        if plan.action == "fresh":  # a fresh stage starts empty; earlier results are kept aside
+            # Only results of an earlier run: under DDP another rank may already have
+            # created this run's (empty) stage dir.
+            if self.is_rank_zero and record.config_hash and stage_dir.exists():
+                self._supersede(name, record)
+            record = self.manifest.stages[name] = StageRecord(kind=plan.kind)
+        record.wandb_run_id = record.wandb_run_id or uuid.uuid4().hex[:8]
+        record.status, record.config_hash, record.started_at = (
+            "running",
+            plan.config_hash,
+            now_iso(),
+        )
+        record.code_version, record.config = code_version(), plan.settings
+        record.error, record.attempts = None, record.attempts + 1
+        self._save_manifest()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+
+        start = time.perf_counter()
+        try:  # bad data or a bad artifact fails the stage in pipeline.json too
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            module_inputs, data_inputs = self._resolve_inputs(name)
+            audio = AudioDataModule(stage_data(cfg, name), **data_inputs)
+            audio.prepare_data()
+            audio.setup("fit")
+            module = self._build_module(name, audio, module_inputs)
+            # The stage's own data (default: the shared audio, which evaluation always uses).
+            configure_data = getattr(module, "configure_data", None)
+            datamodule = configure_data(audio) if configure_data else audio
+            loggers = build_loggers(
+                OmegaConf.to_container(cfg.logger, resolve=True),
+                stage=name,
+                stage_dir=stage_dir,
+                run_dir=self.run_dir,
+                run_id=self.manifest.run_id,
+                wandb_run_id=record.wandb_run_id,
+                attempt=record.attempts,
+                config=OmegaConf.to_container(cfg, resolve=True) | {"stage": name},
+            )
+            trainer = self._build_trainer(name, stage_dir, loggers, module)
+        except BaseException as err:
+            self._record_failure(record, err, start)
+            raise
+        log.info("stage %s (%s): %s -> %s", name, plan.kind, plan.action, stage_dir)
+        try:
+            ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            _finish_artifact_callbacks(trainer, module)
+            checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
+            metrics = checkpointed.carried | _floats(trainer.callback_metrics)
+            metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
+            if stage_cfg.evaluate and _overrides(module, "test_step"):
+                for result in trainer.test(module, datamodule=datamodule, verbose=False):
+                    metrics.update(_floats(result))
+            for callback in trainer.callbacks:  # e.g. the PseudoLabeler's cluster statistics
+                if isinstance(extra := getattr(callback, "metrics", None), dict):
+                    metrics |= extra
+            if self.is_rank_zero:
+                record.artifacts = self._export(module, trainer, stage_dir)
+                encoder = _encoder_for_eval(module)
+                if stage_cfg.evaluate and encoder is not None:
+                    metrics |= self._evaluate(name, encoder, audio, trainer, stage_dir)
+        except SIGTERMException:
+            record.status, record.error = "interrupted", "SIGTERM"
+            record.wall_time_s = round(time.perf_counter() - start, 2)
+            self._save_manifest()
+            raise StageInterrupted(
+                f"stage {name!r} stopped by SIGTERM at global step {trainer.global_step}; "
+                f"checkpoint {latest_checkpoint(stage_dir)}; run the same command to resume"
+            ) from None
+        except BaseException as err:
+            self._record_failure(record, err, start)
+            raise
+        finally:
+            finish_loggers(loggers)
+        record.metrics = metrics
+        record.status, record.finished_at = "done", now_iso()
+        record.wall_time_s = round(time.perf_counter() - start, 2)
+        self._save_manifest()
+        trainer.strategy.barrier("artifacts-written")
+        if not self.is_rank_zero:  # pick up the artifact paths rank 0 recorded
+            self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
+        log.info(
+            "stage %s done in %.1f s; artifacts: %s", name, record.wall_time_s, record.artifacts
+        )
+
+    def _build_module(
+        self, name: str, data: AudioDataModule, inputs: dict[str, Artifact]
+    ) -> pl.LightningModule:
+        stage_cfg = self.cfg.pipeline.stages[name]
+        module_cfg = OmegaConf.to_container(stage_cfg.module, resolve=True)
+        contract = stage_contract(self.cfg, name)
+        module_cfg.pop("_target_", None)
+        injected = contract.injected(data) | (
+            {"stage_name": name} if "stage_name" in contract.params else {}
+        )
+        return contract.cls(**(module_cfg | inputs | injected))  # artifacts wired by `inputs` win
+
+    def _build_trainer(
+        self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule
+    ) -> pl.Trainer:
+        stage_cfg = self.cfg.pipeline.stages[name]
+        callbacks: list[pl.Callback] = [
+            epoch_checkpointing(stage_dir),
+            CheckpointedMetrics(),
+            FiniteLossGuard(name),
+            SigtermCheckpoint(stage_dir / CHECKPOINT_DIR),
+            BatchSeed(self.cfg.seed),
+        ]
+        for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
+            if callback_cfg:
+                callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
+        trainer_args = {  # e.g. `strategy: {_target_: DDPStrategy, timeout: ...}`
+            k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v
+            for k, v in stage_trainer(self.cfg, name).items()
+        }
+        if trainer_args.get("enable_progress_bar", True):
+            callbacks.append(StageProgressBar(name, leave=True))
+        return pl.Trainer(
+            **trainer_args,
+            default_root_dir=str(stage_dir),
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
+            use_distributed_sampler=False,  # the data module shards itself, without padding eval sets
+        )
+
+    def _evaluate(
+        self,
+        name: str,
+        encoder: torch.nn.Module,
+        datamodule: AudioDataModule,
+        trainer: pl.Trainer,
+        stage_dir: Path,
+    ) -> dict[str, float]:
+        """The shared encoder evaluation (kNN, linear probe, clustering, plots) on rank 0."""
+        table = datamodule.table
+        train = table.indices("train")
+        labeled = train[table.visible_labels[train] >= 0]
+        eval_cfg = self.cfg.eval
+        scores, plots = evaluate_encoder(
+            encoder,
+            datamodule.dataloader("train", indices=labeled),
+            datamodule.dataloader("test"),
+            datamodule.featurize,
+            class_names=datamodule.class_names,
+            out_dir=stage_dir / "eval",
+            knn_k=tuple(eval_cfg.knn_k),
+            probe_epochs=eval_cfg.probe_epochs,
+            plots=eval_cfg.plots,
+            device=trainer.strategy.root_device,
+            seed=self.cfg.seed,
+        )
+        metrics = {f"{name}/eval/{k}": float(v) for k, v in scores.items()}
+        images = {f"{name}/eval/{k}": v for k, v in plots.items()}
+        log_to_loggers(trainer.loggers, metrics, images=images, step=trainer.global_step)
+        return metrics
+
+    def _export(
+        self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path
+    ) -> dict[str, str]:
+        """Save what the stage returns; record every artifact's path relative to the run dir."""
+        written = {"checkpoint": latest_checkpoint(stage_dir)}
+        export = getattr(module, "export_artifacts", None)
+        for name, artifact in (export() if export else {}).items():
+            suffix = Path(type(artifact).filename).suffix
+            written[name] = artifact.save(stage_dir / f"{name}{suffix}")
+        for callback in trainer.callbacks:
+            written |= {k: Path(v) for k, v in getattr(callback, "artifacts", {}).items()}
+        recorded = {k: str(v) for k, v in written.items()}
+        artifacts.write_json(stage_dir / "artifacts.json", recorded)
+        return recorded
+
+
+class StageInterrupted(RuntimeError):
+    """A stage stopped on request (SIGTERM) after saving a checkpoint to resume from."""
+
+
+def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Run ``on_train_end`` of artifact-producing callbacks that missed it.
+
+    Lightning skips the train-end hooks when the checkpoint it resumes from had already
+    finished training (the process was killed after the last epoch's checkpoint but before
+    the stage's artifacts were written); the artifacts are made from the restored model.
+    """
+    for callback in trainer.callbacks:
+        if getattr(callback, "produces", None) and not getattr(callback, "artifacts", True):
+            callback.on_train_end(trainer, module)
+
+
+def _encoder_for_eval(module: pl.LightningModule) -> torch.nn.Module | None:
+    """The stage's encoder for the shared evaluation; a stage without one is not evaluated."""
+    encoder_for_eval = getattr(module, "encoder_for_eval", None)
+    return encoder_for_eval() if callable(encoder_for_eval) else None
+
+
+def _change_reason(config_keys: list[str], code_targets: list[str]) -> str:
+    parts = []
+    if config_keys:
+        parts.append(f"config changed ({', '.join(config_keys[:8])})")
+    if code_targets:
+        parts.append(f"source changed ({', '.join(code_targets[:8])})")
+    return "; ".join(parts) or "an earlier stage changed"
+
+
+def _instantiate_callback(cfg: dict[str, Any], stage_dir: Path) -> pl.Callback:
+    cls = get_class(cfg["_target_"])
+    extra = {"out_dir": str(stage_dir)} if "out_dir" in inspect.signature(cls).parameters else {}
+    return instantiate(cfg, **extra)
+
+
+def _overrides(module: pl.LightningModule, hook: str) -> bool:
+    return getattr(type(module), hook) is not getattr(pl.LightningModule, hook)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, int | float):
+            out[key] = round(float(value), 6)
+    return out

@@ -1,0 +1,83 @@
+"""What our stage modules share: metric naming, optimizer construction, the encoder artifact.
+
+The contract every stage (ours or a user's) follows is in :mod:`distillery.pipeline.contract`."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from distillery.artifact_kinds import Artifact, EncoderArtifact
+
+
+class StageModule(pl.LightningModule):
+    """Base class of stage modules.
+
+    Subclasses hold their method's training step and nothing else. The runner passes
+    ``stage_name`` (used in metric keys ``<stage>/<split>/<name>``) and, when the constructor
+    takes them, ``num_classes``, ``num_pseudo_classes`` and the artifacts of earlier stages
+    (see :mod:`distillery.pipeline.contract`).
+
+    ``optimizer`` is a ``_partial_`` config called with the parameters; ``scheduler`` an
+    optional ``_partial_`` config called with the optimizer (stepped per epoch).
+    """
+
+    #: Artifacts :meth:`export_artifacts` returns, by name and kind; checked against other
+    #: stages' ``inputs`` at start-up (the runner adds the ``checkpoint``).
+    produces: ClassVar[dict[str, type[Artifact]]] = {}
+    #: Attributes an encoder config argument must give, checked at start-up.
+    encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init__(
+        self,
+        stage_name: str = "stage",
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.stage_name = stage_name
+        self.optimizer_cfg = optimizer or {
+            "_target_": "torch.optim.Adam",
+            "_partial_": True,
+            "lr": 1e-3,
+        }
+        self.scheduler_cfg = scheduler
+
+    def log_split(
+        self, split: str, metrics: dict[str, torch.Tensor | float], **kwargs: Any
+    ) -> None:
+        """Log ``metrics`` as ``<stage>/<split>/<name>``."""
+        kwargs.setdefault("sync_dist", True)  # epoch values averaged over ranks under DDP
+        self.log_dict({f"{self.stage_name}/{split}/{k}": v for k, v in metrics.items()}, **kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.optimizer_cfg)(self.trainable_parameters())
+        if not self.scheduler_cfg:
+            return optimizer
+        scheduler = instantiate(self.scheduler_cfg)(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def encoder_for_eval(self) -> nn.Module | None:
+        """The encoder this stage yields (evaluated and exported, built from ``self.encoder_cfg``)."""
+        return None
+
+    def export_artifacts(self) -> dict[str, Artifact]:
+        """This stage's artifacts by name; the runner saves them (rank 0 only)."""
+        encoder = self.encoder_for_eval()
+        if encoder is None:
+            return {}
+        return {"encoder": EncoderArtifact(encoder, self.encoder_cfg)}
+
+    def configure_data(self, data: pl.LightningDataModule) -> pl.LightningDataModule:
+        """The data this stage trains on; by default the shared audio data module."""
+        return data

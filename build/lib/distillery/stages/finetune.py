@@ -1,0 +1,89 @@
+"""Stage ``finetune``: supervised training of an encoder + linear classifier on real labels."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from distillery.artifact_kinds import EncoderArtifact
+from distillery.models.io import build_encoder
+from distillery.stages.base import StageModule
+
+
+class FinetuneStage(StageModule):
+    """Encoder + linear head trained with cross-entropy on ``label``.
+
+    ``mode=full`` trains everything; ``mode=linear`` freezes the encoder (kept in eval mode,
+    so its BatchNorm statistics do not move) and trains the head only: a linear probe.
+    ``pretrained`` is an earlier stage's encoder artifact (or an ``encoder.pt`` file); without it the encoder
+    is built from ``encoder`` with random weights (training from scratch).
+    """
+
+    produces = {"encoder": EncoderArtifact}
+
+    def __init__(
+        self,
+        encoder: dict[str, Any],
+        num_classes: int,
+        stage_name: str = "finetune",
+        mode: Literal["full", "linear"] = "full",
+        pretrained: EncoderArtifact | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(stage_name, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["pretrained"])
+        if pretrained is not None:
+            self.encoder, self.encoder_cfg = pretrained.module, pretrained.config
+        else:
+            self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
+        self.mode = mode
+        if mode == "linear":
+            self.encoder.requires_grad_(False)
+        self.head = nn.Linear(self.encoder.embed_dim, num_classes)
+        self.label_smoothing = label_smoothing
+        self.accuracy = nn.ModuleDict(
+            {
+                f"{split}_acc": MulticlassAccuracy(num_classes, average="micro")
+                for split in ("train", "val", "test")
+            }
+        )
+
+    def encoder_for_eval(self) -> nn.Module:
+        return self.encoder
+
+    def on_train_epoch_start(self) -> None:
+        if self.mode == "linear":
+            self.encoder.eval()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(features))
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        logits = self(batch["features"])
+        labels = batch["label"]
+        loss = F.cross_entropy(
+            logits, labels, label_smoothing=self.label_smoothing if split == "train" else 0.0
+        )
+        accuracy = self.accuracy[f"{split}_acc"]
+        accuracy(logits, labels)
+        on_step = split == "train"
+        self.log_split(split, {"loss": loss}, on_step=on_step, on_epoch=True, prog_bar=True)
+        self.log_split(
+            split, {"acc": accuracy}, on_step=False, on_epoch=True, prog_bar=split != "train"
+        )
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
