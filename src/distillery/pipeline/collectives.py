@@ -15,15 +15,17 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import Strategy
 
-#: One group per (default group, minutes): every rank creates it at the same call.
-_groups: dict[tuple[int, float], Any] = {}
+#: minutes -> (the default group it was made in, the group). Every rank creates it at the
+#: same call; a new default group (the next job of a multirun) gets a new one.
+_groups: dict[float, tuple[Any, Any]] = {}
 
 
 def _patient_group(minutes: float) -> Any:
-    key = (id(dist.group.WORLD), minutes)
-    if key not in _groups:
-        _groups[key] = dist.new_group(timeout=timedelta(minutes=minutes))
-    return _groups[key]
+    world, group = _groups.get(minutes, (None, None))
+    if world is not dist.group.WORLD:
+        group = dist.new_group(timeout=timedelta(minutes=minutes))
+        _groups[minutes] = (dist.group.WORLD, group)
+    return group
 
 
 class RankZeroWait:
