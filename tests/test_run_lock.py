@@ -70,9 +70,10 @@ def test_second_run_on_a_live_run_dir_is_refused_and_a_killed_runs_lock_taken_ov
         "debug=smoke",
         "logger=csv",
         "trainer.enable_progress_bar=false",
-        "debug.trainer.max_epochs=3",
+        "debug.trainer.max_epochs=20",  # slow: 60 s, until it is killed; the resumed run is fast
         "+pipeline.stages.finetune.callbacks.slow._target_=tests.helpers.SlowBatches",
-        "+pipeline.stages.finetune.callbacks.slow.seconds=0.3",
+        "+pipeline.stages.finetune.callbacks.slow.seconds=1.0",
+        f"+pipeline.stages.finetune.callbacks.slow.first_run_marker={tmp_path / 'slow'}",
         f"run_dir={run_dir}",
     ]
     first = cli(*args, cache=data_cache)

@@ -420,18 +420,19 @@ class AudioDataModule(pl.LightningDataModule):
 
     # -- the train sampler's position, carried in checkpoints --------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in its epoch: (epoch, items this rank has trained on).
+        """Mid-epoch only: where training is in its epoch (epoch, items this rank has
+        trained on). A checkpoint of a finished epoch needs none: the next one starts afresh.
 
         Counted from the batches the fit loop has processed, not from the sampler's
         iterator, which the loader has read ahead of training.
         """
-        if self.trainer is None or not self.trainer.training:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
             return {}
-        loop = self.trainer.fit_loop
-        batches = loop.epoch_loop.batch_progress.current.processed
-        return {
-            "train_position": [loop.epoch_progress.current.processed, batches * self.cfg.batch_size]
-        }
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < batches < trainer.num_training_batches:
+            return {}
+        return {"train_position": [trainer.current_epoch, batches * self.cfg.batch_size]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if position := state_dict.get("train_position"):
