@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,9 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a CLI subprocess: offline W&B, ``tests`` importable (for
-    ``_target_: tests.helpers...``) ahead of the caller's own PYTHONPATH."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    """The environment of a CLI subprocess: offline W&B, this checkout's package first
+    (whichever checkout the environment was installed from), then ``tests`` (for
+    ``_target_: tests.helpers...``)."""
+    path = f"{REPO / 'src'}{os.pathsep}{REPO}"
     return os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": path} | extra
 
 
@@ -158,6 +162,83 @@ def read_wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def _item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+@dataclass
+class WandbRunLog:
+    """What an offline W&B run recorded, read back from its ``.wandb`` file."""
+
+    run: Any  # the RunRecord: run_id, run_group, job_type, display_name, config
+    dirs: list[Path] = field(default_factory=list)  # offline-run-* folders, one per attempt
+    #: every history value of each key, in logging order (media and tables as their JSON)
+    history: dict[str, list[Any]] = field(default_factory=dict)
+    #: the final summary, nested keys joined with "/" (``val/acc`` -> ``{"max": 0.9}``)
+    summary: dict[str, Any] = field(default_factory=dict)
+    #: define_metric records: name -> MetricRecord
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: artifacts this run logged: ArtifactRecord (name, type, digest, manifest)
+    logged_artifacts: list[Any] = field(default_factory=list)
+    #: artifacts this run declared as inputs (offline: logged with ``use_after_commit``)
+    used_artifacts: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path, timeout: float = 30.0) -> WandbRunLog:
+        # W&B's service writes the log asynchronously: a run just finished may not be on
+        # disk yet; its last record is the run's exit.
+        deadline = time.monotonic() + timeout
+        records = read_wandb_records(path)
+        while not any(r.HasField("exit") for r in records):
+            assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+            time.sleep(0.2)
+            records = read_wandb_records(path)
+        out = cls(run=next(r.run for r in records if r.HasField("run")), dirs=[Path(path).parent])
+        for r in records:
+            kind = r.WhichOneof("record_type")
+            if kind == "history":
+                for item in r.history.item:
+                    out.history.setdefault(_item_key(item), []).append(json.loads(item.value_json))
+            elif kind == "summary":
+                for item in r.summary.update:
+                    key = _item_key(item)
+                    if not key.startswith("_"):
+                        out.summary[key] = json.loads(item.value_json)
+            elif kind == "metric" and r.metric.name:
+                out.metrics[r.metric.name] = r.metric
+            elif kind == "artifact":
+                target = out.used_artifacts if r.artifact.use_after_commit else out.logged_artifacts
+                target.append(r.artifact)
+            elif kind == "use_artifact":
+                out.used_artifacts.append(r.use_artifact)
+        return out
+
+    def table(self, key: str) -> dict[str, Any]:
+        """The last W&B Table logged under ``key``: ``{"columns": [...], "data": [[...]]}``."""
+        relative = self.history[f"{key}/path"][-1]
+        path = next(d / "files" / relative for d in self.dirs if (d / "files" / relative).exists())
+        return json.loads(path.read_text())
+
+
+def wandb_runs(run_dir: Path) -> dict[str, WandbRunLog]:
+    """Every offline W&B run under ``run_dir/wandb``, by job type (a stage, or ``pipeline``);
+    a resumed run's attempts are merged in order."""
+    runs: dict[str, WandbRunLog] = {}
+    for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        log = WandbRunLog.read(path)
+        if (seen := runs.get(log.run.job_type)) is None:
+            runs[log.run.job_type] = log
+            continue
+        for key, values in log.history.items():
+            seen.history.setdefault(key, []).extend(values)
+        seen.dirs += log.dirs
+        seen.summary |= log.summary
+        seen.metrics |= log.metrics
+        seen.logged_artifacts += log.logged_artifacts
+        seen.used_artifacts += log.used_artifacts
+    return runs
 
 
 def close_process_group(fabric) -> None:

@@ -68,6 +68,9 @@ def test_quick_bench_writes_results(tmp_path: Path, data_cache: Path) -> None:
     assert training["ratio"] > 0 and isinstance(training["goal_met"], bool)
     pseudo = result["benchmarks"]["pseudo_labels"]["raw"]
     assert set(pseudo["ratios"]) == {"cluster_time", "total_time", "inertia"}
+    pruned = result["benchmarks"]["pruned_inference"]["raw"]
+    for name in ("transformer", "hubert_tiny", "wav2vec2_tiny", "wavlm_tiny"):
+        assert 0 < pruned[name]["pruned_params"] < pruned[name]["teacher_params"], name
     end_to_end = result["benchmarks"]["end_to_end"]["raw"]
     assert end_to_end["median_peak_rss_mib"]["pipeline"] > 0
 

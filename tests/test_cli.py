@@ -55,10 +55,10 @@ def test_help_lists_groups_and_experiments(data_cache: Path) -> None:
     assert "experiment: " in result.stdout and "supervised" in result.stdout
 
 
-def test_multirun_gives_each_job_its_run_dir_and_wandb_group(
+def test_multirun_gives_each_job_its_run_dir_and_wandb_group_and_ends_with_a_sweep_table(
     tmp_path: Path, data_cache: Path
 ) -> None:
-    from tests.helpers import read_wandb_records
+    from tests.helpers import read_wandb_records, wandb_runs
 
     sweep = tmp_path / "sweep"
     result = distillery(
@@ -83,3 +83,19 @@ def test_multirun_gives_each_job_its_run_dir_and_wandb_group(
         assert run.run_group == manifest["run_id"]
         groups.add(run.run_group)
     assert len(groups) == 2
+
+    # The sweep's own table (sweep_results.md and a `sweep` W&B run): a row per job, with
+    # the override that differs and the job's final metrics.
+    text = (sweep / "sweep_results.md").read_text()
+    assert [line.split(" | ")[1] for line in text.splitlines()[2:]] == ["seed=0", "seed=1"]
+    (sweep_run,) = wandb_runs(sweep).values()
+    assert sweep_run.run.job_type == "sweep"
+    table = sweep_run.table("results")
+    assert len(table["data"]) == 2
+    for job, row in enumerate(table["data"]):
+        manifest = json.loads((sweep / str(job) / "pipeline.json").read_text())
+        cells = dict(zip(table["columns"], row, strict=True))
+        assert (cells["job"], cells["overrides"]) == (str(job), f"seed={job}")
+        assert cells["run id"] == manifest["run_id"]
+        acc = manifest["stages"]["finetune"]["metrics"]["finetune/test/acc"]
+        assert cells["finetune/test/acc"] == acc

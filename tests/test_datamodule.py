@@ -27,7 +27,7 @@ def loader_indices(loader) -> list[int]:
 def test_items_and_label_fraction(data_cache: Path) -> None:
     data = datamodule(data_cache, "data.label_fraction=0.25", "data.train_items=labeled")
     batch = next(iter(data.train_dataloader()))
-    assert set(batch) == {"index", "audio", "label"}
+    assert set(batch) == {"index", "audio", "length", "label"}
     assert batch["audio"].shape[1] == data.num_samples and (batch["label"] >= 0).all()
     train = data.table.indices("train")
     labeled = data.train_indices()

@@ -120,11 +120,7 @@ def test_plugin_pipeline_runs_then_reruns_only_the_edited_stage(
             r"NoOptimizer.produces must map artifact names to kinds",
         ),
         (
-            [
-                "~pipeline.stages.kd.inputs",
-                "+pipeline.stages.kd.inputs={module.techer: ssl.encoder}",
-            ],
-            r"(?s)pipeline.stages.kd.module.teacher: required by EmbeddingKD.*"
+            ["+pipeline.stages.kd.inputs={module.techer: ssl.encoder}"],
             r"pipeline.stages.kd.inputs.module.techer: EmbeddingKD has no constructor "
             r"argument 'techer' \(arguments: teacher, student, loss, lr\)",
         ),
@@ -167,6 +163,23 @@ def test_an_encoder_without_exits_cannot_be_a_multi_exit_student(
         ConfigError,
         match=r"pipeline.stages.self_distill.module.encoder: TinyCNN lacks exit_dims, "
         r"forward_exits, which SelfDistillStage needs",
+    ):
+        validate(cfg)
+
+
+def test_a_required_artifact_that_nothing_provides(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_with_plugin(
+        [
+            "experiment=supervised",
+            "+stage@pipeline.stages.kd=coss_kd",
+            "pipeline.order=[finetune,kd]",
+        ],
+        monkeypatch,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"pipeline.stages.kd.module.teacher: required by CoSSDistillStage; set it in the "
+        r"config or wire it through pipeline.stages.kd.inputs",
     ):
         validate(cfg)
 

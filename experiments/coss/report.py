@@ -15,7 +15,7 @@ from distillery.eval.reproduction import finished_runs, finished_stages, mean_st
 
 HERE = Path(__file__).parent
 METHODS = {  # stage name -> what it is
-    "cosine_random": "(a) cosine only (l1 = 0), random batches",
+    "cosine_random": "(a) cosine only (space_weight = 0), random batches",
     "coss_random": "(b) CoSS, random batches",
     "coss_knn": "(c) CoSS, teacher-space kNN batches",
 }

@@ -32,8 +32,10 @@ __all__ = [
     "Artifact",
     "Checkpoint",
     "EncoderArtifact",
+    "HuggingFaceEncoder",
     "JsonReport",
     "Plot",
+    "StandaloneEncoder",
     "PseudoLabels",
     "SyntheticSet",
     "Tensors",
@@ -193,3 +195,45 @@ class Plot(Artifact):
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plot:
         raise TypeError(f"{path}: a plot is for people to look at, not an input of a stage")
+
+
+@dataclass
+class StandaloneEncoder(Artifact):
+    """A speech encoder that loads without distillery: a ``torch.export`` program and its
+    description (``standalone/encoder.pt2``, ``encoder.json``; see
+    :mod:`distillery.models.standalone`). The recorded path is the program's."""
+
+    module: nn.Module
+    config: dict[str, Any]
+    filename: ClassVar[str] = "standalone"
+
+    def save(self, path: Path) -> Path:
+        from distillery.models.standalone import export_program  # torchaudio only when used
+
+        return export_program(self.module, path, self.config)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StandaloneEncoder:
+        raise TypeError(
+            f"{path}: a standalone program is for use outside distillery "
+            "(torch.export.load); hand stages the encoder artifact"
+        )
+
+
+@dataclass
+class HuggingFaceEncoder(Artifact):
+    """An unpruned speech encoder as a Hugging Face model directory (``huggingface/``)."""
+
+    module: nn.Module
+    filename: ClassVar[str] = "huggingface"
+
+    def save(self, path: Path) -> Path:
+        from distillery.models.standalone import save_huggingface
+
+        return save_huggingface(self.module, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HuggingFaceEncoder:
+        from distillery.models.speech import SpeechEncoder
+
+        return cls(SpeechEncoder(weights=os.fspath(path)))

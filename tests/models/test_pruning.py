@@ -96,7 +96,7 @@ def test_param_count_is_exact_and_differentiable_in_the_gates() -> None:
     gated = _gated(1)
     torch.manual_seed(1)
     for _ in range(5):
-        kept = {g.name: int(torch.randint(0, g.size + 1, ()).item()) for g in gated.groups}
+        kept = {g.name: int(torch.randint(g.min_keep, g.size + 1, ()).item()) for g in gated.groups}
         counts = {name: torch.tensor(float(n)) for name, n in kept.items()}
         assert gated.spec.param_count(gated.model, counts).item() == count_parameters(
             build_pruned(BASE, kept)

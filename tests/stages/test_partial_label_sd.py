@@ -35,6 +35,7 @@ def pll_only(tmp_path: Path, cache: Path, encoder: Path, *extra: str) -> DictCon
             f"run_dir={tmp_path / 'run'}",
             f"data.cache_dir={cache}",
             f"pipeline.stages.pll.module.pretrained={encoder}",
+            "debug.trainer.limit_train_batches=1.0",  # every pass of every round, on smoke data
             *extra,
         ]
     )
@@ -190,3 +191,58 @@ def test_clustered_noise_by_class_name(
     moved = noisy != clean
     tones = {data.class_names.index("tone_low"), data.class_names.index("tone_high")}
     assert set(clean[moved].tolist()) == tones and set(noisy[moved].tolist()) == tones
+
+
+def test_the_teacher_head_equals_a_plain_training_loop(
+    tmp_path: Path, data_cache: Path, encoder_path: Path, one_thread: None
+) -> None:
+    """The Lightning loop (one epoch per round, a pass per ``epochs``) trains the CE head
+    exactly as the method's loop: seeded head and shuffles, SGD, lr decay per pass, the
+    best noisy-validation pass kept."""
+    cfg = pll_only(
+        tmp_path,
+        data_cache,
+        encoder_path,
+        "pipeline.stages.pll.module.noise_rate=0.4",
+        "pipeline.stages.pll.module.rounds=1",
+        "pipeline.stages.pll.module.epochs=6",
+        "pipeline.stages.pll.module.batch_size=8",
+        "seed=2",
+    )
+    record = Runner(cfg).run()["pll"]
+    trained = torch.load(record.artifacts["heads"], weights_only=True)
+
+    data = AudioDataModule(cfg.data)
+    data.setup()
+    encoder, _ = load_encoder(encoder_path)
+    feats = {}
+    for split in ("train", "val"):
+        _, x, y = embed(encoder, data.dataloader(split), data.featurize)
+        feats[split] = (torch.from_numpy(x[y >= 0]), torch.from_numpy(y[y >= 0]))
+    mean, std = feats["train"][0].mean(0), feats["train"][0].std(0).clamp(min=1e-6)
+    x, y = (feats["train"][0] - mean) / std, feats["train"][1]
+    x_val, y_val = (feats["val"][0] - mean) / std, feats["val"][1]
+    y = torch.from_numpy(add_label_noise(y.numpy(), "symmetric", 0.4, 4, seed=2).labels)
+    y_val = torch.from_numpy(add_label_noise(y_val.numpy(), "symmetric", 0.4, 4, seed=3).labels)
+
+    torch.manual_seed(2 * 1000)
+    head = torch.nn.Linear(32, 4, bias=False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.98)
+    generator = torch.Generator().manual_seed(2 * 1000)
+    best = -1.0
+    for _ in range(6):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 8):
+            batch = order[start : start + 8]
+            loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            acc = (head(x_val).argmax(1) == y_val).float().mean().item()
+        if acc > best:
+            best, weight = acc, head.weight.detach().clone()
+    assert torch.equal(trained["heads"]["ce"]["weight"], weight)
+    assert record.metrics["pll/val/acc_ce"] == pytest.approx(best)

@@ -6,8 +6,8 @@ per block, FFN units filling the rest), a plain smaller ``nn.Module``. Both run 
 batch under ``torch.inference_mode``; repeats are interleaved, medians compared.
 
 Models: our ``TransformerEncoder`` recipe teacher (1.97M parameters) on a batch of
-1-second log-mel clips; in full runs also torchaudio's HuBERT Base (94.4M) on a
-1-second waveform.
+1-second log-mel clips; HuBERT, wav2vec 2.0 and WavLM on a 1-second waveform: their Base
+architectures (94-95M parameters) in full runs, tiny ones in ``--quick`` runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,27 @@ TRANSFORMER = {
     "ffn_dim": 768,
     "dropout": 0.1,
 }
-HUBERT = {"_target_": "distillery.models.hubert.HuBERTEncoder"}
+SPEECH_FAMILIES = ("hubert", "wav2vec2", "wavlm")
+
+
+def speech_config(family: str, quick: bool) -> dict[str, Any]:
+    """The family's Base preset, or (quick) a 2-layer, 64-wide version of it."""
+    if not quick:
+        return {"_target_": "distillery.models.speech.SpeechEncoder", "arch": f"{family}_base"}
+    small = {
+        "extractor_conv_layer_config": [[64, 10, 5]] + [[64, 3, 2]] * 4 + [[64, 2, 2]] * 2,
+        "encoder_embed_dim": 64,
+        "encoder_num_layers": 2,
+        "encoder_num_heads": 4,
+        "encoder_ff_interm_features": 256,
+        "encoder_pos_conv_kernel": 16,
+        "encoder_pos_conv_groups": 4,
+    }
+    return {
+        "_target_": "distillery.models.speech.SpeechEncoder",
+        "arch": f"{family}_base",
+        "architecture": small,
+    }
 
 
 def kept_for_fraction(base: dict[str, Any], keep: float) -> dict[str, int]:
@@ -128,7 +148,9 @@ def run(quick: bool, cache_dir: Path) -> tuple[dict[str, Any], list[Comparison]]
     raw, rows = {}, []
     raw["transformer"], rows_t = _compare("transformer", TRANSFORMER, mel, repeats, inner)
     rows += rows_t
-    if not quick:
-        raw["hubert_base"], rows_h = _compare("hubert_base", HUBERT, torch.randn(1, 16000), 5, 1)
-        rows += rows_h
+    for family in SPEECH_FAMILIES:
+        name = f"{family}_{'tiny' if quick else 'base'}"
+        config = speech_config(family, quick)
+        raw[name], rows_s = _compare(name, config, torch.randn(1, 16000), 5, 1)
+        rows += rows_s
     return raw, rows

@@ -126,15 +126,23 @@ class PseudoLabeler(pl.Callback):
         meta: dict[str, Any] = {}
         if trainer.is_global_zero:
             n_assigned = int((labels >= 0).sum()) - len(fit_idx)
+            stage = pl_module.stage_name
             meta = self._write(
-                labels, result, fit_idx, n_assigned, table.true_labels, trainer.current_epoch
+                labels, result, fit_idx, n_assigned, table.true_labels, trainer.current_epoch, stage
             )
             self.metrics = {
-                f"{pl_module.stage_name}/pseudo/{k}": float(v)
+                f"{stage}/pseudo/{k}": float(v)
                 for k, v in meta.items()
                 if isinstance(v, float | int) and not isinstance(v, bool)
             }
-            log_to_loggers(trainer.loggers, self.metrics, step=trainer.global_step)
+            # Clustered once per stage: the statistics are one-off numbers, not curves.
+            log_to_loggers(
+                trainer.loggers,
+                self.metrics,
+                step=trainer.global_step,
+                images={f"{stage}/pseudo/cluster_sizes": str(self.out_dir / "cluster_sizes.png")},
+                constant=not self.every_n_epochs,
+            )
         self._previous = labels
         trainer.strategy.barrier("pseudo-labels-written")
         self.artifacts = {"pseudo_labels": str(self.out_dir / "labels.npy")}
@@ -148,6 +156,7 @@ class PseudoLabeler(pl.Callback):
         n_assigned: int,
         true_labels: np.ndarray,
         epoch: int,
+        stage: str,
     ) -> dict[str, Any]:
         stats = cluster_stats(
             labels[fit_idx],
@@ -176,7 +185,7 @@ class PseudoLabeler(pl.Callback):
             labels[fit_idx],
             self.k,
             self.out_dir / "cluster_sizes.png",
-            title=f"k-means, k={self.k}, epoch {epoch}",
+            title=f"{stage}, train split: k-means pseudo-labels, k={self.k}, epoch {epoch}",
         )
         log.info(
             "pseudo-labels: k=%d fitted on %d of %d clips, NMI vs labels %s, "

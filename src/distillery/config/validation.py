@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from distillery.config.schema import Config
+from distillery.config.weights import check_encoder_weights
 
 #: Trainer arguments the runner owns.
 INJECTED_TRAINER_ARGS = (
@@ -262,6 +263,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         path = f"pipeline.stages.{name}"
         stage = stages[name]
         module_args = OmegaConf.to_container(stage.module)
+        problems += check_encoder_weights(module_args, f"{path}.module")
         for key, high_open in (("target_sparsity", True), ("sparsity_warmup", False)):
             if isinstance(value := module_args.get(key), int | float):  # prune_distill
                 problems += _range(

@@ -68,7 +68,8 @@ class TrainSampler(DistributedSampler):
 
 
 class ClipDataset(Dataset):
-    """Items are dicts: ``index`` (into the source table), ``audio`` (samples,), ``label``,
+    """Items are dicts: ``index`` (into the source table), ``audio`` (samples,), ``length``
+    (its valid samples: fewer than ``num_samples`` for a zero-padded short clip), ``label``,
     and ``pseudo_label`` when pseudo-labels are attached. Training crops are random (from
     the ``(seed, epoch, i)`` key of a :class:`TrainSampler`, else torch's global RNG),
     evaluation crops are the clip's centre, so evaluation is deterministic."""
@@ -129,11 +130,11 @@ class ClipDataset(Dataset):
             seed, epoch, key = key
             rng = np.random.default_rng((seed, epoch, int(self.indices[key])))
         index = int(self.indices[key])
+        audio = self._audio(index)
         item = {
             "index": index,
-            "audio": torch.from_numpy(
-                np.ascontiguousarray(self._fixed_length(self._audio(index), rng))
-            ),
+            "audio": torch.from_numpy(np.ascontiguousarray(self._fixed_length(audio, rng))),
+            "length": min(len(audio), self.num_samples),  # valid samples before zero-padding
             "label": int(self.labels[index]),
         }
         if self.pseudo_labels is not None:

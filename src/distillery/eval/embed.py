@@ -193,7 +193,8 @@ def embed(
     Args:
         encoder: maps ``featurize(audio)`` to (B, d) embeddings.
         loader: batches are dicts with ``index`` (B,), ``audio`` (B, samples) and
-            ``label`` (B,) (``-1`` for unlabeled items).
+            ``label`` (B,) (``-1`` for unlabeled items); a waveform encoder also gets
+            ``length`` (B,) valid samples when the batch has it.
         featurize: (B, samples) audio on ``device`` -> encoder input (e.g. log-mel);
             not used for an encoder whose ``input_key`` is ``"audio"``.
         device: where the audio is moved before ``featurize``.
@@ -217,7 +218,8 @@ def embed(
     indices: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    if getattr(encoder, "input_key", "features") == "audio":  # reads waveforms (e.g. HuBERT)
+    waveform = getattr(encoder, "input_key", "features") == "audio"  # e.g. HuBERT
+    if waveform:
         featurize = _waveform
     encoder.eval()
     model = fuse_conv_bn(encoder)  # BatchNorm folded into the convs: 0.70x AudioNTT CPU time
@@ -225,7 +227,10 @@ def embed(
         with torch.inference_mode():
             for batch in batches:
                 audio = batch["audio"].to(device, non_blocking=True)
-                z = model(featurize(audio))
+                if waveform and "length" in batch:  # pooling skips a short clip's zero padding
+                    z = model(audio, batch["length"].to(device))
+                else:
+                    z = model(featurize(audio))
                 if z.dim() != 2 or z.shape[0] != audio.shape[0]:
                     raise ValueError(
                         f"encoder output must be (B, d) with B={audio.shape[0]}, "

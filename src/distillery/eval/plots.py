@@ -18,7 +18,13 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_cluster_sizes", "plot_confusion_matrix", "plot_embedding_map"]
+__all__ = [
+    "confusion_counts",
+    "plot_cluster_sizes",
+    "plot_confusion_counts",
+    "plot_confusion_matrix",
+    "plot_embedding_map",
+]
 
 #: Above this many classes the confusion-matrix cells are not annotated (unreadable).
 MAX_ANNOTATED_CLASSES = 30
@@ -138,6 +144,23 @@ def plot_embedding_map(
     return _save(fig, path)
 
 
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts, rows: true class, columns: predicted; rows with ``y_true == -1`` are
+    ignored; ``C = max(num_classes, largest label + 1)``."""
+    y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
+    y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{len(y_true)} true labels vs {len(y_pred)} predictions")
+    keep = y_true >= 0
+    y_true, y_pred = y_true[keep], y_pred[keep]
+    if (y_pred < 0).any():
+        raise ValueError("predictions must be non-negative class indices")
+    n = max(num_classes, int(y_true.max(initial=-1)) + 1, int(y_pred.max(initial=-1)) + 1)
+    counts = np.zeros((n, n), dtype=np.int64)
+    np.add.at(counts, (y_true, y_pred), 1)
+    return counts
+
+
 def plot_confusion_matrix(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -158,17 +181,20 @@ def plot_confusion_matrix(
         class_names: name of each label index; the matrix has
             ``max(len(class_names), max label + 1)`` rows and columns.
     """
-    y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
-    y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"{len(y_true)} true labels vs {len(y_pred)} predictions")
-    keep = y_true >= 0
-    y_true, y_pred = y_true[keep], y_pred[keep]
-    if (y_pred < 0).any():
-        raise ValueError("predictions must be non-negative class indices")
-    n = max(len(class_names), int(y_true.max(initial=-1)) + 1, int(y_pred.max(initial=-1)) + 1)
-    counts = np.zeros((n, n), dtype=np.float64)
-    np.add.at(counts, (y_true, y_pred), 1.0)
+    counts = confusion_counts(y_true, y_pred, len(class_names))
+    return plot_confusion_counts(counts, class_names, path, title=title)
+
+
+def plot_confusion_counts(
+    counts: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+) -> Path:
+    """:func:`plot_confusion_matrix` from (C, C) counts (rows: true class)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = len(counts)
     totals = counts.sum(axis=1, keepdims=True)
     norm = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     names = [_class_name(i, class_names) for i in range(n)]
@@ -183,7 +209,7 @@ def plot_confusion_matrix(
     ax.set_yticks(ticks, labels=names, fontsize="small")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{title} (n = {len(y_true)})")
+    ax.set_title(f"{title} (n = {int(counts.sum())})")
     if n <= MAX_ANNOTATED_CLASSES:
         for i in range(n):
             for j in range(n):

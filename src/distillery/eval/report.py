@@ -45,6 +45,7 @@ def evaluate_encoder(
     plots: bool = True,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    name: str = "encoder",
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Embed both splits with the frozen encoder and compute the standard metrics.
 
@@ -65,6 +66,7 @@ def evaluate_encoder(
         featurize: audio on ``device`` -> encoder input.
         class_names: name of each label index (plots only).
         out_dir: folder of the plots (created when needed).
+        name: what is evaluated (e.g. the stage), first in every plot title.
 
     Returns:
         ``(metrics, plot_paths)``: floats by metric name, and PNG paths by plot name.
@@ -118,6 +120,7 @@ def evaluate_encoder(
             class_names,
             out_dir / "embedding_map.png",
             seed=seed,
+            title=f"{name}, test split",
         )
         if predictions is not None:
             paths["confusion"] = _plot(
@@ -127,7 +130,7 @@ def evaluate_encoder(
                 predictions,
                 class_names,
                 out_dir / "confusion.png",
-                title=f"Linear probe, test accuracy {metrics['linear_acc']:.3f}",
+                title=f"{name}, test split: linear probe, accuracy {metrics['linear_acc']:.3f}",
             )
         if assignments is not None:
             paths["cluster_sizes"] = _plot(
@@ -136,7 +139,7 @@ def evaluate_encoder(
                 assignments,
                 k_clusters,
                 out_dir / "cluster_sizes.png",
-                title="k-means on test embeddings",
+                title=f"{name}, test split: k-means on the embeddings",
             )
 
     names = [*(f"knn{k}_acc" for k in knn_k), "linear_acc", "nmi", "ari"]

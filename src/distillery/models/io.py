@@ -20,11 +20,21 @@ def build_encoder(cfg: dict[str, Any] | DictConfig) -> nn.Module:
     return instantiate(cfg)
 
 
+def self_contained_config(encoder: nn.Module, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg``, or, when it reads a weights file, the encoder's weights-free
+    ``architecture_config()``: a saved state dict replaces that file, which another
+    machine may not have."""
+    if isinstance(cfg, dict) and cfg.get("weights") and hasattr(encoder, "architecture_config"):
+        return encoder.architecture_config()
+    return cfg
+
+
 def save_encoder(path: str | os.PathLike, encoder: nn.Module, cfg: dict[str, Any]) -> None:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    artifacts.write_torch(path, {"config": dict(cfg), "state_dict": state})
+    config = dict(self_contained_config(encoder, cfg))
+    artifacts.write_torch(path, {"config": config, "state_dict": state})
 
 
 def load_encoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

@@ -2,12 +2,12 @@
 
 A :class:`GatedModel` wraps an encoder and puts one :class:`HardConcreteGate` on each group
 of prunable units: conv front-end channels, the attention heads of a block, the FFN
-hidden units of a block. The encoder itself is not edited: masks are applied by forward
+hidden units of a block, and (speech encoders) a whole attention or FFN block. The encoder itself is not edited: masks are applied by forward
 hooks on the layer that consumes the units (e.g. the input of an attention block's output
 projection). Which groups exist, how many parameters each unit costs and how to remove
 units physically is architecture knowledge, held by a :class:`PruningSpec` (one for our
-:class:`~distillery.models.encoders.TransformerEncoder` here, one for torchaudio's HuBERT in
-:mod:`distillery.models.hubert`).
+:class:`~distillery.models.encoders.TransformerEncoder` here, one for HuBERT, wav2vec 2.0
+and WavLM in :mod:`distillery.models.speech_pruning`).
 
 The export is an ordinary encoder artifact (:func:`~distillery.models.io.save_encoder`)
 whose config is ``{_target_: distillery.models.pruning.build_pruned, base: <encoder
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from distillery.models.encoders import TransformerEncoder, count_parameters
-from distillery.models.io import build_encoder
+from distillery.models.io import build_encoder, self_contained_config
 
 __all__ = [
     "GatedModel",
@@ -60,18 +60,20 @@ class HardConcreteGate(nn.Module):
     Args:
         n: number of units.
         init_drop_prob: ``p`` of the init ``log_alpha ~ N(log((1-p)/p), 0.01)``.
+        min_keep: the eval mask keeps at least this many units (for groups that cannot
+            be removed entirely, e.g. conv channels).
     """
 
     beta = 2.0 / 3.0
     low, high = -0.1, 1.1
 
-    def __init__(self, n: int, init_drop_prob: float = 0.5) -> None:
+    def __init__(self, n: int, init_drop_prob: float = 0.5, min_keep: int = 0) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"a gate needs at least one unit, got n={n}")
         if not 0.0 < init_drop_prob < 1.0:
             raise ValueError(f"init_drop_prob must be in (0, 1), got {init_drop_prob}")
-        self.n = n
+        self.n, self.min_keep = n, min(min_keep, n)
         mean = math.log((1.0 - init_drop_prob) / init_drop_prob)
         self.log_alpha = nn.Parameter(torch.randn(n) * 0.01 + mean)
         self.l0_shift = -self.beta * math.log(-self.low / self.high)  # 1.599
@@ -89,8 +91,8 @@ class HardConcreteGate(nn.Module):
 
     @torch.no_grad()
     def deterministic(self) -> Tensor:
-        """(n,) eval mask: ``round(l0)`` non-zero entries, the rest exactly 0."""
-        k = int(torch.round(self.l0()).item())
+        """(n,) eval mask: ``max(round(l0), min_keep)`` non-zero entries, the rest exactly 0."""
+        k = max(int(torch.round(self.l0()).item()), self.min_keep)
         soft = torch.sigmoid(self.log_alpha / self.beta * 0.8)
         mask = torch.zeros_like(soft)
         if k > 0:
@@ -113,19 +115,48 @@ class UnitGroup:
     """
 
     name: str
-    kind: str  # conv | heads | ffn
+    kind: str  # one of KINDS
     size: int
     init_drop_prob: float
     site: nn.Module
     side: str
     repeat: int = 1
+    min_keep: int = 0
+
+
+#: Unit kinds: conv channels, attention heads, FFN units, whole attention / FFN blocks.
+KINDS = ("conv", "heads", "ffn", "attn_layer", "ffn_layer")
 
 
 class PruningSpec(ABC):
     """What a :class:`GatedModel` needs to know about one architecture."""
 
+    #: The unit kinds this architecture can prune.
+    kinds: tuple[str, ...] = ("conv", "heads", "ffn")
     #: ``p`` of the gate init per unit kind (METHODS.md: 0.01 for conv/heads, 0.5 for FFN).
-    init_drop_prob = {"conv": 0.01, "heads": 0.01, "ffn": 0.5}
+    init_drop_prob = {
+        "conv": 0.01,
+        "heads": 0.01,
+        "ffn": 0.5,
+        "attn_layer": 0.01,
+        "ffn_layer": 0.01,
+    }
+    #: Units a group keeps at least: a conv layer without channels cannot run.
+    min_keep = {"conv": 1}
+
+    def group(
+        self, name: str, kind: str, size: int, site: nn.Module, side: str, repeat: int = 1
+    ) -> UnitGroup:
+        return UnitGroup(
+            name,
+            kind,
+            size,
+            self.init_drop_prob[kind],
+            site,
+            side,
+            repeat,
+            self.min_keep.get(kind, 0),
+        )
 
     def layer_groups(
         self,
@@ -141,13 +172,9 @@ class PruningSpec(ABC):
         attention's and the FFN's output projections."""
         out = []
         if "heads" in kinds:
-            prob = self.init_drop_prob["heads"]
-            out.append(
-                UnitGroup(f"heads.{i}", "heads", num_heads, prob, attn_out, "input", head_dim)
-            )
+            out.append(self.group(f"heads.{i}", "heads", num_heads, attn_out, "input", head_dim))
         if "ffn" in kinds:
-            prob = self.init_drop_prob["ffn"]
-            out.append(UnitGroup(f"ffn.{i}", "ffn", ffn_units, prob, ffn_out, "input"))
+            out.append(self.group(f"ffn.{i}", "ffn", ffn_units, ffn_out, "input"))
         return out
 
     @abstractmethod
@@ -185,16 +212,7 @@ class TransformerPruning(PruningSpec):
         out = []
         if "conv" in kinds:
             conv = model.frontend[0]
-            out.append(
-                UnitGroup(
-                    "conv.0",
-                    "conv",
-                    conv.out_channels,
-                    self.init_drop_prob["conv"],
-                    model.frontend[1],
-                    "output",
-                )
-            )
+            out.append(self.group("conv.0", "conv", conv.out_channels, model.frontend[1], "output"))
         for i, block in enumerate(model.blocks):
             attn, ffn = block.attn, block.ffn
             out += self.layer_groups(
@@ -248,7 +266,7 @@ class TransformerPruning(PruningSpec):
                 block.ffn.prune_units(keep[name])
 
 
-#: Pruning specs by encoder class; an encoder module registers its own (e.g. ``hubert``).
+#: Pruning specs by encoder class; an encoder module registers its own (e.g. ``speech``).
 _PRUNING_SPECS: dict[type[nn.Module], type[PruningSpec]] = {}
 
 
@@ -343,24 +361,24 @@ class GatedModel(nn.Module):
 
     Args:
         model: an encoder with a :class:`PruningSpec` (see :func:`pruning_spec`).
-        kinds: unit kinds to prune: any of ``conv``, ``heads``, ``ffn``.
+        kinds: unit kinds to prune: any of :data:`KINDS` the architecture supports.
         base_config: the ``_target_`` config that builds ``model`` (for the export).
     """
 
     def __init__(self, model: nn.Module, kinds: Sequence[str], base_config: dict[str, Any]) -> None:
         super().__init__()
-        unknown = set(kinds) - {"conv", "heads", "ffn"}
-        if unknown or not kinds:
-            raise ValueError(
-                f"prune kinds must be a non-empty subset of [conv, heads, ffn], got {list(kinds)}"
-            )
         self.model = model
         self.spec = pruning_spec(model)
-        self.base_config = dict(base_config)
+        if set(kinds) - set(self.spec.kinds) or not kinds:
+            raise ValueError(
+                f"prune kinds must be a non-empty subset of {list(self.spec.kinds)} for "
+                f"{type(model).__name__}, got {list(kinds)}"
+            )
+        self.base_config = dict(self_contained_config(model, base_config))
         self.groups = self.spec.groups(model, kinds)
         self.gates = nn.ModuleDict(
             {
-                g.name.replace(".", "_"): HardConcreteGate(g.size, g.init_drop_prob)
+                g.name.replace(".", "_"): HardConcreteGate(g.size, g.init_drop_prob, g.min_keep)
                 for g in self.groups
             }
         )
@@ -383,12 +401,13 @@ class GatedModel(nn.Module):
         finally:
             self._masks.clear()
 
-    def forward_hidden_states(self, x: Tensor) -> list[Tensor]:
-        """The wrapped model's ``forward_hidden_states`` under one draw of the masks."""
-        return self._run(lambda: self.model.forward_hidden_states(x))
+    def forward_hidden_states(self, x: Tensor, *args: Tensor) -> list[Tensor]:
+        """The wrapped model's ``forward_hidden_states`` under one draw of the masks
+        (``args``: e.g. the lengths a waveform encoder takes)."""
+        return self._run(lambda: self.model.forward_hidden_states(x, *args))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(lambda: self.model(x))
+    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        return self._run(lambda: self.model(x, *args))
 
     def expected_counts(self) -> dict[str, Tensor]:
         # float64: parameter counts near 1e8 are not exact in float32.
@@ -403,7 +422,7 @@ class GatedModel(nn.Module):
         return (1.0 - self.expected_params() / self.full_params).float()
 
     def kept_by_kind(self) -> dict[str, float]:
-        """Expected kept units summed per kind (``conv``, ``heads``, ``ffn``)."""
+        """Expected kept units summed per kind (``conv``, ``heads``, ...)."""
         out: dict[str, float] = {}
         for g in self.groups:
             out[g.kind] = out.get(g.kind, 0.0) + float(self.gate(g.name).l0().detach())
@@ -442,11 +461,12 @@ def build_pruned(base: dict[str, Any], kept: dict[str, int]) -> nn.Module:
     arbitrary; load them from the artifact)."""
     model = build_encoder(base)
     spec = pruning_spec(model)
-    sizes = {g.name: g.size for g in spec.groups(model, ("conv", "heads", "ffn"))}
+    groups = {g.name: g for g in spec.groups(model, {name.split(".")[0] for name in kept})}
     for name, n in kept.items():
-        if name not in sizes or not 0 <= n <= sizes[name]:
+        if name not in groups or not groups[name].min_keep <= n <= groups[name].size:
+            bounds = f"[{groups[name].min_keep}, {groups[name].size}]" if name in groups else None
             raise ValueError(
-                f"kept.{name}={n}: no such group or outside [0, {sizes.get(name)}] (groups: {sizes})"
+                f"kept.{name}={n}: no such group or outside {bounds} (groups: {sorted(groups)})"
             )
     spec.prune_(model, {name: torch.arange(n) for name, n in kept.items()}, None)
     return model

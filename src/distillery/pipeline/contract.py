@@ -94,7 +94,8 @@ class StageContract:
         return f"{self.cls.__module__}.{self.cls.__qualname__}"
 
     def produces(self) -> dict[str, type[Artifact]]:
-        return {"checkpoint": Checkpoint} | dict(getattr(self.cls, "produces", {}) or {})
+        declared = getattr(self.cls, "produces", {})  # a malformed one is reported by problems()
+        return {"checkpoint": Checkpoint} | (declared if isinstance(declared, dict) else {})
 
     def input_kinds(self, arg: str) -> tuple[type[Artifact], ...]:
         """The artifact kinds constructor argument ``arg`` is annotated with (may be none)."""
@@ -236,11 +237,8 @@ def _check_stage(cfg: DictConfig, name: str, earlier: list[str]) -> list[str]:
     problems += check_targets(module, f"{path}.module")
     wired = {dest.partition(".")[2] for dest in inputs if dest.startswith("module.")}
     for arg, param in contract.params.items():
-        if param.default is inspect.Parameter.empty and arg not in (
-            *module,
-            *wired,
-            *INJECTED_MODULE_ARGS,
-        ):
+        given = module.get(arg) is not None or arg in wired or arg in INJECTED_MODULE_ARGS
+        if param.default is inspect.Parameter.empty and not given:
             problems.append(
                 f"{path}.module.{arg}: required by {contract.cls.__name__}; set it in the config "
                 f"or wire it through {path}.inputs"

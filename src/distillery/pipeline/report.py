@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from distillery import artifacts
 from distillery.pipeline.manifest import RunManifest
@@ -20,29 +21,40 @@ COLUMNS = (
 )
 
 
-def _format(column: str, value: float) -> str:
+def format_value(column: str, value: float) -> str:
     if column.endswith("params"):
         return f"{value / 1e6:.2f}M"
     return f"{value:.4f}"
 
 
-def results_markdown(manifest: RunManifest) -> str:
+def results_table(manifest: RunManifest) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the results table: one row per stage, raw values (``None``
+    where a stage lacks a column); columns no stage reports are left out."""
     present = [
         c for c in COLUMNS if any(f"{n}/{c}" in r.metrics for n, r in manifest.stages.items())
     ]
     header = ["stage", "kind", "status", "wall time (s)", *present]
+    rows = [
+        [name, record.kind, record.status, record.wall_time_s]
+        + [record.metrics.get(f"{name}/{column}") for column in present]
+        for name, record in manifest.stages.items()
+    ]
+    return header, rows
+
+
+def results_markdown(manifest: RunManifest) -> str:
+    header, rows = results_table(manifest)
     lines = [
         f"# Results of {manifest.run_id}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
-    for name, record in manifest.stages.items():
-        wall = f"{record.wall_time_s:.1f}" if record.wall_time_s is not None else "-"
-        cells = [name, record.kind, record.status, wall]
-        for column in present:
-            value = record.metrics.get(f"{name}/{column}")
-            cells.append("-" if value is None else _format(column, value))
+    for row in rows:
+        name, kind, status, wall = row[:4]
+        cells = [name, kind, status, "-" if wall is None else f"{wall:.1f}"]
+        for column, value in zip(header[4:], row[4:], strict=True):
+            cells.append("-" if value is None else format_value(column, value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -56,9 +56,17 @@ from distillery.pipeline.manifest import (
     now_iso,
     source_hashes,
 )
-from distillery.pipeline.progress import StageProgressBar
+from distillery.pipeline.progress import EpochSummary, PipelineProgress, StageProgressBar
 from distillery.pipeline.report import write_results
-from distillery.pipeline.tracking import build_loggers, finish_loggers, log_to_loggers
+from distillery.pipeline.tracking import (
+    build_loggers,
+    finish_loggers,
+    log_evaluation,
+    log_pipeline_summary,
+    log_stage_artifacts,
+    log_test_confusion,
+    use_stage_artifacts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +211,17 @@ class Runner:
         log.info("pipeline %s in %s", self.cfg.pipeline.name, self.run_dir)
         for p in plans:
             log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
+        progress = PipelineProgress([p.name for p in plans])
         for plan in plans:
             if plan.action == "skip":
                 continue
+            progress.stage_started(plan.name, plan.kind, plan.action)
             self._run_stage(plan)
+            progress.stage_finished(plan.name, self.manifest.stages[plan.name].wall_time_s)
         if self.is_rank_zero:
             table = write_results(self.run_dir, self.manifest)
             log.info("results (also in %s):\n%s", self.run_dir / "results.md", table)
+            log_pipeline_summary(self.cfg, self.manifest)
         return self.manifest.stages
 
     def _save_manifest(self) -> None:
@@ -304,6 +316,7 @@ class Runner:
                 attempt=record.attempts,
                 config=OmegaConf.to_container(cfg, resolve=True) | {"stage": name},
             )
+            use_stage_artifacts(loggers, self.manifest, stage_cfg.inputs)
             trainer = self._build_trainer(name, stage_dir, loggers, module)
         except BaseException as err:
             self._record_failure(record, err, start, stage_dir)
@@ -325,6 +338,8 @@ class Runner:
                     metrics |= extra
             if self.is_rank_zero:
                 record.artifacts = self._export(module, trainer, stage_dir)
+                log_stage_artifacts(trainer.loggers, self.manifest, name)
+                log_test_confusion(trainer.loggers, name, module, audio.class_names, stage_dir)
                 encoder = _encoder_for_eval(module)
                 if stage_cfg.evaluate and encoder is not None:
                     metrics |= self._evaluate(name, encoder, audio, trainer, stage_dir)
@@ -385,6 +400,8 @@ class Runner:
         }
         if trainer_args.get("enable_progress_bar", True):
             callbacks.append(StageProgressBar(name, leave=True))
+        else:  # e.g. SLURM logs: one line per epoch instead of a bar
+            callbacks.append(EpochSummary(name))
         trainer = pl.Trainer(
             **trainer_args,
             default_root_dir=str(stage_dir),
@@ -421,10 +438,11 @@ class Runner:
             plots=eval_cfg.plots,
             device=trainer.strategy.root_device,
             seed=self.cfg.seed,
+            name=name,
         )
         metrics = {f"{name}/eval/{k}": float(v) for k, v in scores.items()}
         images = {f"{name}/eval/{k}": v for k, v in plots.items()}
-        log_to_loggers(trainer.loggers, metrics, images=images, step=trainer.global_step)
+        log_evaluation(trainer.loggers, name, metrics, images, step=trainer.global_step)
         return metrics
 
     def _export(

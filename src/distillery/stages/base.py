@@ -7,11 +7,21 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch import nn
 
 from distillery.artifact_kinds import Artifact, EncoderArtifact
+
+
+def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]:
+    """The arguments ``encoder`` takes from a batch: log-mel ``features``, or, for a waveform
+    encoder (``input_key = "audio"``), ``audio`` and the clips' valid ``length`` if given."""
+    key = getattr(encoder, "input_key", "features")
+    if key == "audio" and "length" in batch:
+        return batch["audio"], batch["length"]
+    return (batch[key],)
 
 
 class StageModule(pl.LightningModule):
@@ -31,6 +41,9 @@ class StageModule(pl.LightningModule):
     produces: ClassVar[dict[str, type[Artifact]]] = {}
     #: Attributes an encoder config argument must give, checked at start-up.
     encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: (C, C) counts of the stage's own classifier on the test split (rows: true class), set
+    #: after ``trainer.test`` by stages that classify; plotted as the stage's confusion matrix.
+    test_confusion: np.ndarray | None = None
 
     def __init__(
         self,

@@ -59,8 +59,8 @@ class FinalDistillStage(TeacherDistillStage):
     def encoder_for_eval(self) -> nn.Module:
         return self.student
 
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
-        return self.student.forward_hidden_states(x)
+    def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
+        return self.student.forward_hidden_states(x, *lengths)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, terms = self.distill_step(batch)

@@ -7,11 +7,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from distillery.artifact_kinds import EncoderArtifact
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule
+from distillery.stages.base import StageModule, encoder_inputs
 
 
 class FinetuneStage(StageModule):
@@ -53,6 +53,8 @@ class FinetuneStage(StageModule):
                 for split in ("train", "val", "test")
             }
         )
+        # Summed over ranks by torchmetrics; read by the runner after `trainer.test`.
+        self.test_confusion_metric = MulticlassConfusionMatrix(num_classes)
 
     def encoder_for_eval(self) -> nn.Module:
         return self.encoder
@@ -61,17 +63,19 @@ class FinetuneStage(StageModule):
         if self.mode == "linear":
             self.encoder.eval()
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(features))
+    def forward(self, x: torch.Tensor, *lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, *lengths))
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        logits = self(batch["features"])
+        logits = self(*encoder_inputs(self.encoder, batch))  # log-mel, or waveforms + lengths
         labels = batch["label"]
         loss = F.cross_entropy(
             logits, labels, label_smoothing=self.label_smoothing if split == "train" else 0.0
         )
         accuracy = self.accuracy[f"{split}_acc"]
         accuracy(logits, labels)
+        if split == "test":
+            self.test_confusion_metric.update(logits, labels)
         on_step = split == "train"
         self.log_split(split, {"loss": loss}, on_step=on_step, on_epoch=True, prog_bar=True)
         self.log_split(
@@ -87,3 +91,7 @@ class FinetuneStage(StageModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_confusion_metric.compute().cpu().numpy()
+        self.test_confusion_metric.reset()

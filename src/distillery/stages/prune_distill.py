@@ -24,7 +24,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from distillery.artifact_kinds import Artifact, EncoderArtifact, JsonReport, Plot
+from distillery.artifact_kinds import Artifact, JsonReport, Plot
 from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
 from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
@@ -62,14 +62,15 @@ class PruneDistillStage(TeacherDistillStage):
     Args:
         teacher: the teacher's encoder config; ``teacher_weights`` its weights file.
         distill_layers: teacher (= student) hidden-state indices to distil.
-        prune: unit kinds to prune: ``conv`` (front-end channels), ``heads``, ``ffn``.
+        prune: unit kinds to prune: ``conv`` (front-end channels), ``heads``, ``ffn``
+            (units), and for speech encoders ``attn_layer`` / ``ffn_layer`` (whole blocks).
         target_sparsity: final fraction of the teacher's parameters to remove, in [0, 1).
         sparsity_warmup: fraction of the training steps over which the target ramps up.
         gate_lr: learning rate of the gates' ``log_alpha`` and of the multipliers (no
             weight decay on either); the other parameters use ``optimizer``'s.
     """
 
-    produces = {"encoder": EncoderArtifact, "pruning": JsonReport, "sparsity_plot": Plot}
+    produces = TeacherDistillStage.produces | {"pruning": JsonReport, "sparsity_plot": Plot}
 
     def __init__(
         self,
@@ -109,8 +110,8 @@ class PruneDistillStage(TeacherDistillStage):
         main = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": main}, {"params": regulariser, "lr": self.gate_lr, "weight_decay": 0.0}]
 
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
-        return self.gated.forward_hidden_states(x)
+    def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
+        return self.gated.forward_hidden_states(x, *lengths)
 
     def current_target(self) -> float:
         total = self.trainer.estimated_stepping_batches

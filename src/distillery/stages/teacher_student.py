@@ -10,10 +10,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distillery.artifact_kinds import EncoderArtifact
+from distillery.artifact_kinds import (
+    Artifact,
+    EncoderArtifact,
+    HuggingFaceEncoder,
+    StandaloneEncoder,
+)
 from distillery.losses import l1_cosine_distill_loss
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule
+from distillery.models.standalone import standalone_artifacts
+from distillery.stages.base import StageModule, encoder_inputs
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +27,21 @@ log = logging.getLogger(__name__)
 def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
     """Frozen teacher in eval mode: architecture from ``encoder``, weights from ``weights``.
 
-    ``weights`` is an ``encoder.pt`` artifact of an earlier stage or a plain state-dict file
-    (e.g. a torchaudio HuBERT checkpoint; an encoder may adapt its keys with an
-    ``adapt_state_dict`` method). Loaded strictly. ``None`` keeps random weights (tests).
+    ``weights`` is an ``encoder.pt`` artifact of an earlier stage or a plain state-dict
+    file; an encoder with a ``load_weights`` method reads it itself (a speech encoder
+    detects Hugging Face, fairseq and torchaudio files). Loaded strictly. ``None`` keeps
+    the weights ``encoder`` built (random unless it names a file).
     """
     teacher = build_encoder(encoder)
     if weights is None:
-        log.warning("teacher has random weights (no teacher_weights given)")
+        if not encoder.get("weights"):
+            log.warning("teacher has random weights (no teacher_weights given)")
+    elif hasattr(teacher, "load_weights"):
+        teacher.load_weights(weights)
     else:
         state = torch.load(weights, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        if hasattr(teacher, "adapt_state_dict"):
-            state = teacher.adapt_state_dict(state)
         try:
             teacher.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -107,9 +115,15 @@ class TeacherDistillStage(StageModule):
     """Shared machinery of ``prune_distill`` and ``final_distill``: a frozen teacher (never
     trained, kept in eval mode, left out of checkpoints and rebuilt from its weights on
     resume), the layer loss, and the batch key the encoders read (``features`` = log-mel,
-    or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``)."""
+    or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``). A speech
+    encoder is also exported for use without distillery (``standalone``, and
+    ``huggingface`` when unpruned: :mod:`distillery.models.standalone`)."""
 
-    produces = {"encoder": EncoderArtifact}
+    produces = {
+        "encoder": EncoderArtifact,
+        "standalone": StandaloneEncoder,
+        "huggingface": HuggingFaceEncoder,
+    }
 
     def __init__(
         self,
@@ -121,19 +135,22 @@ class TeacherDistillStage(StageModule):
     ) -> None:
         super().__init__(stage_name, optimizer, scheduler)
         self.teacher = load_teacher(teacher, teacher_weights)
-        self.input_key = getattr(self.teacher, "input_key", "features")
 
-    def student_hidden_states(self, x: Tensor) -> list[Tensor]:
+    def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
     def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x = batch[self.input_key]
+        inputs = encoder_inputs(self.teacher, batch)  # the student reads what the teacher does
         with torch.no_grad():
-            teacher_states = self.teacher.forward_hidden_states(x)
-        student_states = self.student_hidden_states(x)
+            teacher_states = self.teacher.forward_hidden_states(*inputs)
+        student_states = self.student_hidden_states(*inputs)
         if self.global_step == 0:
             self.distill_loss.check_depths(len(student_states), len(teacher_states))
         return self.distill_loss(student_states, teacher_states)
+
+    def export_artifacts(self) -> dict[str, Artifact]:
+        exported = super().export_artifacts()
+        return exported | standalone_artifacts(self.encoder_for_eval(), self.encoder_cfg)
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning switches every submodule to train mode

@@ -1,1 +1,0 @@
-"""Dataset distillation (KRR-ST): the model pool and the synthetic-set artifact."""
