@@ -153,7 +153,8 @@ def signal_at(stage: str, name: str, marker: Path, **where: int) -> list[str]:
     ("name", "code", "where"),
     [
         ("SIGTERM", 143, {"epoch": 1, "batch": 0}),  # mid-epoch: the next batch is the safe point
-        pytest.param("SIGUSR2", 140, {"epoch": 2, "batch": 1}, marks=pytest.mark.slow),
+        # Before the last batch of epoch 0 (3 per epoch): stops after batch 0 of epoch 1.
+        pytest.param("SIGUSR2", 140, {"epoch": 0, "batch": 1}, marks=pytest.mark.slow),
         # Ctrl-C while the pseudo-labeler clusters at the end of training.
         pytest.param("SIGINT", 130, {"epoch": -1}, marks=pytest.mark.slow),
     ],
@@ -169,10 +170,13 @@ def test_stop_signal_saves_marks_interrupted_and_resume_is_bit_identical(
     record = manifest(run_dir)["stages"]["ssl"]
     assert record["status"] == "interrupted" and record["error"].startswith(name)
     checkpoint = torch.load(latest_checkpoint(run_dir / "ssl"), weights_only=False)
-    if where["epoch"] >= 0:  # saved after the batch following the signal, mid-epoch
+    if where["epoch"] >= 0:  # saved after the next batch that does not end an epoch
         assert latest_checkpoint(run_dir / "ssl").name == "interrupted.ckpt"
         batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-        assert (checkpoint["epoch"], batches["processed"]) == (where["epoch"], where["batch"] + 2)
+        epoch, batch = where["epoch"], where["batch"] + 1
+        if batch == 2:  # the last of the epoch's 3 batches
+            epoch, batch = epoch + 1, 0
+        assert (checkpoint["epoch"], batches["processed"]) == (epoch, batch + 1)
 
     code_, out = finish(cli(*args, cache=data_cache))
     assert code_ == 0, out[-3000:]

@@ -179,7 +179,9 @@ class SignalCheckpoint(pl.Callback):
     sampler's position) and raise :class:`StopRequested` on every rank.
 
     One small all-reduce per batch is the price of stopping every rank together, whichever
-    rank the signal reached.
+    rank the signal reached. The last batch of an epoch is not a stopping point: its
+    validation and epoch checkpoint come first (a resume from there would log that epoch
+    differently), then the next batch or the end of training stops.
     """
 
     def __init__(self, checkpoint_dir: Path) -> None:
@@ -193,6 +195,8 @@ class SignalCheckpoint(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
         if signum := agreed_stop_signal(trainer.strategy):
             trainer.save_checkpoint(self.path)
             raise StopRequested(
