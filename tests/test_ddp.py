@@ -36,7 +36,7 @@ def test_unfused_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> Non
 
     # Every training clip got exactly one pseudo-label although 2 ranks embedded it
     # (32 training clips over 2 ranks, gathered as (index, feature) pairs).
-    labels = np.load(manifest["stages"]["ssl"]["artifacts"]["pseudo_labels"])
+    labels = np.load(run_dir / manifest["stages"]["ssl"]["artifacts"]["pseudo_labels"])
     data = AudioDataModule(compose_config([*overrides, f"data.cache_dir={data_cache}"]).data)
     data.setup()
     train = data.table.indices("train")

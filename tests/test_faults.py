@@ -71,7 +71,7 @@ def assert_same_results(run: Path, reference: Path) -> None:
         assert record["status"] == "done", (name, record["error"])
         assert set(record["artifacts"]) == set(want[name]["artifacts"])
         for artifact, path in record["artifacts"].items():
-            ours, theirs = Path(path), Path(want[name]["artifacts"][artifact])
+            ours, theirs = run / path, reference / want[name]["artifacts"][artifact]
             if ours.suffix == ".npy":
                 assert np.array_equal(np.load(ours), np.load(theirs)), (name, artifact)
             elif artifact == "encoder":

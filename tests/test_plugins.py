@@ -27,7 +27,8 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def plugin_cli(*args: str, plugin: Path = PLUGIN, cache: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(plugin)}
+    src = Path(__file__).parents[1] / "src"  # the checkout's code, not an installed copy
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{plugin}{os.pathsep}{src}"}
     cmd = [
         sys.executable,
         "-m",
@@ -68,7 +69,7 @@ def test_plugin_pipeline_runs_then_reruns_only_the_edited_stage(
     assert (data_cache / "tones" / "tone2_011.wav").exists()
     # The user's stage produced an encoder (the user's TinyCNN), which was evaluated; the
     # plain classifier took it and was tested, without declaring anything.
-    assert Path(stages["kd"]["artifacts"]["encoder"]).exists()
+    assert (run_dir / stages["kd"]["artifacts"]["encoder"]).exists()  # relative to the run dir
     assert "kd/eval/knn10_acc" in stages["kd"]["metrics"]
     assert "kd/train/loss" in stages["kd"]["metrics"]
     assert 0.0 <= stages["classify"]["metrics"]["classify/test/acc"] <= 1.0

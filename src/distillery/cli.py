@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distillery.config.schema import register_configs
 
@@ -26,7 +28,8 @@ def _main(cfg: DictConfig) -> float | None:
 
     from distillery.config.validation import ConfigError
     from distillery.data.audio_io import AudioFileError
-    from distillery.pipeline import faults, launch
+    from distillery.models.safe_load import UnsafeArtifactError
+    from distillery.pipeline import faults, launch, run_lock
     from distillery.pipeline.manifest import RunDirError
     from distillery.pipeline.runner import Runner, StageInterrupted
     from distillery.pipeline.tracking import report_to_wandb_sweep
@@ -40,8 +43,20 @@ def _main(cfg: DictConfig) -> float | None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
         with launch.job_processes():
-            stages = Runner(cfg).run()
-    except (ConfigError, RunDirError, AudioFileError) as err:  # bad input: the message says it all
+            runner = Runner(cfg)  # validates the config
+            runner.plan()  # refuses a run dir this run must not touch
+            # One writer per run dir: a second run is refused before it writes anything.
+            with (
+                run_lock.hold(Path(cfg.run_dir), writer=rank_zero_only.rank == 0),
+                accepted_run_records(cfg, write_config=rank_zero_only.rank == 0),
+            ):
+                stages = runner.run()
+    except (
+        ConfigError,
+        RunDirError,
+        AudioFileError,
+        UnsafeArtifactError,
+    ) as err:  # bad input: the message says it all
         log.error("%s", err)
         sys.exit(2)
     except StageInterrupted as err:  # a stop signal: a checkpoint was saved
@@ -52,6 +67,29 @@ def _main(cfg: DictConfig) -> float | None:
             {k: v for record in stages.values() for k, v in record.metrics.items()}
         )
     return optimized_value(stages, cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+@contextlib.contextmanager
+def accepted_run_records(cfg: DictConfig, write_config: bool) -> Iterator[None]:
+    """What Hydra would have written before the run (``hydra.output_subdir`` is off so a
+    refused run writes nothing): ``.hydra/config.yaml`` and ``overrides.yaml`` (by rank 0),
+    and the log file ``<job name>.log`` while the run lasts, all in the run dir."""
+    from distillery import artifacts
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(cfg.run_dir)
+    if write_config:
+        artifacts.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+        overrides = OmegaConf.create(list(hydra_cfg.overrides.task))
+        artifacts.write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(overrides))
+    handler = logging.FileHandler(run_dir / f"{hydra_cfg.job.name}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:  # each job of a multirun logs to its own run dir
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def optimized_value(stages: dict, metric: str) -> float:

@@ -63,9 +63,10 @@ def test_info_on_folder_with_mixed_files(tmp_path, capsys):
 
 def test_info_on_manifest_reports_unreadable_files(tmp_path, capsys):
     sf.write(tmp_path / "ok.wav", np.zeros(800), 8000)
+    sf.write(tmp_path / "ok2.wav", np.zeros(800), 8000)
     (tmp_path / "bad.wav").write_bytes(b"garbage" * 20)
     (tmp_path / "m.csv").write_text(
-        "path,label,split\nok.wav,a,train\nbad.wav,,test\nok.wav,b,test\ngone.wav,a,val\n"
+        "path,label,split\nok.wav,a,train\nbad.wav,,test\nok2.wav,b,test\ngone.wav,a,val\n"
     )
     assert main(["info", str(tmp_path / "m.csv")]) == 1
     out = capsys.readouterr().out

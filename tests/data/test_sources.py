@@ -29,16 +29,16 @@ def test_csv_manifest_with_relative_paths_labels_and_splits(tmp_path):
     manifest.write_text(
         "path,label,split\n"
         "../audio/a.wav,dog,train\n"
-        "../audio/b.wav,cat,val\n"
-        "../audio/c.wav,,\n"
+        "../audio/b.wav,cat,train\n"
+        "../audio/c.wav,,val\n"
         f"{elsewhere},dog,test\n"
     )
     table = read_manifest(manifest)
     assert table.class_names == ["cat", "dog"]
     assert [(r.path.name, r.label, r.split) for r in table.records] == [
         ("a.wav", 1, "train"),
-        ("b.wav", 0, "val"),
-        ("c.wav", -1, None),
+        ("b.wav", 0, "train"),
+        ("c.wav", -1, "val"),
         ("d.wav", 1, "test"),
     ]
     assert all(r.path.is_absolute() and r.path.is_file() for r in table.records)
@@ -57,7 +57,7 @@ def test_jsonl_manifest(tmp_path):
     _wav(tmp_path / "sub" / "a.wav")
     _wav(tmp_path / "sub" / "b.wav")
     lines = [
-        {"path": "sub/a.wav", "label": "zebra", "split": "train"},
+        {"path": "sub/a.wav", "label": "zebra"},
         {"path": "sub/b.wav"},
         {"path": "sub/a.wav", "label": "ant"},
     ]
@@ -66,7 +66,7 @@ def test_jsonl_manifest(tmp_path):
     table = read_manifest(manifest)
     assert table.class_names == ["ant", "zebra"]
     assert [(r.path, r.label, r.split) for r in table.records] == [
-        ((tmp_path / "sub" / "a.wav").resolve(), 1, "train"),
+        ((tmp_path / "sub" / "a.wav").resolve(), 1, None),
         ((tmp_path / "sub" / "b.wav").resolve(), -1, None),
         ((tmp_path / "sub" / "a.wav").resolve(), 0, None),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig, open_dict
@@ -195,3 +196,23 @@ def test_coss_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> None:
     stages = json.loads((run_dir / "pipeline.json").read_text())["stages"]
     assert [s["status"] for s in stages.values()] == ["done", "done"]
     assert "coss/eval/knn10_acc" in stages["coss"]["metrics"]
+
+
+def test_knn_batches_crop_each_item_from_its_own_seed(tmp_path: Path, data_cache: Path) -> None:
+    """The kNN loader's random crops depend on (seed, epoch, item) only, not on what drew
+    from the global RNG before: the same batch twice, with the global state scrambled."""
+    teacher = save_teacher(tmp_path / "teacher.pt", TEACHER)
+    data = AudioDataModule(stage_data(coss_only(tmp_path, data_cache, teacher), "coss"))
+    data.setup("fit")
+    module = CoSSDistillStage(
+        encoder=STUDENT, teacher=EncoderArtifact.load(teacher), num_neighbours=3, neighbour_pool=5
+    )
+    knn = module.configure_data(data)
+    knn.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    batches = []
+    for scramble in (1, 2):
+        np.random.seed(scramble)  # noqa: NPY002 - what the crops must not depend on
+        torch.rand(scramble)  # moves the global stream (the run's seed stays the same)
+        batches.append(next(iter(knn.train_dataloader())))
+    assert torch.equal(batches[0]["audio"], batches[1]["audio"])
+    assert batches[0]["audio"].shape[0] == 64

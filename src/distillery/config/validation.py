@@ -8,13 +8,18 @@ must provide (the stage contract, its ``inputs``) is checked one layer up, in
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -30,6 +35,10 @@ INJECTED_TRAINER_ARGS = (
     "plugins",
     "use_distributed_sampler",
 )
+
+
+#: A check of one data node's files: ``(data, key path) -> problems``.
+DataCheck = Callable[[dict[str, Any], str], list[str]]
 
 
 class ConfigError(ValueError):
@@ -131,7 +140,64 @@ def _range(
     return [f"{path}: {value} is outside the allowed range {interval}"]
 
 
-def check_data(data: dict[str, Any], path: str) -> list[str]:
+INF = math.inf
+
+#: Allowed values of the schema's numeric fields, by dotted key: (low, high, low_open,
+#: high_open); a list value (``eval.knn_k``) is checked element by element. Every numeric
+#: field of :class:`~distillery.config.schema.Config` has an entry (a test sweeps them).
+SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "seed": (0, 2**32 - 1, False, False),  # what Lightning's seed_everything accepts
+    "data.sample_rate": (0, INF, True, True),
+    "data.clip_seconds": (0, INF, True, True),
+    # Assigned val/test splits must not be empty: evaluation needs both.
+    "data.val_fraction": (0, 1, True, True),
+    "data.test_fraction": (0, 1, True, True),
+    "data.split_seed": (0, INF, False, True),
+    "data.label_fraction": (0, 1, True, False),
+    "data.batch_size": (1, INF, False, True),
+    "data.num_workers": (0, INF, False, True),
+    "data.synthetic.num_classes": (2, INF, False, True),  # at most the kinds: data/checks.py
+    "data.synthetic.clips_per_class": (1, INF, False, True),
+    "data.synthetic.seed": (0, INF, False, True),
+    "data.synthetic.snr_db_min": (-INF, INF, True, True),  # finite, and min <= max
+    "data.synthetic.snr_db_max": (-INF, INF, True, True),
+    "data.features.n_mels": (1, INF, False, True),
+    "data.features.n_fft": (2, INF, False, True),
+    "data.features.hop_length": (1, INF, False, True),
+    "data.features.f_min": (0, INF, False, True),
+    "data.features.f_max": (0, INF, True, True),  # and f_min < f_max <= sample_rate / 2
+    "eval.knn_k": (1, INF, False, True),
+    "eval.probe_epochs": (1, INF, False, True),
+}
+
+
+def _lookup(node: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def check_ranges(
+    node: dict[str, Any], prefix: str, path: str, skip: tuple[str, ...] = ()
+) -> list[str]:
+    """:data:`SCHEMA_RANGES` entries under ``prefix`` (e.g. ``data.``) but not under
+    ``skip``, checked in ``node`` and reported under ``path``."""
+    problems = []
+    for key, (low, high, low_open, high_open) in SCHEMA_RANGES.items():
+        if not key.startswith(prefix) or skip and key.startswith(skip):
+            continue
+        relative = key[len(prefix) :]
+        value = _lookup(node, relative)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            where = f"{path}{relative}" + (f"[{i}]" if isinstance(value, list) else "")
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                problems += _range(where, item, low, high, low_open=low_open, high_open=high_open)
+    return problems
+
+
+def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = None) -> list[str]:
     problems = []
     source = str(data.get("source"))
     if "." in source:  # a user's source function
@@ -149,22 +215,31 @@ def check_data(data: dict[str, Any], path: str) -> list[str]:
     for key, allowed in choices.items():
         if data.get(key) not in allowed and not (key == "source" and "." in source):
             problems.append(f"{path}.{key}: {data.get(key)!r} is not one of {list(allowed)}")
-    problems += _range(
-        f"{path}.label_fraction", data["label_fraction"], 0, 1, low_open=True, high_open=False
-    )
-    for key in ("val_fraction", "test_fraction"):
-        problems += _range(f"{path}.{key}", data[key], 0, 1, low_open=False, high_open=True)
+    problems += check_ranges(data, "data.", f"{path}.")
     if data["val_fraction"] + data["test_fraction"] >= 1:
         problems.append(f"{path}.val_fraction + test_fraction must be < 1 (no training data left)")
-    for key in ("batch_size", "sample_rate"):
-        if data[key] <= 0:
-            problems.append(f"{path}.{key}: must be > 0, got {data[key]}")
-    if data["clip_seconds"] <= 0:
-        problems.append(f"{path}.clip_seconds: must be > 0, got {data['clip_seconds']}")
+    synthetic, features = data["synthetic"], data["features"]
+    if synthetic["snr_db_min"] > synthetic["snr_db_max"]:
+        problems.append(
+            f"{path}.synthetic.snr_db_min: {synthetic['snr_db_min']} is above "
+            f"{path}.synthetic.snr_db_max={synthetic['snr_db_max']}"
+        )
+    if features["f_min"] >= features["f_max"]:
+        problems.append(
+            f"{path}.features.f_min: {features['f_min']} must be below "
+            f"{path}.features.f_max={features['f_max']}"
+        )
+    if features["f_max"] > data["sample_rate"] / 2:
+        problems.append(
+            f"{path}.features.f_max: {features['f_max']} Hz is above the Nyquist frequency "
+            f"{data['sample_rate'] / 2:g} Hz of {path}.sample_rate={data['sample_rate']}"
+        )
     if data["source"] == "folder" and not data.get("root"):
         problems.append(f"{path}.root: required with {path}.source=folder")
     if data["source"] == "manifest" and not data.get("path"):
         problems.append(f"{path}.path: required with {path}.source=manifest")
+    if not problems and file_checks is not None:
+        problems += file_checks(data, path)
     return problems
 
 
@@ -206,6 +281,170 @@ def _check_method_ranges(kind: str, module: dict[str, Any], path: str) -> list[s
     return problems
 
 
+#: Stage names become directories of the run dir and parts of key paths (``inputs`` read
+#: ``<stage>.<artifact>``, metrics ``<stage>/<split>/<name>``): letters, digits, ``_`` and
+#: ``-`` only (so never ``..`` or ``/``), and not a name the run dir uses itself.
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+RESERVED_STAGE_NAMES = ("superseded", "wandb")
+
+
+def check_stage_names(cfg: DictConfig) -> list[str]:
+    problems = []
+    named = [(f"pipeline.order[{i}]", name) for i, name in enumerate(cfg.pipeline.order)]
+    named += [(f"pipeline.stages.{name}", name) for name in cfg.pipeline.stages]
+    for path, name in named:
+        if not STAGE_NAME.match(str(name)):
+            problems.append(
+                f"{path}: stage name {str(name)!r} must be letters, digits, '_' or '-', "
+                "starting with a letter or digit (it names a directory of run_dir)"
+            )
+        elif name in RESERVED_STAGE_NAMES:
+            problems.append(f"{path}: stage name {name!r} is reserved (a directory of run_dir)")
+    return list(dict.fromkeys(problems))
+
+
+#: Lightning Trainer arguments: (low, high, low_open, high_open), ints unless noted.
+TRAINER_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "max_epochs": (1, INF, False, True),  # 0 trains nothing; -1 only with a step limit
+    "min_epochs": (0, INF, False, True),
+    "max_steps": (1, INF, False, True),  # or -1 (no step limit)
+    "min_steps": (0, INF, False, True),
+    "accumulate_grad_batches": (1, INF, False, True),
+    "num_nodes": (1, INF, False, True),
+    "check_val_every_n_epoch": (1, INF, False, True),
+    "log_every_n_steps": (1, INF, False, True),
+    "num_sanity_val_steps": (-1, INF, False, True),
+    "gradient_clip_val": (0, INF, False, True),
+    "val_check_interval": (0, INF, True, True),
+}
+#: Batch limits: a float is a fraction in [0, 1], an int a count; training needs one batch.
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
+
+
+def check_trainer_values(trainer: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    for key, (low, high, low_open, high_open) in TRAINER_RANGES.items():
+        value = trainer.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if (key, value) in (("max_epochs", -1), ("max_steps", -1)):
+            continue  # Lightning's "no limit"; the stage as a whole is checked below
+        problems += _range(
+            f"{path}.{key}", value, low, high, low_open=low_open, high_open=high_open
+        )
+    for key in BATCH_LIMITS:
+        value = trainer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        train = key == "limit_train_batches"  # training needs at least one batch
+        if isinstance(value, float) and not (0 < value <= 1 if train else 0 <= value <= 1):
+            interval = "(0, 1]" if train else "[0, 1]"
+            problems.append(f"{path}.{key}: {value} must be a fraction in {interval} or a count")
+        elif isinstance(value, int) and value < int(train):
+            problems.append(f"{path}.{key}: {value} must be >= {int(train)} batches")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        problems.append(f"{path}.devices: {devices} must be >= 1, -1 (all), 'auto' or a list")
+    return problems
+
+
+def check_stage_length(cfg: DictConfig, name: str) -> list[str]:
+    """A stage must end: ``max_epochs=-1`` needs ``max_steps`` or ``max_time``. Reported
+    at the layer (top-level, stage or debug trainer) that set ``max_epochs``."""
+    trainer = stage_trainer(cfg, name)
+    if trainer.get("max_epochs") != -1 or trainer.get("max_steps", -1) != -1:
+        return []
+    if trainer.get("max_time"):
+        return []
+    layers = (
+        ("debug.trainer", cfg.debug.trainer),
+        (f"pipeline.stages.{name}.trainer", cfg.pipeline.stages[name].trainer),
+    )
+    where = next((path for path, layer in layers if "max_epochs" in layer), "trainer")
+    return [
+        f"{where}.max_epochs: -1 trains without end unless max_steps or max_time is set; "
+        "give a number of epochs"
+    ]
+
+
+#: Optimizer hyper-parameters checked by key path; anything else the optimizer itself
+#: rejects is found by building it on a dummy parameter.
+OPTIMIZER_RANGES = {
+    "lr": (0, INF, True, True),
+    "weight_decay": (0, INF, False, True),
+    "momentum": (0, INF, False, True),
+}
+
+
+def check_optimizers(node: Any, path: str) -> list[str]:
+    """Every ``torch.optim.Optimizer`` target below ``node`` (``_partial_`` configs)."""
+    problems: list[str] = []
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        cls = None
+        if isinstance(target, str) and target.startswith("torch.optim."):
+            with contextlib.suppress(Exception):
+                cls = get_class(target)
+        if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer):
+            args = {k: v for k, v in node.items() if not (k.startswith("_") and k.endswith("_"))}
+            found = []
+            for key, (low, high, low_open, high_open) in OPTIMIZER_RANGES.items():
+                if isinstance(value := args.get(key), int | float) and not isinstance(value, bool):
+                    found += _range(
+                        f"{path}.{key}", value, low, high, low_open=low_open, high_open=high_open
+                    )
+            if not found:
+                try:
+                    cls([torch.nn.Parameter(torch.zeros(1))], **args)
+                except (ValueError, TypeError) as err:
+                    found.append(f"{path}: {cls.__name__} rejects these arguments ({err})")
+            problems += found
+        for key, value in node.items():
+            problems += check_optimizers(value, f"{path}.{key}")
+    return problems
+
+
+#: Callback arguments, by callback class name: (low, high, low_open, high_open).
+CALLBACK_RANGES = {
+    "PseudoLabeler": {
+        "k": (2, INF, False, True),
+        "niter": (1, INF, False, True),
+        "every_n_epochs": (0, INF, False, True),
+        "fit_sample": (1, INF, False, True),
+        "pca_dim": (1, INF, False, True),
+        "seed": (0, INF, False, True),
+    },
+}
+
+
+def check_callback_values(callbacks: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    for name, callback in callbacks.items():
+        if not isinstance(callback, dict) or "_target_" not in callback:
+            continue
+        ranges = CALLBACK_RANGES.get(str(callback["_target_"]).rpartition(".")[2], {})
+        for key, (low, high, low_open, high_open) in ranges.items():
+            if isinstance(value := callback.get(key), int | float) and not isinstance(value, bool):
+                problems += _range(
+                    f"{path}.{name}.{key}", value, low, high, low_open=low_open, high_open=high_open
+                )
+    return problems
+
+
+#: Stage module arguments that take a weights file given by path. Arguments typed as
+#: artifacts (``pretrained``, ``teacher``, ...) are checked by the stage contract.
+FILE_ARGUMENTS = ("teacher_weights",)
+
+
+def check_input_files(module: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    for key in FILE_ARGUMENTS:
+        value = module.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_file():
+            problems.append(f"{path}.{key}: file {value} does not exist")
+    return problems
+
+
 def stage_data(cfg: DictConfig, name: str) -> DictConfig:
     """The top-level data node with the stage's overrides merged in (schema-checked)."""
     return OmegaConf.merge(cfg.data, cfg.pipeline.stages[name].data)
@@ -227,8 +466,11 @@ def check_schema(cfg: DictConfig) -> list[str]:
     return []
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
+def config_problems(cfg: DictConfig, data_checks: DataCheck | None = None) -> list[str]:
     """Every problem of a composed config that the schema and ranges can tell, by key path.
+
+    ``data_checks(data, path)`` looks at the data a valid data node names (the data layer's
+    :func:`distillery.data.checks.check_data_files`, passed in from above).
 
     A schema violation is returned alone: the other checks assume the schema's shape.
     """
@@ -250,11 +492,15 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"on_code_change: {cfg.on_code_change!r} is not one of {list(CODE_CHANGE_POLICIES)}"
         )
+    root = OmegaConf.to_container(cfg)
+    problems += check_ranges(root, "", "", skip=("data.",))  # data: per stage, below
     problems += check_targets(OmegaConf.to_container(cfg.logger), "logger")
     trainer_args = OmegaConf.to_container(cfg.trainer)
     problems += check_call_args(pl.Trainer, trainer_args, "trainer", reserved=INJECTED_TRAINER_ARGS)
     problems += check_targets(trainer_args, "trainer")
-    data_problems = check_data(OmegaConf.to_container(cfg.data), "data")
+    problems += check_trainer_values(trainer_args, "trainer")
+    problems += check_trainer_values(OmegaConf.to_container(cfg.debug.trainer), "debug.trainer")
+    data_problems = check_data(OmegaConf.to_container(cfg.data), "data", data_checks)
     problems += data_problems
 
     for name in order:
@@ -270,24 +516,32 @@ def config_problems(cfg: DictConfig) -> list[str]:
                     f"{path}.module.{key}", value, 0, 1, low_open=False, high_open=high_open
                 )
         problems += _check_method_ranges(stage.kind, module_args, f"{path}.module")
-        problems += check_targets(OmegaConf.to_container(stage.callbacks), f"{path}.callbacks")
+        problems += check_optimizers(module_args, f"{path}.module")
+        problems += check_input_files(
+            OmegaConf.to_container(stage.module, resolve=True), f"{path}.module"
+        )
+        callbacks = OmegaConf.to_container(stage.callbacks)
+        problems += check_targets(callbacks, f"{path}.callbacks")
+        problems += check_callback_values(callbacks, f"{path}.callbacks")
         problems += check_call_args(
             pl.Trainer,
             OmegaConf.to_container(stage.trainer),
             f"{path}.trainer",
             reserved=INJECTED_TRAINER_ARGS,
         )
+        problems += check_trainer_values(OmegaConf.to_container(stage.trainer), f"{path}.trainer")
+        problems += check_stage_length(cfg, name)
         try:  # report only what the stage's own data overrides add to the top-level problems
             stage_problems = check_data(
-                OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data"
+                OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data", data_checks
             )
             problems += [
-                p for p in stage_problems if p.replace(f"{path}.", "", 1) not in data_problems
+                p for p in stage_problems if p.replace(f"{path}.", "") not in data_problems
             ]
         except Exception as err:  # noqa: BLE001 - schema violation inside the stage override
             problems.append(f"{path}.data: {err}".splitlines()[0])
         problems += _check_cluster_counts(cfg, name, path)
-    return problems
+    return list(dict.fromkeys(problems))  # shared nodes: reported once
 
 
 def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:

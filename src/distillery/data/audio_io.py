@@ -19,12 +19,13 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
+
+from distillery import artifacts
 
 __all__ = ["AudioFileError", "audio_info", "read_audio", "write_wav"]
 
@@ -123,7 +124,7 @@ def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sample_rate: int)
     sf.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = artifacts.temp_file_for(path)  # no fsync: thousands of clips, regenerable
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())

@@ -52,7 +52,7 @@ def teacher_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(found, order, axis=1)[:, :k].astype(np.int64)
 
 
-class NeighbourBatchSampler(Sampler[list[int]]):
+class NeighbourBatchSampler(Sampler[list]):
     """Batches of ``anchors_per_batch`` anchors, each followed by ``num_neighbours`` items
     drawn without replacement from its row of ``neighbours`` (e.g. 15 of the top 31).
 
@@ -66,6 +66,10 @@ class NeighbourBatchSampler(Sampler[list[int]]):
     number of items is not a multiple of ``anchors_per_batch * world_size``, the
     permutation wraps around to give every rank the same number of full batches (a few
     anchors then appear twice in the epoch).
+
+    ``keyed``: yield ``(seed, epoch, position)`` items, as a ``TrainSampler`` does, so that
+    a training data set draws each item's random crop from its own seeded stream (the
+    crops then do not depend on when the loader runs, and a resumed epoch is exact).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class NeighbourBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        keyed: bool = False,
     ) -> None:
         self.neighbours = np.asarray(neighbours, dtype=np.int64)
         if self.neighbours.ndim != 2:
@@ -93,6 +98,7 @@ class NeighbourBatchSampler(Sampler[list[int]]):
         self.anchors_per_batch = anchors_per_batch
         self.num_neighbours = num_neighbours
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.keyed = keyed
         self.epoch = 0
 
     @property
@@ -110,7 +116,7 @@ class NeighbourBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return math.ceil(len(self.neighbours) / (self.anchors_per_batch * self.world_size))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         rng = np.random.default_rng([self.seed, self.epoch])
         n, per_round = len(self.neighbours), self.anchors_per_batch * self.world_size
         anchors = rng.permutation(n)
@@ -126,7 +132,7 @@ class NeighbourBatchSampler(Sampler[list[int]]):
                     anchor, picker.choice(pool, size=self.num_neighbours, replace=False)
                 ]
                 batch += [int(anchor), *picks.tolist()]
-            yield batch
+            yield [(self.seed, self.epoch, i) for i in batch] if self.keyed else batch
 
 
 class NeighbourBatchDataModule(pl.LightningDataModule):
@@ -166,6 +172,7 @@ class NeighbourBatchDataModule(pl.LightningDataModule):
             seed=torch.initial_seed() % 2**31,  # the run's seed, the same on every rank
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            keyed=True,
         )
         dataset = data.dataloader("train", train=True).dataset  # random crops, as training
         return DataLoader(

@@ -12,6 +12,7 @@ undecodable files, or skips them all (``data.on_bad_file``).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -74,35 +75,144 @@ class SourceTable:
 # --------------------------------------------------------------------------- manifest
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def read_manifest_text(path: Path) -> str:
+    """The manifest's text: UTF-8, with or without a byte-order mark, UTF-16 with one, or
+    else Latin-1 (with a warning: every byte is a Latin-1 character, so it cannot fail).
+
+    Raises:
+        ValueError: naming the file and line, for UTF-16 without a byte-order mark (or any
+            file with NUL bytes) and for undecodable text after a byte-order mark.
+    """
+    data = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), None)
+    nul = data.find(b"\x00")
+    if encoding is None and nul >= 0:  # valid UTF-8, but no manifest holds NUL bytes
+        raise ValueError(
+            f"{path}: line {_line_of(data, nul)}: cannot decode the manifest "
+            "(NUL bytes: UTF-16 without a byte-order mark, or not text); save it as UTF-8"
+        )
+    try:
+        return data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as err:
+        line = _line_of(data, err.start)
+        if encoding is not None:
+            raise ValueError(
+                f"{path}: line {line}: cannot decode the manifest ({encoding}); save it as UTF-8"
+            ) from None
+        log.warning("%s: line %d is not UTF-8; reading the manifest as Latin-1", path, line)
+        return data.decode("latin-1")
+
+
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, row)`` for each entry of a .csv or .jsonl manifest."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [name.strip() for name in reader.fieldnames or []]
-            if "path" not in fields:
-                raise ValueError(
-                    f"{path}: line 1: the header has no 'path' column (found: {fields or 'nothing'})"
-                )
-            reader.fieldnames = fields
-            for row in reader:
-                yield reader.line_num, row
-    elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {line_number}: invalid JSON ({exc})") from exc
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}: line {line_number}: expected a JSON object")
-                yield line_number, row
-    else:
+    if suffix not in (".csv", ".jsonl"):
         raise ValueError(f"{path}: unsupported manifest type {suffix!r}; use .csv or .jsonl")
+    text = read_manifest_text(path)
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        fields = [name.strip() for name in reader.fieldnames or []]
+        if "path" not in fields:
+            raise ValueError(
+                f"{path}: line 1: the header has no 'path' column (found: {fields or 'nothing'})"
+            )
+        reader.fieldnames = fields
+        for row in reader:
+            yield reader.line_num, row
+    else:
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {line_number}: invalid JSON ({exc})") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {line_number}: expected a JSON object")
+            yield line_number, row
+
+
+def _lines(numbers: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(str(n) for n in numbers[:limit])
+    return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > limit else "")
+
+
+def read_manifest_rows(path: str | os.PathLike[str]) -> list[tuple[int, Path, str, str | None]]:
+    """``(line, absolute file path, label, split)`` of every manifest row, checked without
+    opening the audio: every row has a ``path``; splits are known names and given for all
+    rows or for none (a partial column would silently re-split everything); no file is in
+    two splits. Labels that differ only by case or inner whitespace get a warning.
+
+    Raises:
+        ValueError: naming the file and the lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    base = path.resolve().parent
+    rows: list[tuple[int, Path, str, str | None]] = []
+    for line, row in _manifest_rows(path):
+        file_text = _text(row.get("path"))
+        if not file_text:
+            raise ValueError(f"{path}: line {line}: key 'path' is missing or empty")
+        split = _text(row.get("split")) or None
+        if split is not None and split not in SPLIT_NAMES:
+            raise ValueError(
+                f"{path}: line {line}: key 'split' has unknown value {split!r}; "
+                f"allowed: {', '.join(SPLIT_NAMES)} or empty"
+            )
+        file_path = Path(file_text).expanduser()
+        if not file_path.is_absolute():
+            file_path = base / file_path
+        rows.append((line, file_path, _text(row.get("label")), split))
+    if not rows:
+        raise ValueError(f"{path}: the manifest lists no files")
+
+    without = [line for line, *_, split in rows if split is None]
+    if without and len(without) < len(rows):
+        raise ValueError(
+            f"{path}: lines {_lines(without)} have no split while {len(rows) - len(without)} "
+            "other rows have one; give every row a split (train, val or test) or none"
+        )
+    first_seen: dict[Path, tuple[int, str | None]] = {}
+    for line, file_path, _, split in rows:
+        seen = first_seen.setdefault(os.path.normpath(file_path), (line, split))
+        if seen[1] != split:
+            raise ValueError(
+                f"{path}: lines {seen[0]} and {line}: audio file {str(file_path)!r} is in "
+                f"two splits ({seen[1]} and {split}); a clip may be in one only"
+            )
+    _warn_near_duplicate_labels(path, rows)
+    return rows
+
+
+def _warn_near_duplicate_labels(path: Path, rows: list[tuple[int, Path, str, str | None]]) -> None:
+    spellings: dict[str, dict[str, int]] = {}
+    for line, _, label, _ in rows:
+        if label:
+            spellings.setdefault(" ".join(label.split()).casefold(), {}).setdefault(label, line)
+    for variants in spellings.values():
+        if len(variants) > 1:
+            log.warning(
+                "%s: labels %s differ only by case or whitespace and are %d different classes "
+                "(first seen on lines %s); fix them if they mean one class",
+                path,
+                " and ".join(repr(v) for v in variants),
+                len(variants),
+                _lines(list(variants.values())),
+            )
+
+
+def manifest_labels(path: str | os.PathLike[str]) -> list[str]:
+    """The distinct labels of a manifest, sorted, after :func:`read_manifest_rows`' checks."""
+    return sorted({label for _, _, label, _ in read_manifest_rows(path) if label})
 
 
 def _text(value: Any) -> str:
@@ -149,30 +259,11 @@ def read_manifest(
 
     Raises:
         ValueError: naming the file, line and key, for a missing ``path``, an unknown
-            split, invalid JSON, or a manifest with no rows.
+            split, a split column given for only some rows, a file in two splits,
+            undecodable text, invalid JSON, or a manifest with no rows.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
-    base = path.resolve().parent
-
-    rows: list[tuple[int, Path, str, str | None]] = []
-    for line, row in _manifest_rows(path):
-        file_text = _text(row.get("path"))
-        if not file_text:
-            raise ValueError(f"{path}: line {line}: key 'path' is missing or empty")
-        split = _text(row.get("split")) or None
-        if split is not None and split not in SPLIT_NAMES:
-            raise ValueError(
-                f"{path}: line {line}: key 'split' has unknown value {split!r}; "
-                f"allowed: {', '.join(SPLIT_NAMES)} or empty"
-            )
-        file_path = Path(file_text).expanduser()
-        if not file_path.is_absolute():
-            file_path = base / file_path
-        rows.append((line, file_path, _text(row.get("label")), split))
-    if not rows:
-        raise ValueError(f"{path}: the manifest lists no files")
+    rows = read_manifest_rows(path)
 
     labels = {label for _, _, label, _ in rows if label}
     if classes is not None:
@@ -217,6 +308,28 @@ def _read_split_lists(root: Path) -> dict[str, str] | None:
     return assignment
 
 
+def _class_folders(root: Path) -> list[Path]:
+    """Subfolders of ``root`` that may be classes: not starting with ``_`` or ``.`` (e.g.
+    ``_background_noise_``)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
+def folder_classes(
+    root: str | os.PathLike[str], extensions: Sequence[str] = AUDIO_EXTENSIONS
+) -> list[str]:
+    """The class names :func:`scan_folder` would find (subfolders with audio), quickly:
+    it stops at each folder's first audio file."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"data folder {str(root)!r} does not exist or is not a directory")
+    suffixes = {ext.lower() for ext in extensions}
+    return [
+        sub.name
+        for sub in _class_folders(root)
+        if any(p.suffix.lower() in suffixes and p.is_file() for p in sub.rglob("*"))
+    ]
+
+
 def scan_folder(
     root: str | os.PathLike[str],
     extensions: Sequence[str] = AUDIO_EXTENSIONS,
@@ -244,9 +357,7 @@ def scan_folder(
         return sorted(p for p in candidates if p.suffix.lower() in suffixes and p.is_file())
 
     per_class: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if sub.name.startswith(("_", ".")):
-            continue
+    for sub in _class_folders(root):
         files = audio_files(sub, recursive=True)
         if files:
             per_class[sub.name] = files

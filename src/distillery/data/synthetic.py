@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
+from distillery import artifacts
 from distillery.data.audio_io import write_wav
 
 __all__ = ["CLASS_NAMES", "SyntheticSpec", "generate_clip", "generate_synthetic", "spec_hash"]
@@ -299,17 +299,6 @@ def _manifest_is_complete(manifest: Path, expected_rows: int) -> bool:
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def generate_synthetic(
     spec: SyntheticSpec, cache_dir: str | os.PathLike[str], *, progress: bool = True
 ) -> Path:
@@ -342,13 +331,13 @@ def generate_synthetic(
         write_wav(root / rel, audio, spec.sample_rate)
         rows.append((rel, names[k]))
 
-    _write_text_atomic(
+    artifacts.write_text(
         root / "spec.json", json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n"
     )
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "label"])
     writer.writerows(rows)
-    _write_text_atomic(manifest, buf.getvalue())
+    artifacts.write_text(manifest, buf.getvalue())
     log.info("Wrote synthetic data (%d clips, %d classes) to %s", expected, spec.num_classes, root)
     return manifest

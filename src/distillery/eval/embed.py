@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from numpy.lib.format import open_memmap
 from rich.progress import track
 from torch import Tensor, nn
 
+from distillery import artifacts
 from distillery.models.inference import fuse_conv_bn
 
 __all__ = ["FEATURE_DTYPES", "NpyFeatureWriter", "embed", "release_pages"]
@@ -104,9 +104,7 @@ class NpyFeatureWriter:
         for orphan in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 orphan.unlink()
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
+        fd, tmp = artifacts.temp_file_for(self.path)
         os.close(fd)
         self._tmp = Path(tmp)
         return self._tmp

@@ -9,7 +9,6 @@ Every function writes its PNG atomically (temp file in the same folder, then
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from distillery import artifacts
 
 __all__ = [
     "confusion_counts",
@@ -37,14 +38,9 @@ def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with artifacts.atomic_open(path) as f:
             fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         fig.clear()
     return path

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distillery import artifacts
+from distillery.models.safe_load import check_artifact_config, load_tensors
 
 
 def build_encoder(cfg: dict[str, Any] | DictConfig) -> nn.Module:
@@ -38,8 +38,14 @@ def save_encoder(path: str | os.PathLike, encoder: nn.Module, cfg: dict[str, Any
 
 
 def load_encoder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild an encoder saved by :func:`save_encoder`; every weight must match (strict)."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    """Rebuild an encoder saved by :func:`save_encoder`; every weight must match (strict).
+
+    The file is read as data and its config may only build models (see
+    :mod:`distillery.models.safe_load`)."""
+    payload = load_tensors(path)
+    if not isinstance(payload, dict) or not {"config", "state_dict"} <= payload.keys():
+        raise ValueError(f"{os.fspath(path)} is not an encoder artifact (config + state_dict)")
+    check_artifact_config(payload["config"], path)
     encoder = build_encoder(payload["config"])
     encoder.load_state_dict(payload["state_dict"], strict=True)
     return encoder, payload["config"]

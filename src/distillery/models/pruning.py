@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from distillery.models.encoders import TransformerEncoder, count_parameters
 from distillery.models.io import build_encoder, self_contained_config
+from distillery.models.safe_load import check_artifact_config, load_tensors
 
 __all__ = [
     "GatedModel",
@@ -475,12 +476,13 @@ def build_pruned(base: dict[str, Any], kept: dict[str, int]) -> nn.Module:
 def load_pruned(path: str | os.PathLike) -> nn.Module:
     """The pruned encoder exported by the ``prune_distill``/``final_distill`` stages: a plain
     ``nn.Module`` without gates, weights loaded strictly."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_tensors(path)
     target = payload.get("config", {}).get("_target_") if isinstance(payload, dict) else None
     if target != "distillery.models.pruning.build_pruned":
         raise ValueError(
             f"{os.fspath(path)} is not a pruned-model artifact (its config builds {target!r})"
         )
+    check_artifact_config(payload["config"], path)
     model = build_encoder(payload["config"])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model

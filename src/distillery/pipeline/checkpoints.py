@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from distillery import artifacts
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 #: Written on SIGTERM, mid-epoch (see distillery.pipeline.faults).
@@ -20,7 +24,8 @@ INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file, then rename: a killed process never leaves a
-    truncated checkpoint behind."""
+    truncated checkpoint behind. Checkpoints load as data (``weights_only``): ours hold
+    only tensors and plain containers, so a planted file cannot run code on resume."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -28,6 +33,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         artifacts.write_torch(path, checkpoint)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 class CheckpointedMetrics(Callback):
@@ -59,27 +69,42 @@ class CheckpointedMetrics(Callback):
 
 
 def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:
-    """Keep the newest epoch's checkpoint, with ``last.ckpt`` linking to it."""
+    """Keep the two newest epochs' checkpoints (a damaged newest one still leaves one to
+    resume from), with ``last.ckpt`` linking to the newest."""
     return ModelCheckpoint(
         dirpath=stage_dir / CHECKPOINT_DIR,
         filename="{epoch}-{step}",
-        save_top_k=1,
+        monitor="step",  # Lightning ranks checkpoints by a metric; the newest is the best
+        mode="max",
+        save_top_k=2,
         save_last="link",
         every_n_epochs=1,
     )
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest checkpoint of a stage: ``last.ckpt``'s target or a SIGTERM checkpoint.
+def is_intact(path: Path) -> bool:
+    """Whether a checkpoint reads back completely: ``torch.save`` writes a zip archive
+    with a CRC per entry, so truncation and flipped bits are found without unpickling."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
 
-    The link is re-created after each save, so a crash in between can leave it dangling;
-    then the newest epoch checkpoint is used.
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest intact checkpoint of a stage (epoch or SIGTERM checkpoint).
+
+    A damaged one (a disk error, a file cut short outside our atomic writes) is skipped
+    with a warning, so the run resumes from the one before instead of failing the same
+    way on every re-run. ``last.ckpt`` only links to the newest epoch checkpoint, which
+    is among the candidates anyway (the link can dangle after a crash between a save and
+    its re-creation).
     """
     directory = stage_dir / CHECKPOINT_DIR
-    last = directory / LAST_CHECKPOINT
-    if last.exists():
-        candidates = [last.resolve()]
-    else:
-        candidates = [p for p in directory.glob("*.ckpt") if p.name != LAST_CHECKPOINT]
-    candidates += [p for p in [directory / INTERRUPTED_CHECKPOINT] if p.exists()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    candidates = [p for p in directory.glob("*.ckpt") if p.name != LAST_CHECKPOINT and p.is_file()]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        if is_intact(path):
+            return path
+        log.warning("checkpoint %s is damaged (not a complete archive); using an older one", path)
+    return None

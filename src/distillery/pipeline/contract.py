@@ -45,9 +45,11 @@ from distillery.config.validation import (
     ConfigError,
     check_call_args,
     check_schema,
+    check_stage_names,
     check_targets,
     config_problems,
 )
+from distillery.data.checks import check_data_files
 from distillery.stages.registry import stage_class, stage_kinds
 
 __all__ = ["ConfigError", "StageContract", "validate"]
@@ -266,7 +268,9 @@ def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem of a composed config and its stages."""
     if schema := check_schema(cfg):  # the checks below assume the schema's shape
         raise ConfigError(schema)
-    problems = config_problems(cfg)
+    if names := check_stage_names(cfg):  # the checks below use stage names in key paths
+        raise ConfigError(names)
+    problems = config_problems(cfg, check_data_files)
     order = [n for n in cfg.pipeline.order if n in cfg.pipeline.stages]
     for position, name in enumerate(order):
         problems += _check_stage(cfg, name, order[:position])

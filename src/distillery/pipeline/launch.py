@@ -89,8 +89,7 @@ class _RankFormatter(logging.Formatter):
 
 def tag_rank_logs(rank: int) -> None:
     """Rank 0 logs as configured. Other ranks repeat rank 0's progress, so their console
-    shows only warnings and errors, and every line of theirs (console and log file) starts
-    with ``[rank N]``."""
+    shows only warnings and errors, each line starting with ``[rank N]``."""
     if rank == 0:
         return
     for handler in logging.getLogger().handlers:

@@ -140,6 +140,7 @@ class RunManifest:
 
     @classmethod
     def load_or_create(cls, run_dir: Path, pipeline: str) -> RunManifest:
+        """Artifact paths come back absolute, resolved against ``run_dir`` where it is now."""
         path = Path(run_dir) / MANIFEST_NAME
         if not path.exists():
             run_id = f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -147,6 +148,10 @@ class RunManifest:
         try:
             raw = json.loads(path.read_text())
             stages = {name: StageRecord(**rec) for name, rec in raw.pop("stages").items()}
+            for record in stages.values():
+                record.artifacts = {
+                    k: str(path.parent / p) for k, p in record.artifacts.items()
+                }  # absolute paths stay as they are
             return cls(path=path, stages=stages, **raw)
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable pipeline manifest ({err})") from err
@@ -155,5 +160,18 @@ class RunManifest:
         return self.stages.setdefault(name, StageRecord(kind=kind))
 
     def save(self) -> None:
+        """Artifact paths are stored relative to the run dir, so a moved or copied run dir
+        reads its own files."""
         payload = {k: v for k, v in asdict(self).items() if k != "path"}
+        for record in payload["stages"].values():
+            record["artifacts"] = relative_paths(record["artifacts"], self.path.parent)
         artifacts.write_json(self.path, payload)
+
+
+def relative_paths(paths: dict[str, str], run_dir: Path) -> dict[str, str]:
+    """``paths`` inside ``run_dir`` made relative to it; others (none expected) unchanged."""
+    out = {}
+    for key, value in paths.items():
+        path = Path(value)
+        out[key] = str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else value
+    return out

@@ -24,7 +24,8 @@ from distillery.artifact_kinds import Artifact
 from distillery.config.validation import stage_data, stage_trainer
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
-from distillery.pipeline import launch, run_lock
+from distillery.models.safe_load import trust_config_targets
+from distillery.pipeline import launch
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
@@ -54,6 +55,7 @@ from distillery.pipeline.manifest import (
     StageRecord,
     code_version,
     now_iso,
+    relative_paths,
     source_hashes,
 )
 from distillery.pipeline.progress import EpochSummary, PipelineProgress, StageProgressBar
@@ -133,6 +135,7 @@ class Runner:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate(cfg)
+        trust_config_targets(cfg)  # artifacts may build what the user's config names
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).resolve()
         self.is_rank_zero = rank_zero_only.rank == 0
@@ -157,7 +160,6 @@ class Runner:
             settings = stage_settings(self.cfg, name)
             config_hash = upstream = stage_config_hash(settings, upstream)
             record = self.manifest.stages.get(name)
-            last = latest_checkpoint(self.run_dir / name)
             code_changed = (
                 record is not None and record.config_hash and record.code_version != code_version()
             )
@@ -179,7 +181,7 @@ class Runner:
                 record.artifact_path(a).exists() for a in record.artifacts
             ):
                 action, reason = "skip", "done with the same config"
-            elif last is not None:
+            elif (last := latest_checkpoint(self.run_dir / name)) is not None:
                 was = (
                     f"interrupted by {record.error}"
                     if record.status == "interrupted"
@@ -202,12 +204,14 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> dict[str, StageRecord]:
-        with stop_on_signals(), run_lock.hold(self.run_dir, writer=self.is_rank_zero):
+        with stop_on_signals():
             return self._run()
 
     def _run(self) -> dict[str, StageRecord]:
         plans = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_rank_zero and (stale := artifacts.remove_stale_temp_files(self.run_dir)):
+            log.info("removed %d temporary file(s) left by a killed run", len(stale))
         log.info("pipeline %s in %s", self.cfg.pipeline.name, self.run_dir)
         for p in plans:
             log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
@@ -457,8 +461,8 @@ class Runner:
         for callback in trainer.callbacks:
             written |= {k: Path(v) for k, v in getattr(callback, "artifacts", {}).items()}
         recorded = {k: str(v) for k, v in written.items()}
-        artifacts.write_json(stage_dir / "artifacts.json", recorded)
-        return recorded
+        artifacts.write_json(stage_dir / "artifacts.json", relative_paths(recorded, self.run_dir))
+        return recorded  # absolute here; pipeline.json stores them relative (RunManifest.save)
 
 
 class StageInterrupted(RuntimeError):

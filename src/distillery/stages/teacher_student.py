@@ -18,6 +18,7 @@ from distillery.artifact_kinds import (
 )
 from distillery.losses import l1_cosine_distill_loss
 from distillery.models.io import build_encoder
+from distillery.models.safe_load import load_tensors
 from distillery.models.standalone import standalone_artifacts
 from distillery.stages.base import StageModule, encoder_inputs
 
@@ -39,7 +40,7 @@ def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
     elif hasattr(teacher, "load_weights"):
         teacher.load_weights(weights)
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=False)
+        state = load_tensors(weights)  # data only: a shared file must not run code
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         try:
