@@ -202,8 +202,9 @@ def test_signal_to_any_rank_stops_every_rank_and_the_rerun_resumes(
     assert first.returncode == code, first.stderr[-3000:]
     sent = min(p.stat().st_mtime for p in tmp_path.glob("sent.rank*"))
     assert finished - sent < 60  # every rank stopped, none hung in a collective
-    # Stopped together at the next batch: the end of batch 1 of epoch 1 (2 batches per epoch).
-    assert f"stopped by {name} at global step 4 (epoch 1, batch 1)" in first.stdout, first.stdout
+    # Stopped together at the next batch that does not end an epoch (2 batches per epoch):
+    # batch 1 of epoch 1 ends it, so the first batch of epoch 2.
+    assert f"stopped by {name} at global step 5 (epoch 2, batch 0)" in first.stdout, first.stdout
     record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
     assert record["status"] == "interrupted"
 
