@@ -116,6 +116,7 @@ def datamodule(manifest: Path, **data) -> AudioDataModule:
         "sample_rate": SR,
         "clip_seconds": CLIP_SECONDS,
         "batch_size": 4,
+        "cache_dir": str(manifest.parent / "cache"),  # the header index
         **data,
     }
     return AudioDataModule(cfg)
@@ -336,6 +337,7 @@ def test_folder_source_with_non_ascii_names_and_data_classes(tmp_path: Path) -> 
     other = [write(root / "données" / f"{i}.wav", sine(0.2)) for i in range(2)]
     stray = write(root / "autres" / "x.wav", sine(0.2))
     cfg = {"source": "folder", "root": str(root), "sample_rate": SR, "clip_seconds": CLIP_SECONDS}
+    cfg["cache_dir"] = str(tmp_path / "cache")
     data = AudioDataModule(cfg)
     data.setup()
     assert data.class_names == ["autres", "données"]

@@ -64,15 +64,18 @@ def test_info_on_folder_with_mixed_files(tmp_path, capsys):
 def test_info_on_manifest_reports_unreadable_files(tmp_path, capsys):
     sf.write(tmp_path / "ok.wav", np.zeros(800), 8000)
     sf.write(tmp_path / "ok2.wav", np.zeros(800), 8000)
+    sf.write(tmp_path / "one_hz.wav", np.zeros(800), 1)  # a header claiming 1 Hz
     (tmp_path / "bad.wav").write_bytes(b"garbage" * 20)
     (tmp_path / "m.csv").write_text(
         "path,label,split\nok.wav,a,train\nbad.wav,,test\nok2.wav,b,test\ngone.wav,a,val\n"
+        "one_hz.wav,a,train\n"
     )
     assert main(["info", str(tmp_path / "m.csv")]) == 1
     out = capsys.readouterr().out
-    assert "files: 4" in out and "(unlabelled)" in out
-    assert "splits: test=2, train=1, val=1" in out
-    assert "bad files: 3" in out and "bad.wav" in out
+    assert "files: 5" in out and "(unlabelled)" in out
+    assert "splits: test=2, train=2, val=1" in out
+    assert "bad files: 4" in out and "bad.wav" in out
+    assert "one_hz.wav': sample rate 1 Hz is outside 4000-192000 Hz" in out
     assert "line 4:" in out and "'b' occurs in no train row" in out
     assert "line 5:" in out and "gone.wav" in out
 

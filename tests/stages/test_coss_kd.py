@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from omegaconf import DictConfig, open_dict
 from tests.helpers import FAST, compose_config
@@ -198,21 +199,30 @@ def test_coss_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> None:
     assert "coss/eval/knn10_acc" in stages["coss"]["metrics"]
 
 
-def test_knn_batches_crop_each_item_from_its_own_seed(tmp_path: Path, data_cache: Path) -> None:
+def test_knn_batches_crop_each_item_from_its_own_seed(tmp_path: Path) -> None:
     """The kNN loader's random crops depend on (seed, epoch, item) only, not on what drew
-    from the global RNG before: the same batch twice, with the global state scrambled."""
-    teacher = save_teacher(tmp_path / "teacher.pt", TEACHER)
-    data = AudioDataModule(stage_data(coss_only(tmp_path, data_cache, teacher), "coss"))
+    from the global RNG before: the same batch twice, with the global state moved."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):  # 1.5 s clips, 0.5 s crops: training crops are random
+        (tmp_path / "clips" / label).mkdir(parents=True)
+        for i in range(8):
+            sf.write(tmp_path / "clips" / label / f"{i}.wav", rng.normal(size=24000), 16000)
+    data = AudioDataModule(
+        {"source": "folder", "root": str(tmp_path / "clips"), "clip_seconds": 0.5,
+         "batch_size": 16, "preload": False, "val_fraction": 0.25, "test_fraction": 0.25}
+    )  # fmt: skip
     data.setup("fit")
+    teacher = save_teacher(tmp_path / "teacher.pt", TEACHER)
     module = CoSSDistillStage(
         encoder=STUDENT, teacher=EncoderArtifact.load(teacher), num_neighbours=3, neighbour_pool=5
     )
     knn = module.configure_data(data)
     knn.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    loader = knn.train_dataloader()
     batches = []
     for scramble in (1, 2):
         np.random.seed(scramble)  # noqa: NPY002 - what the crops must not depend on
         torch.rand(scramble)  # moves the global stream (the run's seed stays the same)
-        batches.append(next(iter(knn.train_dataloader())))
+        batches.append(next(iter(loader)))
+    assert torch.equal(batches[0]["index"], batches[1]["index"])
     assert torch.equal(batches[0]["audio"], batches[1]["audio"])
-    assert batches[0]["audio"].shape[0] == 64

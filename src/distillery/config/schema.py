@@ -62,7 +62,18 @@ class DataConfig:
     classes: list[str] | None = None
     batch_size: int = 64
     num_workers: int = 0
-    preload: bool = True  # decode every clip once into memory at setup (val/test: centre crop)
+    #: Decode every clip once into memory at setup (val/test: their centre crop), or read
+    #: each clip when a batch needs it (memory per process does not grow with the data).
+    #: null: preload when the decoded clips fit in ``preload_max_mb`` per process.
+    preload: bool | None = None
+    preload_max_mb: float = 1024.0
+    #: At most this many clips of the source, the same number from each (split, label)
+    #: group in turn (``debug=smoke`` sets it); None = all.
+    max_clips: int | None = None
+    #: A header outside these is a bad file: its sample rate (Hz) or duration (seconds).
+    min_sample_rate: int = 4000
+    max_sample_rate: int = 192000
+    max_clip_seconds: float = 600.0
     on_bad_file: str = (
         "error"  # error | skip: bad files listed in one error before training, or left out
     )

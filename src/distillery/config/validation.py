@@ -156,6 +156,11 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.label_fraction": (0, 1, True, False),
     "data.batch_size": (1, INF, False, True),
     "data.num_workers": (0, INF, False, True),
+    "data.preload_max_mb": (0, INF, False, True),
+    "data.max_clips": (1, INF, False, True),  # or null: every clip
+    "data.min_sample_rate": (0, INF, True, True),  # and min <= sample_rate <= max
+    "data.max_sample_rate": (0, INF, True, True),
+    "data.max_clip_seconds": (0, INF, True, True),
     "data.synthetic.num_classes": (2, INF, False, True),  # at most the kinds: data/checks.py
     "data.synthetic.clips_per_class": (1, INF, False, True),
     "data.synthetic.seed": (0, INF, False, True),
@@ -218,6 +223,11 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
     problems += check_ranges(data, "data.", f"{path}.")
     if data["val_fraction"] + data["test_fraction"] >= 1:
         problems.append(f"{path}.val_fraction + test_fraction must be < 1 (no training data left)")
+    if not data["min_sample_rate"] <= data["sample_rate"] <= data["max_sample_rate"]:
+        problems.append(
+            f"{path}.sample_rate: {data['sample_rate']} is outside {path}.min_sample_rate.."
+            f"max_sample_rate ({data['min_sample_rate']}..{data['max_sample_rate']})"
+        )
     synthetic, features = data["synthetic"], data["features"]
     if synthetic["snr_db_min"] > synthetic["snr_db_max"]:
         problems.append(

@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from distillery.data.audio_io import AudioFileError, audio_info
+from distillery.data.audio_io import AudioFileError, AudioLimits
+from distillery.data.index import build_index
 from distillery.data.sources import SourceTable, read_manifest, scan_folder
 from distillery.data.synthetic import SyntheticSpec, generate_synthetic
 
@@ -101,18 +102,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     channels: Counter[int] = Counter()
     total_s = 0.0
     bad: list[str] = []
-    for i, record in enumerate(table.records):
+    # Headers only, read in parallel: fast even for large sets.
+    entries = build_index([record.path for record in table.records], cache_dir=None)
+    for i, (record, entry) in enumerate(zip(table.records, entries, strict=True)):
         if i in table.problems:  # a missing file, or a label outside the class list
             bad.append(table.problems[i])
             continue
         try:
-            header = audio_info(record.path)  # header only: fast even for large sets
+            entry.check(record.path, AudioLimits())
         except AudioFileError as exc:
             bad.append(str(exc))
             continue
-        rates[header["sample_rate"]] += 1
-        channels[header["channels"]] += 1
-        total_s += header["duration_s"]
+        rates[entry.sample_rate] += 1
+        channels[entry.channels] += 1
+        total_s += entry.frames / entry.sample_rate
 
     splits = Counter(record.split or "(none)" for record in table.records)
     print(f"source: {args.path}")
@@ -124,7 +127,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"sample rates (Hz): {', '.join(f'{r}: {n} files' for r, n in sorted(rates.items()))}")
     print(f"channels: {', '.join(f'{c}: {n} files' for c, n in sorted(channels.items()))}")
     if bad:
-        print(f"bad files: {len(bad)} (NaN samples show only when decoded)")
+        print(
+            f"bad files: {len(bad)} (NaN samples show only when decoded; rates and durations "
+            "are checked against the data.* defaults)"
+        )
         for message in bad:
             print(f"  {message}")
         return 1

@@ -16,9 +16,10 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distillery.config.schema import DataConfig
-from distillery.data.audio_io import AudioFileError, audio_info, read_audio
+from distillery.data.audio_io import AudioFileError, AudioLimits, read_audio
 from distillery.data.features import LogMel
-from distillery.data.sources import AudioRecord, SourceTable, load_source
+from distillery.data.index import FileEntry, build_index
+from distillery.data.sources import AudioRecord, SourceTable, limit_clips, load_source
 from distillery.data.splits import assign_splits, label_subset
 from distillery.data.synthetic import SyntheticSpec
 
@@ -84,6 +85,7 @@ class ClipDataset(Dataset):
         *,
         train: bool,
         cache: dict[int, np.ndarray] | None,
+        limits: AudioLimits,
         pseudo_labels: np.ndarray | None = None,
     ) -> None:
         self.indices = indices
@@ -93,6 +95,7 @@ class ClipDataset(Dataset):
         self.sample_rate = sample_rate
         self.train = train
         self.cache = cache
+        self.limits = limits
         self.pseudo_labels = pseudo_labels
 
     def __len__(self) -> int:
@@ -102,13 +105,14 @@ class ClipDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         try:
-            return read_audio(self.records[index].path, self.sample_rate)
+            return read_audio(self.records[index].path, self.sample_rate, self.limits)
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,
-                f"{err.reason} (found when first read: with data.preload=false only headers "
-                "are checked before training; data.preload=true or data.on_bad_file=skip "
-                "decodes every file at start-up)",
+                f"{err.reason} (found when first read: with data.preload=false, or null on a "
+                "set larger than data.preload_max_mb, only headers are checked before "
+                "training; data.preload=true or data.on_bad_file=skip decodes every file at "
+                "start-up)",
             ) from err
 
     def _fixed_length(self, audio: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
@@ -192,12 +196,17 @@ class AudioDataModule(pl.LightningDataModule):
         self.cfg = as_data_config(cfg)
         self.attached_pseudo_labels = pseudo_labels
         self.num_samples = round(self.cfg.clip_seconds * self.cfg.sample_rate)
+        self.limits = AudioLimits(
+            self.cfg.min_sample_rate, self.cfg.max_sample_rate, self.cfg.max_clip_seconds
+        )
         self._source: SourceTable | None = None
+        self._index: list[FileEntry] | None = None
         self.table: SplitTable | None = None
         self.cache: dict[int, np.ndarray] | None = None
         self.pseudo_labels: np.ndarray | None = None
         self.features: LogMel | None = None
         self.skipped_files: list[str] = []
+        self.preload: bool | None = None  # data.preload, or what null chose (at setup)
         self._train_resume_at: tuple[int, int] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -213,7 +222,7 @@ class AudioDataModule(pl.LightningDataModule):
             sample_rate=cfg.sample_rate,
             clip_seconds=cfg.clip_seconds,
         )
-        return load_source(
+        table = load_source(
             cfg.source,
             root=cfg.root,
             path=cfg.path,
@@ -222,10 +231,19 @@ class AudioDataModule(pl.LightningDataModule):
             classes=cfg.classes,
             source_args=cfg.source_args,
         )
+        return table if cfg.max_clips is None else limit_clips(table, cfg.max_clips)
+
+    def _file_index(self) -> list[FileEntry]:
+        """Every record's header entry, from the shared index under ``data.cache_dir``."""
+        if self._index is None:
+            records = self._load_source().records
+            self._index = build_index([r.path for r in records], self.cfg.cache_dir)
+        return self._index
 
     def prepare_data(self) -> None:
-        # Runs once per node before setup: generates the synthetic set if it is not cached.
-        self._load_source()
+        # Runs once per node before setup: generates the synthetic set if it is not cached
+        # and builds the header index, which the other ranks then read from the cache.
+        self._file_index()
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
@@ -258,7 +276,9 @@ class AudioDataModule(pl.LightningDataModule):
         """Check every file before training; returns the preloaded clips with ``preload``.
 
         Found here, all together: the source's problems (missing files, labels outside the
-        class list) and every file :func:`audio_info` or :func:`read_audio` rejects. With
+        class list), every file whose header the index (:mod:`distillery.data.index`)
+        rejects or finds outside the rate and duration limits, and every file
+        :func:`read_audio` rejects. With
         ``preload`` or ``on_bad_file=skip`` each file is decoded, which also finds NaN/Inf
         samples and damaged compressed streams (e.g. a truncated FLAC); with
         ``preload=false`` and ``on_bad_file=error`` only headers are read (fast), and those
@@ -269,29 +289,51 @@ class AudioDataModule(pl.LightningDataModule):
         """
         records, splits, cfg = self.table.source.records, self.table.splits, self.cfg
         bad = dict(self.table.source.problems)
-        decode = cfg.preload or cfg.on_bad_file == "skip"
+        index = self._file_index()
+        self.preload = self._choose_preload(index) if cfg.preload is None else cfg.preload
+        decode = self.preload or cfg.on_bad_file == "skip"
         cache: dict[int, np.ndarray] = {}
         short = 0
         for i in track(range(len(records)), description="checking audio", transient=True):
             if i in bad:
                 continue
             try:
+                index[i].check(records[i].path, self.limits)
                 if decode:
-                    audio = read_audio(records[i].path, cfg.sample_rate)
+                    audio = read_audio(records[i].path, cfg.sample_rate, self.limits)
                     length = len(audio)
                 else:
-                    length = round(audio_info(records[i].path)["duration_s"] * cfg.sample_rate)
+                    length = round(index[i].frames / index[i].sample_rate * cfg.sample_rate)
             except AudioFileError as err:
                 bad[i] = str(err)
                 continue
             short += length < self.num_samples
-            if cfg.preload:  # val/test: a copy of the crop, so the full recording is freed
+            if self.preload:  # val/test: a copy of the crop, so the full recording is freed
                 crop = splits[i] != "train"
                 cache[i] = centre_crop(audio, self.num_samples).copy() if crop else audio
         if short:
             log.info("data: %d clip(s) shorter than %g s are zero-padded", short, cfg.clip_seconds)
         self._leave_out(bad)
-        return cache if cfg.preload else None
+        return cache if self.preload else None
+
+    def _choose_preload(self, index: list[FileEntry]) -> bool:
+        """``data.preload=null``: preload when the decoded clips (float32 at the target rate;
+        val/test their centre crop) fit in ``data.preload_max_mb``."""
+        splits, rate = self.table.splits, self.cfg.sample_rate
+        samples = 0
+        for entry, split in zip(index, splits, strict=True):
+            if entry.error is None and entry.sample_rate > 0:
+                length = round(entry.frames / entry.sample_rate * rate)
+                samples += length if split == "train" else min(length, self.num_samples)
+        megabytes = samples * 4 / 2**20
+        preload = megabytes <= self.cfg.preload_max_mb
+        log.info(
+            "data: decoded clips take %.0f MB; %s (data.preload_max_mb=%g)",
+            megabytes,
+            "preloading them" if preload else "reading each clip when a batch needs it",
+            self.cfg.preload_max_mb,
+        )
+        return preload
 
     def _leave_out(self, bad: dict[int, str]) -> None:
         """Raise one error listing every bad file (``on_bad_file=error``), or take them out
@@ -371,6 +413,7 @@ class AudioDataModule(pl.LightningDataModule):
             self.cfg.sample_rate,
             train=train,
             cache=self.cache,
+            limits=self.limits,
             pseudo_labels=self.pseudo_labels,
         )
 

@@ -31,6 +31,7 @@ __all__ = [
     "SPLIT_NAMES",
     "AudioRecord",
     "SourceTable",
+    "limit_clips",
     "load_source",
     "read_manifest",
     "scan_folder",
@@ -394,6 +395,32 @@ def scan_folder(
                 )
             records.append(record(file_path, index.get(name, UNKNOWN_LABEL)))
     return SourceTable(records, class_names, problems)
+
+
+# --------------------------------------------------------------------------- limit
+
+
+def limit_clips(table: SourceTable, max_clips: int) -> SourceTable:
+    """At most ``max_clips`` records of ``table``, stratified: one from each (split, label)
+    group in turn, earliest first, so every class and split keeps clips. Source order and
+    the problems of the kept records are kept."""
+    if len(table) <= max_clips:
+        return table
+    groups: dict[tuple[str | None, int], list[int]] = {}
+    for i, record in enumerate(table.records):
+        groups.setdefault((record.split, record.label), []).append(i)
+    chosen: list[int] = []
+    for turn in range(max(len(g) for g in groups.values())):
+        chosen += [g[turn] for g in groups.values() if turn < len(g)]
+        if len(chosen) >= max_clips:
+            break
+    kept = sorted(chosen[:max_clips])
+    log.info("data.max_clips=%d: using %d of %d clips", max_clips, len(kept), len(table))
+    return SourceTable(
+        [table.records[i] for i in kept],
+        table.class_names,
+        {new: table.problems[old] for new, old in enumerate(kept) if old in table.problems},
+    )
 
 
 # --------------------------------------------------------------------------- dispatch
