@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= outputs/demo
 
-.PHONY: install demo test test-full lint reproduce-unfused bench clean
+.PHONY: install demo test test-full test-cluster lint reproduce-unfused bench clean
 
 install: $(STAMP)
 
@@ -19,10 +19,18 @@ demo: install
 	$(BIN)/distillery experiment=unfused run_dir=$(RUN_DIR)
 
 test: install
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow and not cluster" -q
 
 test-full: install
 	$(BIN)/pytest -q
+
+# A one-node SLURM cluster (root; installs slurm-wlm and munge if missing), the tests marked
+# `cluster` on it, then the cluster stopped again.
+test-cluster: install
+	command -v slurmctld >/dev/null || tests/cluster/slurm.sh install
+	tests/cluster/slurm.sh start
+	SLURM_CONF=/tmp/distillery-slurm/slurm.conf $(BIN)/pytest -m cluster -q -s tests/cluster; \
+	  status=$$?; tests/cluster/slurm.sh stop; exit $$status
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,17 @@ from omegaconf import DictConfig
 from distillery.cli import CONF_DIR
 from distillery.config.schema import register_configs
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: offline W&B, this checkout's package first
+    (whichever checkout the environment was installed from), then ``tests`` (for
+    ``_target_: tests.helpers...``)."""
+    path = f"{REPO / 'src'}{os.pathsep}{REPO}"
+    return os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": path} | extra
+
+
 #: Small, fast settings every pipeline test starts from.
 FAST = ["debug=smoke", "logger=csv", "trainer.enable_progress_bar=false"]
 
@@ -29,19 +42,22 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 class FailOnceAtEpoch(pl.Callback):
-    """Raise at the start of epoch ``epoch`` unless ``marker`` exists (then create it).
+    """Raise at the start of epoch ``epoch`` on rank ``rank`` (-1: every rank) unless
+    ``marker`` exists (then create it).
 
     The config stays identical between the failing run and the re-run, as after a crash.
     """
 
-    def __init__(self, epoch: int, marker: str) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int, marker: str, rank: int = -1) -> None:
+        self.epoch, self.rank = epoch, rank
         self.marker = Path(marker)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         marker = self.marker.with_name(
             f"{self.marker.name}.rank{trainer.global_rank}"
         )  # every rank fails
+        if self.rank not in (-1, trainer.global_rank):
+            return
         if trainer.current_epoch == self.epoch and not marker.exists():
             marker.touch()
             raise RuntimeError(f"injected failure at epoch {self.epoch}")
@@ -67,13 +83,53 @@ class NaNWeightsOnce(pl.Callback):
 
 
 class SlowBatches(pl.Callback):
-    """Sleep after every training batch: gives a test time to signal a running stage."""
+    """Sleep after every training batch: gives a test time to signal a running stage.
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    With ``first_run_marker``, only in the first run (the one that creates the marker): a
+    resumed run is then fast.
+    """
+
+    def __init__(self, seconds: float, first_run_marker: str | None = None) -> None:
+        self.seconds, self.marker = seconds, first_run_marker
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.marker:
+            marker = Path(f"{self.marker}.rank{trainer.global_rank}")
+            if marker.exists():
+                self.seconds = 0.0
+            marker.touch()
 
     def on_train_batch_end(self, *args) -> None:
         time.sleep(self.seconds)
+
+
+class SignalAt(pl.Callback):
+    """Send ``signal`` (a name: SIGTERM, SIGUSR2, SIGINT) to this process on rank ``rank``
+    (-1: every rank) at the end of training batch ``batch`` of epoch ``epoch``, or at
+    ``on_train_end`` when ``epoch`` is -1; once per rank and ``marker``, so a re-run with
+    the same config is not signalled again."""
+
+    def __init__(
+        self, signal: str, marker: str, epoch: int = -1, batch: int = 0, rank: int = -1
+    ) -> None:
+        self.signal, self.marker = signal, Path(marker)
+        self.epoch, self.batch, self.rank = epoch, batch, rank
+
+    def _send(self, trainer: pl.Trainer) -> None:
+        marker = self.marker.with_name(f"{self.marker.name}.rank{trainer.global_rank}")
+        if self.rank in (-1, trainer.global_rank) and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int
+    ) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            self._send(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.epoch == -1:
+            self._send(trainer)
 
 
 def read_wandb_records(path: Path) -> list:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import REPO, cli_env
+
 
 def distillery(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    repo = Path(__file__).resolve().parents[1]  # so `_target_: tests.helpers...` imports
-    # This checkout's package first, whichever checkout the environment was installed from.
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo}"}
     cmd = [sys.executable, "-m", "distillery.cli", *args, f"data.cache_dir={cache}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
 
 
 def test_smoke_run_then_skip(tmp_path: Path, data_cache: Path) -> None:

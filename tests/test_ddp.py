@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from distillery.data.datamodule import AudioDataModule
-from tests.helpers import compose_config
+from tests.helpers import cli_env, compose_config
 from tests.test_cli import distillery
 
 
@@ -184,6 +187,84 @@ def test_small_labelled_split_trains_on_every_rank(tmp_path: Path, data_cache: P
     assert finetune["optimizer_steps"] == [1, 1]  # one epoch of one (ragged) batch per rank
 
 
+DDP_SMOKE = [
+    "experiment=supervised",
+    "debug=smoke",
+    "trainer=ddp",
+    "trainer.devices=2",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "debug.trainer.max_epochs=3",
+]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    ("name", "rank", "code"),
+    [
+        ("SIGTERM", 1, 143),  # only rank 1: Lightning's handler would hang every rank here
+        pytest.param("SIGUSR2", 0, 140, marks=pytest.mark.slow),
+        pytest.param("SIGINT", -1, 130, marks=pytest.mark.slow),  # Ctrl-C reaches every rank
+    ],
+)
+def test_signal_to_any_rank_stops_every_rank_and_the_rerun_resumes(
+    tmp_path: Path, data_cache: Path, name: str, rank: int, code: int
+) -> None:
+    run_dir = tmp_path / "run"
+    key = "+pipeline.stages.finetune.callbacks.signal"
+    args = [
+        *DDP_SMOKE,
+        f"run_dir={run_dir}",
+        f"{key}._target_=tests.helpers.SignalAt",
+        f"{key}.signal={name}",
+        f"{key}.rank={rank}",
+        f"{key}.epoch=1",
+        f"{key}.batch=0",
+        f"{key}.marker={tmp_path / 'sent'}",
+    ]
+    first = distillery(*args, cache=data_cache)
+    finished = time.time()
+    assert first.returncode == code, first.stderr[-3000:]
+    sent = min(p.stat().st_mtime for p in tmp_path.glob("sent.rank*"))
+    assert finished - sent < 60  # every rank stopped, none hung in a collective
+    # Stopped together at the next batch that does not end an epoch (2 batches per epoch):
+    # batch 1 of epoch 1 ends it, so the first batch of epoch 2.
+    assert f"stopped by {name} at global step 5 (epoch 2, batch 0)" in first.stdout, first.stdout
+    record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert record["status"] == "interrupted"
+
+    second = distillery(*args, cache=data_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"interrupted by {name}" in second.stdout
+    record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert record["status"] == "done" and record["attempts"] == 2
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_crash_on_one_rank_stops_all_and_is_recorded_with_its_rank(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    key = "+pipeline.stages.finetune.callbacks.fault"
+    started = time.monotonic()
+    result = distillery(
+        *DDP_SMOKE,
+        f"run_dir={run_dir}",
+        f"{key}._target_=tests.helpers.FailOnceAtEpoch",
+        f"{key}.epoch=1",
+        f"{key}.rank=1",
+        f"{key}.marker={tmp_path / 'failed'}",
+        cache=data_cache,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert record["status"] == "failed"
+    assert record["error"] == "rank 1: RuntimeError: injected failure at epoch 1", record["error"]
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
@@ -201,3 +282,32 @@ def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) 
     mp.spawn(nan_worker, args=(port, str(tmp_path)), nprocs=2)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert outcomes == [f"NonFiniteLossError {BAD_STEP}"] * 2
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ranks_started_by_torchrun_share_the_default_run_dir(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "distillery.cli",
+            *DDP_SMOKE,
+            f"data.cache_dir={data_cache}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").iterdir()  # one directory for both ranks
+    assert run_dir.name.startswith("torchrun-")
+    record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    assert record["status"] == "done"

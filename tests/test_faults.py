@@ -4,7 +4,6 @@ other code or another pipeline. Nothing computed is lost and a re-run finishes t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from distillery.pipeline.checkpoints import latest_checkpoint
 from distillery.pipeline.faults import NonFiniteLossError
 from distillery.pipeline.manifest import RunDirError, RunManifest
 from distillery.pipeline.runner import Runner
-from tests.helpers import FAST, compose_config
+from tests.helpers import FAST, REPO, cli_env, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
 #: UnFuSeD with 3 epochs per stage, each batch slowed a little so a test can land a signal mid-stage.
 UNFUSED = [
     "experiment=unfused",
@@ -35,8 +33,7 @@ UNFUSED = [
 def cli(
     *args: str, cache: Path, script: tuple[str, ...] = ("-m", "distillery.cli")
 ) -> subprocess.Popen:
-    # This checkout's package first, whichever checkout the environment was installed from.
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    env = cli_env()
     return subprocess.Popen(
         [sys.executable, *script, *args, f"data.cache_dir={cache}"],
         env=env,
@@ -138,6 +135,53 @@ def test_sigkill_while_writing_then_resume_matches(
 
     code, out = finish(cli(*UNFUSED, f"run_dir={run_dir}", cache=data_cache))
     assert code == 0, out[-3000:]
+    assert_same_results(run_dir, reference_run)
+
+
+def signal_at(stage: str, name: str, marker: Path, **where: int) -> list[str]:
+    """Overrides that make ``stage`` send itself signal ``name`` (see tests.helpers.SignalAt)."""
+    key = f"+pipeline.stages.{stage}.callbacks.signal"
+    return [
+        f"{key}._target_=tests.helpers.SignalAt",
+        f"{key}.signal={name}",
+        f"{key}.marker={marker}",
+        *(f"{key}.{k}={v}" for k, v in where.items()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "where"),
+    [
+        ("SIGTERM", 143, {"epoch": 1, "batch": 0}),  # mid-epoch: the next batch is the safe point
+        # Before the last batch of epoch 0 (3 per epoch): stops after batch 0 of epoch 1.
+        pytest.param("SIGUSR2", 140, {"epoch": 0, "batch": 1}, marks=pytest.mark.slow),
+        # Ctrl-C while the pseudo-labeler clusters at the end of training.
+        pytest.param("SIGINT", 130, {"epoch": -1}, marks=pytest.mark.slow),
+    ],
+)
+def test_stop_signal_saves_marks_interrupted_and_resume_is_bit_identical(
+    tmp_path: Path, data_cache: Path, reference_run: Path, name: str, code: int, where: dict
+) -> None:
+    run_dir = tmp_path / "run"
+    args = [*UNFUSED, f"run_dir={run_dir}", *signal_at("ssl", name, tmp_path / "sent", **where)]
+    code_, out = finish(cli(*args, cache=data_cache))
+    assert code_ == code, out[-3000:]
+    assert f"stopped by {name}" in out and "Traceback" not in out, out[-3000:]
+    record = manifest(run_dir)["stages"]["ssl"]
+    assert record["status"] == "interrupted" and record["error"].startswith(name)
+    checkpoint = torch.load(latest_checkpoint(run_dir / "ssl"), weights_only=False)
+    if where["epoch"] >= 0:  # saved after the next batch that does not end an epoch
+        assert latest_checkpoint(run_dir / "ssl").name == "interrupted.ckpt"
+        batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        epoch, batch = where["epoch"], where["batch"] + 1
+        if batch == 2:  # the last of the epoch's 3 batches
+            epoch, batch = epoch + 1, 0
+        assert (checkpoint["epoch"], batches["processed"]) == (epoch, batch + 1)
+
+    code_, out = finish(cli(*args, cache=data_cache))
+    assert code_ == 0, out[-3000:]
+    assert f"interrupted by {name}" in out and "resuming from" in out
+    assert manifest(run_dir)["stages"]["ssl"]["attempts"] == 2
     assert_same_results(run_dir, reference_run)
 
 

@@ -29,12 +29,14 @@ def _main(cfg: DictConfig) -> float | None:
     from distillery.config.validation import ConfigError
     from distillery.data.audio_io import AudioFileError
     from distillery.models.safe_load import UnsafeArtifactError
-    from distillery.pipeline import launch
+    from distillery.pipeline import faults, launch, run_lock
     from distillery.pipeline.manifest import RunDirError
     from distillery.pipeline.runner import Runner, StageInterrupted
     from distillery.pipeline.tracking import report_to_wandb_sweep
 
     launch.install()
+    launch.fresh_store_after_torchrun_restart()
+    launch.tag_rank_logs(rank_zero_only.rank)
 
     # The run dir Hydra created is the one every process (and DDP child) agrees on.
     with open_dict(cfg):
@@ -43,7 +45,11 @@ def _main(cfg: DictConfig) -> float | None:
         with launch.job_processes():
             runner = Runner(cfg)  # validates the config
             runner.plan()  # refuses a run dir this run must not touch
-            with accepted_run_records(cfg, write_config=rank_zero_only.rank == 0):
+            # One writer per run dir: a second run is refused before it writes anything.
+            with (
+                run_lock.hold(Path(cfg.run_dir), writer=rank_zero_only.rank == 0),
+                accepted_run_records(cfg, write_config=rank_zero_only.rank == 0),
+            ):
                 stages = runner.run()
     except (
         ConfigError,
@@ -53,11 +59,9 @@ def _main(cfg: DictConfig) -> float | None:
     ) as err:  # bad input: the message says it all
         log.error("%s", err)
         sys.exit(2)
-    except (
-        StageInterrupted
-    ) as err:  # SIGTERM: a checkpoint was saved; 128 + SIGTERM, as for a killed job
+    except StageInterrupted as err:  # a stop signal: a checkpoint was saved
         log.warning("%s", err)
-        sys.exit(143)
+        faults.exit_after_stop(err.signum)
     if rank_zero_only.rank == 0:
         report_to_wandb_sweep(
             {k: v for record in stages.values() for k, v in record.metrics.items()}
@@ -103,6 +107,9 @@ def quiet_third_party_logs() -> None:
     """Keep the console to what the pipeline is doing: Lightning's tips and device banners,
     and deprecation notices from inside dependencies, are not actionable for a user."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("faiss.loader").setLevel(
+        logging.WARNING
+    )  # hydra.verbose=faiss.loader shows it
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
 

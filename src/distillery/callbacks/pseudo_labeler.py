@@ -18,6 +18,7 @@ from distillery.clustering import KMeansResult, cluster_stats
 from distillery.clustering.distributed import DEFAULT_FIT_SAMPLE, label_dataset
 from distillery.eval.embed import FEATURE_DTYPES
 from distillery.eval.plots import plot_cluster_sizes
+from distillery.pipeline.collectives import RankZeroWait
 from distillery.pipeline.tracking import log_to_loggers
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class PseudoLabeler(pl.Callback):
         fit_sample: int | None = DEFAULT_FIT_SAMPLE,
         feature_dir: str | None = None,
         feature_dtype: str = "float32",
+        wait_timeout_min: float = 120,
     ) -> None:
         if k < 2:
             raise ValueError(f"PseudoLabeler.k must be >= 2, got {k}")
@@ -70,6 +72,7 @@ class PseudoLabeler(pl.Callback):
                 f"PseudoLabeler.feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}"
             )
         self.k = k
+        self.wait_timeout_min = wait_timeout_min
         self.out_dir = Path(out_dir) / "pseudo_labels"
         self.pca_dim = pca_dim
         self.eig_power = eig_power
@@ -105,7 +108,7 @@ class PseudoLabeler(pl.Callback):
     def label(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         table = trainer.datamodule.table
         labels, fit_idx, _, result = label_dataset(
-            trainer.strategy,
+            RankZeroWait(trainer.strategy, self.wait_timeout_min),  # while rank 0 clusters
             pl_module.encoder_for_eval(),
             trainer.datamodule,
             k=self.k,

@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from distillery.config import run_stamp  # noqa: F401 - registers ${run_stamp:...}
+
 
 @dataclass
 class FeatureConfig:
@@ -137,6 +139,9 @@ class Config:
     optimized_metric: str | None = None
     #: Stages in ``run_dir`` made by another code version: error | rerun | reuse.
     on_code_change: str = "error"
+    #: Minutes the other DDP ranks wait while rank 0 alone clusters, evaluates and exports
+    #: (every other collective times out after ``trainer.strategy.timeout``).
+    rank_zero_wait_min: float = 120
 
 
 def register_configs() -> None:

@@ -52,10 +52,20 @@ class TrainSampler(DistributedSampler):
     from them, so the data of an epoch is a function of the seed and the epoch alone, not
     of the process, the worker or how many draws came before (a resumed stage reads
     exactly what an uninterrupted one would).
+
+    ``resume_at = (epoch, consumed)``: the first pass over ``epoch`` skips the ``consumed``
+    items this rank had already trained on when a mid-epoch checkpoint was saved, so the
+    resumed epoch reads only the batches the interrupted one had not.
     """
 
+    resume_at: tuple[int, int] | None = None
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return ((self.seed, self.epoch, i) for i in super().__iter__())
+        items = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            items = items[self.resume_at[1] :]
+            self.resume_at = None
+        return ((self.seed, self.epoch, i) for i in items)
 
 
 class ClipDataset(Dataset):
@@ -197,6 +207,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.features: LogMel | None = None
         self.skipped_files: list[str] = []
         self.preload: bool | None = None  # data.preload, or what null chose (at setup)
+        self._train_resume_at: tuple[int, int] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def _load_source(self) -> SourceTable:
@@ -441,9 +452,11 @@ class AudioDataModule(pl.LightningDataModule):
         world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
         if train:
             # Same seed on every rank (all ranks are seeded alike), different per run seed.
-            return TrainSampler(
+            sampler = TrainSampler(
                 dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
             )
+            sampler.resume_at = self._train_resume_at
+            return sampler
         if len(dataset) < world:  # a process without a batch would wait forever in the metric sync
             raise ValueError(
                 f"data: an evaluation split has {len(dataset)} clips, fewer than the {world} "
@@ -451,6 +464,26 @@ class AudioDataModule(pl.LightningDataModule):
                 "or use fewer devices)"
             )
         return None if world == 1 else list(range(rank, len(dataset), world))
+
+    # -- the train sampler's position, carried in checkpoints --------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Mid-epoch only: where training is in its epoch (epoch, items this rank has
+        trained on). A checkpoint of a finished epoch needs none: the next one starts afresh.
+
+        Counted from the batches the fit loop has processed, not from the sampler's
+        iterator, which the loader has read ahead of training.
+        """
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < batches < trainer.num_training_batches:
+            return {}
+        return {"train_position": [trainer.current_epoch, batches * self.cfg.batch_size]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if position := state_dict.get("train_position"):
+            self._train_resume_at = (int(position[0]), int(position[1]))
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", train=True, sharded=True)

@@ -2,23 +2,35 @@
 
 - :class:`FiniteLossGuard` stops a stage at the first non-finite loss or gradient, before
   the optimizer step, so the weights stay good and no checkpoint of a broken model is saved.
-- :class:`SigtermCheckpoint` writes a checkpoint when SIGTERM (what SLURM sends before a
-  preemption or the time limit) stops training, so the requeued job resumes from there.
+- :class:`SignalCheckpoint` stops a stage at the next training batch when any rank received
+  a stop signal (:data:`STOP_SIGNALS`), after writing a mid-epoch checkpoint, so the
+  requeued job resumes from there; :func:`stop_on_signals` installs the handlers.
 - :class:`BatchSeed` re-seeds every process before each training batch, so a resumed stage
   draws the same augmentations as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.strategies import Strategy
 
+from distillery import artifacts
 from distillery.pipeline.checkpoints import INTERRUPTED_CHECKPOINT
 
 
@@ -82,22 +94,126 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
-class SigtermCheckpoint(pl.Callback):
-    """On SIGTERM, save ``checkpoints/interrupted.ckpt`` (mid-epoch) before the stage exits.
+#: Signals that ask a run to stop and keep its work: SIGTERM (SLURM before a preemption or a
+#: requeue, torchrun, ``kill``), SIGUSR2 (submitit's checkpoint signal before the time limit)
+#: and SIGINT (Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
-    Lightning turns SIGTERM into a ``SIGTERMException`` at the next batch boundary on every
-    rank; ``on_exception`` runs on all of them before teardown, which the collective
-    checkpoint save needs.
+log = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """Raised on every rank at the safe point after any rank received a stop signal."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} {where}")
+
+
+class _StopFlag:
+    """The first stop signal this process received (0: none).
+
+    The handler only records it: a handler runs between two bytecodes of whatever the
+    main thread is doing, possibly inside a collective, so it must not communicate (a
+    broadcast there hangs every rank when the signal reached a rank other than 0).
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without a checkpoint
+        self.signum = self.signum or signum
+        log.warning(
+            "received %s: saving a checkpoint at the next safe point and stopping "
+            "(Ctrl-C twice stops at once)",
+            signal.Signals(signum).name,
+        )
+
+
+STOP = _StopFlag()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Record :data:`STOP_SIGNALS` in :data:`STOP` instead of dying (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.signum, STOP.previous = 0, {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, STOP.handle)
+    try:
+        yield
+    finally:
+        for signum, handler in STOP.previous.items():
+            signal.signal(signum, handler)
+
+
+def agreed_stop_signal(strategy: Strategy) -> int:
+    """The stop signal any rank received, 0 for none: a collective, every rank calls it at
+    the same point."""
+    local = torch.tensor(STOP.signum, device=strategy.root_device)
+    return int(strategy.reduce(local, reduce_op="max"))
+
+
+def stop_if_requested(strategy: Strategy, where: str) -> None:
+    """Raise :class:`StopRequested` on every rank if any rank received a stop signal."""
+    if signum := agreed_stop_signal(strategy):
+        raise StopRequested(signum, where)
+
+
+def exit_after_stop(signum: int) -> None:
+    """Leave the process as the signal asked, once the stage is saved and recorded.
+
+    A handler that was there before ours (submitit's on SIGUSR2: re-submit the job, then
+    requeue it) runs now; then the process exits with 128 + the signal number.
+    """
+    previous = STOP.previous.get(signum)
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, None)
+    sys.exit(128 + signum)
+
+
+def keep_lightning_off_signals(trainer: pl.Trainer) -> None:
+    """Keep Lightning from replacing our handlers with its SIGTERM handler, which broadcasts
+    from rank 0 inside the handler (see :class:`_StopFlag`)."""
+    trainer._signal_connector.register_signal_handlers = lambda: None
+
+
+class SignalCheckpoint(pl.Callback):
+    """After each training batch, all ranks agree whether any of them received a stop
+    signal; if one did, save ``checkpoints/interrupted.ckpt`` (mid-epoch, with the train
+    sampler's position) and raise :class:`StopRequested` on every rank.
+
+    One small all-reduce per batch is the price of stopping every rank together, whichever
+    rank the signal reached. The last batch of an epoch is not a stopping point: its
+    validation and epoch checkpoint come first (a resume from there would log that epoch
+    differently), then the next batch or the end of training stops.
     """
 
     def __init__(self, checkpoint_dir: Path) -> None:
         self.path = Path(checkpoint_dir) / INTERRUPTED_CHECKPOINT
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
-        if isinstance(exception, SIGTERMException):
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
+        if signum := agreed_stop_signal(trainer.strategy):
             trainer.save_checkpoint(self.path)
+            raise StopRequested(
+                signum,
+                f"at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {batch_idx})",
+            )
 
 
 class BatchSeed(pl.Callback):
@@ -121,3 +237,33 @@ class BatchSeed(pl.Callback):
         random.seed(value)
         np.random.seed(value)  # noqa: NPY002 - the global RNG is what data code draws from
         torch.manual_seed(value)
+
+
+#: Where each rank of a failed attempt leaves its error: ``<stage>/errors/rank<r>.json``.
+ERRORS_DIR = "errors"
+
+
+def first_rank_error(stage_dir: Path, attempt: int, error: str, grace_s: float = 2.0) -> str:
+    """This rank's ``error`` as the stage's error, or under DDP the first one of any rank.
+
+    Every failing rank writes its error; rank 0's then names the rank that failed first:
+    a rank that crashes writes before it exits, and only its exit makes the others fail
+    ("Connection closed by peer"). Returns ``"rank <r>: <error>"`` under DDP.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return error
+    rank = torch.distributed.get_rank()
+    errors_dir = Path(stage_dir) / ERRORS_DIR
+    mine = {"rank": rank, "attempt": attempt, "error": error, "time": time.time()}
+    artifacts.write_json(errors_dir / f"rank{rank}.json", mine)
+    if rank != 0:
+        return error
+    deadline = time.monotonic() + grace_s  # a rank failing at the same moment
+    while True:
+        reports = [json.loads(p.read_text()) for p in errors_dir.glob("rank*.json")]
+        reports = [r for r in reports if r["attempt"] == attempt]
+        if len(reports) == torch.distributed.get_world_size() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    first = min(reports, key=lambda r: r["time"])
+    return f"rank {first['rank']}: {first['error']}"

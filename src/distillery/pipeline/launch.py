@@ -10,6 +10,7 @@ exactly the current job: its own overrides, single-run, in its output directory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
 from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
 
@@ -68,3 +70,44 @@ def job_processes() -> Iterator[None]:
                 dist.destroy_process_group()
             for name in _LAUNCHER_ENV:
                 os.environ.pop(name, None)
+
+
+def cluster_plugins() -> list:
+    """Trainer plugins naming who started the ranks, where Lightning would guess wrong:
+    torchrun inside a SLURM allocation (Lightning would read the SLURM task count)."""
+    return [TorchElasticEnvironment()] if TorchElasticEnvironment.detect() else []
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, rank: int, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.rank, self.inner = rank, inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[rank {self.rank}] {self.inner.format(record)}"
+
+
+def tag_rank_logs(rank: int) -> None:
+    """Rank 0 logs as configured. Other ranks repeat rank 0's progress, so their console
+    shows only warnings and errors, each line starting with ``[rank N]``."""
+    if rank == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RankFormatter(rank, handler.formatter))
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def fresh_store_after_torchrun_restart() -> None:
+    """Give ranks restarted by ``torchrun --max-restarts`` a store of their own.
+
+    torchrun's store outlives a restart with the dead ranks' addresses in it, and a
+    restarted rank can read those and fail to connect ("Connection refused";
+    pytorch/pytorch#167288). On one node, from the first restart on, rank 0 hosts a fresh
+    store on ``MASTER_PORT + restart count`` instead.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if restart and one_node and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + restart)

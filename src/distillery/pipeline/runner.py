@@ -17,7 +17,6 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
@@ -26,6 +25,7 @@ from distillery.config.validation import stage_data, stage_trainer
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
 from distillery.models.safe_load import trust_config_targets
+from distillery.pipeline import launch
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
@@ -33,12 +33,22 @@ from distillery.pipeline.checkpoints import (
     epoch_checkpointing,
     latest_checkpoint,
 )
+from distillery.pipeline.collectives import RankZeroWait
 from distillery.pipeline.contract import (
     stage_contract,
     stage_produces,
     validate,
 )
-from distillery.pipeline.faults import BatchSeed, FiniteLossGuard, SigtermCheckpoint
+from distillery.pipeline.faults import (
+    BatchSeed,
+    FiniteLossGuard,
+    SignalCheckpoint,
+    StopRequested,
+    first_rank_error,
+    keep_lightning_off_signals,
+    stop_if_requested,
+    stop_on_signals,
+)
 from distillery.pipeline.manifest import (
     RunDirError,
     RunManifest,
@@ -172,7 +182,12 @@ class Runner:
             ):
                 action, reason = "skip", "done with the same config"
             elif (last := latest_checkpoint(self.run_dir / name)) is not None:
-                action, reason = "resume", f"{record.status}; resuming from {last}"
+                was = (
+                    f"interrupted by {record.error}"
+                    if record.status == "interrupted"
+                    else record.status
+                )
+                action, reason = "resume", f"{was}; resuming from {last}"
             else:
                 action, reason = "fresh", f"{record.status} without a checkpoint"
             if code_changed and action in ("skip", "resume"):
@@ -189,6 +204,10 @@ class Runner:
 
     # -- execution ------------------------------------------------------------------------
     def run(self) -> dict[str, StageRecord]:
+        with stop_on_signals():
+            return self._run()
+
+    def _run(self) -> dict[str, StageRecord]:
         plans = self.plan()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_rank_zero and (stale := artifacts.remove_stale_temp_files(self.run_dir)):
@@ -213,8 +232,11 @@ class Runner:
         if self.is_rank_zero:
             self.manifest.save()
 
-    def _record_failure(self, record: StageRecord, err: BaseException, start: float) -> None:
-        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+    def _record_failure(
+        self, record: StageRecord, err: BaseException, start: float, stage_dir: Path
+    ) -> None:
+        error = first_rank_error(stage_dir, record.attempts, f"{type(err).__name__}: {err}")
+        record.status, record.error = "failed", error
         record.wall_time_s = round(time.perf_counter() - start, 2)
         self._save_manifest()
 
@@ -301,7 +323,7 @@ class Runner:
             use_stage_artifacts(loggers, self.manifest, stage_cfg.inputs)
             trainer = self._build_trainer(name, stage_dir, loggers, module)
         except BaseException as err:
-            self._record_failure(record, err, start)
+            self._record_failure(record, err, start, stage_dir)
             raise
         log.info("stage %s (%s): %s -> %s", name, plan.kind, plan.action, stage_dir)
         try:
@@ -309,6 +331,7 @@ class Runner:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
             record.optimizer_steps = _optimizer_steps_per_rank(name, trainer)
             _finish_artifact_callbacks(trainer, module)
+            stop_if_requested(trainer.strategy, "after training")  # e.g. during k-means
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
@@ -325,16 +348,17 @@ class Runner:
                 encoder = _encoder_for_eval(module)
                 if stage_cfg.evaluate and encoder is not None:
                     metrics |= self._evaluate(name, encoder, audio, trainer, stage_dir)
-        except SIGTERMException:
-            record.status, record.error = "interrupted", "SIGTERM"
+        except StopRequested as stop:
+            record.status, record.error = "interrupted", str(stop)
             record.wall_time_s = round(time.perf_counter() - start, 2)
             self._save_manifest()
             raise StageInterrupted(
-                f"stage {name!r} stopped by SIGTERM at global step {trainer.global_step}; "
-                f"checkpoint {latest_checkpoint(stage_dir)}; run the same command to resume"
+                f"stage {name!r} stopped by {stop}; checkpoint {latest_checkpoint(stage_dir)}; "
+                "run the same command to resume",
+                signum=stop.signum,
             ) from None
         except BaseException as err:
-            self._record_failure(record, err, start)
+            self._record_failure(record, err, start, stage_dir)
             raise
         finally:
             finish_loggers(loggers)
@@ -342,7 +366,7 @@ class Runner:
         record.status, record.finished_at = "done", now_iso()
         record.wall_time_s = round(time.perf_counter() - start, 2)
         self._save_manifest()
-        trainer.strategy.barrier("artifacts-written")
+        RankZeroWait(trainer.strategy, cfg.rank_zero_wait_min).barrier()  # rank 0 evaluated
         if not self.is_rank_zero:  # pick up the artifact paths rank 0 recorded
             self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
         log.info(
@@ -369,7 +393,7 @@ class Runner:
             epoch_checkpointing(stage_dir),
             CheckpointedMetrics(),
             FiniteLossGuard(name),
-            SigtermCheckpoint(stage_dir / CHECKPOINT_DIR),
+            SignalCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
         ]
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
@@ -383,14 +407,16 @@ class Runner:
             callbacks.append(StageProgressBar(name, leave=True))
         else:  # e.g. SLURM logs: one line per epoch instead of a bar
             callbacks.append(EpochSummary(name))
-        return pl.Trainer(
+        trainer = pl.Trainer(
             **trainer_args,
             default_root_dir=str(stage_dir),
             callbacks=callbacks,
             logger=loggers or False,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO(), *launch.cluster_plugins()],
             use_distributed_sampler=False,  # the data module shards itself, without padding eval sets
         )
+        keep_lightning_off_signals(trainer)
+        return trainer
 
     def _evaluate(
         self,
@@ -441,7 +467,11 @@ class Runner:
 
 
 class StageInterrupted(RuntimeError):
-    """A stage stopped on request (SIGTERM) after saving a checkpoint to resume from."""
+    """A stage stopped on request (a stop signal) after saving a checkpoint to resume from."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) -> None:
