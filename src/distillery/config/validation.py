@@ -147,6 +147,7 @@ INF = math.inf
 #: field of :class:`~distillery.config.schema.Config` has an entry (a test sweeps them).
 SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "seed": (0, 2**32 - 1, False, False),  # what Lightning's seed_everything accepts
+    "rank_zero_wait_min": (0, INF, True, True),  # minutes other ranks wait for rank 0 alone
     "data.sample_rate": (0, INF, True, True),
     "data.clip_seconds": (0, INF, True, True),
     # Assigned val/test splits must not be empty: evaluation needs both.
