@@ -7,7 +7,6 @@ Kept out of the test module so that spawned processes can import it.
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from distillery.pipeline.faults import FiniteLossGuard
+from tests.helpers import ddp_trainer, join_as_rank
 
 BAD_STEP = 1
 
@@ -40,27 +40,13 @@ class NanLossOnRankOne(pl.LightningModule):
 
 def nan_worker(rank: int, port: int, out_dir: str) -> None:
     """Train until the guard stops; write what stopped this rank, and at which step."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, port)
     torch.manual_seed(0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
+    trainer = ddp_trainer(
         # A rank left waiting in a collective fails after 20 s instead of 30 minutes.
         strategy=DDPStrategy(timeout=datetime.timedelta(seconds=20)),
         max_steps=4,
         callbacks=[FiniteLossGuard("toy")],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     outcome = "finished"
     try:

@@ -7,6 +7,7 @@ import os
 import signal
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,3 +269,40 @@ def pseudo_label_worker(
     labels, *_ = label_dataset(fabric, encoder, data, k=k, seed=0)
     np.save(Path(out_dir) / f"labels-w{fabric.world_size}-r{fabric.global_rank}.npy", labels)
     close_process_group(fabric)
+
+
+def spawn_two_ranks(worker: Callable[..., None], *args: Any) -> None:
+    """Run ``worker(rank, port, *args)`` in 2 processes that join one gloo group through the
+    environment, as a cluster launcher would start them (the Trainer then starts none)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, *args), nprocs=2)
+
+
+def join_as_rank(rank: int, port: int) -> None:
+    """In a :func:`spawn_two_ranks` worker: the launcher environment of rank ``rank`` of 2."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+
+
+def ddp_trainer(**kwargs: Any) -> pl.Trainer:
+    """A quiet 2-process CPU DDP Trainer (no logger, checkpoints, bar or summary)."""
+    defaults = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False}
+    defaults |= {
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**(defaults | kwargs))

@@ -270,16 +270,10 @@ def test_crash_on_one_rank_stops_all_and_is_recorded_with_its_rank(
 def test_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     """What fp16 (loss checked, gradients not) needs: a rank whose own loss is NaN must not
     stop alone while the others wait for it in the next gradient all-reduce."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from tests.fault_ddp_worker import BAD_STEP, nan_worker
+    from tests.helpers import spawn_two_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(nan_worker, args=(port, str(tmp_path)), nprocs=2)
+    spawn_two_ranks(nan_worker, str(tmp_path))
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert outcomes == [f"NonFiniteLossError {BAD_STEP}"] * 2
 

@@ -6,11 +6,10 @@ Kept out of the test module so that spawned processes can import it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
+from tests.helpers import ddp_trainer, join_as_rank
 from torch.utils.data import DataLoader
 
 from distillery.augment import MixupWithPastBatches
@@ -30,20 +29,6 @@ def _stage() -> SSLStage:
     return SSLStage(ENCODER, projection_dim=16, projection_hidden_dim=32)
 
 
-def _trainer(root: str) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
-
-
 def _memory(stage: SSLStage) -> torch.Tensor:
     mixup = next(m for m in stage.modules() if isinstance(m, MixupWithPastBatches))
     return mixup.memory[: len(mixup)].cpu()
@@ -51,22 +36,14 @@ def _memory(stage: SSLStage) -> torch.Tensor:
 
 def mixup_worker(rank: int, port: int, out_dir: str) -> None:
     """Train, checkpoint, restore; save this rank's memory before and after the restore."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, port)
     clips = [{"features": torch.randn(1, 16, 24, generator=torch.Generator().manual_seed(i))}
              for i in range(16)]  # fmt: skip
-    stage, trainer = _stage(), _trainer(out_dir)
+    stage, trainer = _stage(), ddp_trainer(max_steps=2, default_root_dir=out_dir)
     trainer.fit(stage, DataLoader(clips, batch_size=4))  # each rank: its half, 2 batches
     ckpt = Path(out_dir) / "ssl.ckpt"
     trainer.save_checkpoint(ckpt)
     trained = _memory(stage)
-    restored, trainer = _stage(), _trainer(out_dir)
+    restored, trainer = _stage(), ddp_trainer(max_steps=2, default_root_dir=out_dir)
     trainer.fit(restored, DataLoader(clips, batch_size=4), ckpt_path=ckpt)  # done: no step
     torch.save({"trained": trained, "restored": _memory(restored)}, Path(out_dir) / f"{rank}.pt")

@@ -7,11 +7,10 @@ Kept out of the test module so that spawned processes can import it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
+from tests.helpers import ddp_trainer, join_as_rank
 from torch.utils.data import DataLoader
 
 from distillery.stages.final_distill import FinalDistillStage
@@ -29,34 +28,16 @@ ENCODER = {
 STEPS = 3
 
 
-def fit_worker(rank: int, kind: str, port: int, out_dir: str) -> None:
+def fit_worker(rank: int, port: int, kind: str, out_dir: str) -> None:
     """Train ``STEPS`` steps as rank ``rank`` of 2; save the student's weights."""
-    # Set as a cluster launcher would: the Trainer joins these processes, starts none.
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, port)
     torch.manual_seed(0)  # the same initial student on both ranks
     if kind == "prune_distill":
         stage = PruneDistillStage(ENCODER, distill_layers=[0, 1, 2])
     else:
         stage = FinalDistillStage(ENCODER, student_encoder=ENCODER, distill_layers=[0, 1, 2])
     clips = [{"features": torch.randn(1, 16, 16)} for _ in range(4 * STEPS)]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(max_steps=STEPS)
     trainer.fit(stage, DataLoader(clips, batch_size=2))
     state = {k: v for k, v in stage.state_dict().items() if not k.startswith("teacher.")}
     torch.save({"steps": trainer.global_step, "state": state}, Path(out_dir) / f"rank{rank}.pt")

@@ -289,15 +289,10 @@ def test_multipliers_ascend_under_gradient_accumulation(one_thread, accumulate: 
 def test_teacher_student_stages_train_under_ddp(tmp_path: Path, kind: str) -> None:
     """2 processes (gloo) on the transformer: no student parameter is left without a
     gradient (DDP rejects those at the second step), and both ranks end with equal weights."""
-    import socket
-
-    import torch.multiprocessing as mp
+    from tests.helpers import spawn_two_ranks
     from tests.stages.teacher_student_ddp_worker import STEPS, fit_worker
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fit_worker, args=(kind, port, str(tmp_path)), nprocs=2)
+    spawn_two_ranks(fit_worker, kind, str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["steps"] == rank1["steps"] == STEPS
     for key, value in rank0["state"].items():

@@ -267,15 +267,10 @@ def test_checkpoint_round_trip_keeps_the_target(tmp_path: Path) -> None:
 def test_every_ranks_mixup_memory_is_checkpointed_and_restored(tmp_path: Path) -> None:
     """2 processes: each rank's mixup memory (its own past batches) comes back to that rank
     when a checkpoint is restored, not rank 0's on both."""
-    import socket
-
-    import torch.multiprocessing as mp
+    from tests.helpers import spawn_two_ranks
     from tests.stages.ssl_ddp_worker import mixup_worker
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(mixup_worker, args=(port, str(tmp_path)), nprocs=2)
+    spawn_two_ranks(mixup_worker, str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert not torch.equal(rank0["trained"], rank1["trained"])  # the ranks saw different clips
     for memories in (rank0, rank1):
