@@ -69,6 +69,22 @@ def sbatch(slurm: dict, tmp_path: Path, command: str, *options: str) -> str:
     return out.stdout.strip().split(";")[0]
 
 
+def submit_sweep(
+    slurm: dict, sweep: Path, cache: Path, *overrides: str
+) -> subprocess.CompletedProcess:
+    """``distillery -m`` through the submitit SLURM launcher, each job a 2-task DDP run;
+    returns when every job of the sweep has ended."""
+    return subprocess.run(
+        [sys.executable, "-m", "distillery.cli", "-m", *DDP, *LAUNCHER, *overrides,
+         f"hydra.sweep.dir={sweep}", f"data.cache_dir={cache}"],
+        env=slurm | cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+
+
 def job_info(slurm: dict, job: str) -> dict[str, str]:
     out = subprocess.run(
         ["scontrol", "show", "job", "-o", job], env=slurm, capture_output=True, text=True
@@ -98,25 +114,7 @@ def test_sweep_of_two_ddp_jobs_through_the_submitit_launcher(
 ) -> None:
     sweep = tmp_path / "sweep"
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distillery.cli",
-            "-m",
-            *DDP,
-            *LAUNCHER,
-            "logger=wandb",
-            "seed=0,1",
-            f"hydra.sweep.dir={sweep}",
-            f"data.cache_dir={data_cache}",
-        ],
-        env=slurm | cli_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = submit_sweep(slurm, sweep, data_cache, "logger=wandb", "seed=0,1")
     print(f"sweep of 2 jobs: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stderr[-3000:]
     groups = set()
@@ -167,27 +165,15 @@ def test_job_past_its_time_limit_checkpoints_is_requeued_and_finishes(
     training), the requeued ones are not; submitit requeues up to 3 times."""
     sweep = tmp_path / "sweep"
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distillery.cli",
-            "-m",
-            *DDP,
-            *LAUNCHER,
-            "hydra.launcher.timeout_min=4",
-            "hydra.launcher.signal_delay_s=150",
-            "logger=csv",
-            "debug.trainer.max_epochs=20",
-            *slow("finetune", 5.0, f"first_run_marker={tmp_path / 'slow'}"),
-            f"hydra.sweep.dir={sweep}",
-            f"data.cache_dir={data_cache}",
-        ],
-        env=slurm | cli_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = submit_sweep(
+        slurm,
+        sweep,
+        data_cache,
+        "hydra.launcher.timeout_min=4",
+        "hydra.launcher.signal_delay_s=150",
+        "logger=csv",
+        "debug.trainer.max_epochs=20",
+        *slow("finetune", 5.0, f"first_run_marker={tmp_path / 'slow'}"),
     )
     print(f"time-limited job: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stderr[-3000:]
