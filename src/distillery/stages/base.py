@@ -25,6 +25,20 @@ def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]
     return (batch[key],)
 
 
+def refused_input(stage_cls: type, arg: str, encoder: nn.Module) -> str | None:
+    """Why ``stage_cls`` cannot feed ``encoder`` (its constructor argument ``arg``) the input
+    the encoder declares by ``input_key``, by the stage's ``refused_encoder_inputs``; or
+    ``None`` when it can."""
+    key = getattr(encoder, "input_key", "features")
+    why = getattr(stage_cls, "refused_encoder_inputs", {}).get(arg, {}).get(key)
+    if why is None:
+        return None
+    return (
+        f"{type(encoder).__name__} reads {key!r} (its input_key), which "
+        f"{stage_cls.__name__} cannot feed it: {why}"
+    )
+
+
 class StageModule(pl.LightningModule):
     """Base class of stage modules.
 
@@ -44,6 +58,9 @@ class StageModule(pl.LightningModule):
     produces: ClassVar[dict[str, type[Artifact]]] = {}
     #: Attributes an encoder config argument must give, checked at start-up.
     encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Encoder inputs (``input_key`` values) the stage cannot feed, by encoder argument,
+    #: each with the reason; checked at start-up (see :func:`refused_input`).
+    refused_encoder_inputs: ClassVar[dict[str, dict[str, str]]] = {}
     #: (C, C) counts of the stage's own classifier on the test split (rows: true class), set
     #: after ``trainer.test`` by stages that classify; plotted as the stage's confusion matrix.
     test_confusion: np.ndarray | None = None
