@@ -254,6 +254,9 @@ class SpeechEncoder(nn.Module):
             ``hidden_states`` (pre-LN models: without the final LayerNorm, as torchaudio's
             ``extract_features``).
         forward: (B, D), hidden state ``embedding_layer`` pooled over the valid frames.
+        forward_exits: ([(B, D)] * embedding_layer, (B, D)): layers ``1..embedding_layer``
+            pooled as ``forward`` pools, and the embedding (multi-exit students).
+        frame_mask: (B, T') bool, the valid frames (frame-level losses average over them).
     """
 
     input_key = "audio"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,9 @@ def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) 
         if not isinstance(encoder_cfg, dict) or "_target_" not in encoder_cfg:
             continue
         try:
-            with torch.device("meta"):  # no memory, no weights: only the structure
+            with torch.device("meta"), warnings.catch_warnings():  # only the structure
+                # An encoder that reads its weights file copies it into meta tensors: a no-op.
+                warnings.filterwarnings("ignore", message=".*to a meta parameter.*no-op")
                 encoder = instantiate(encoder_cfg)
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.module.{arg}: cannot build {encoder_cfg['_target_']} ({err})")

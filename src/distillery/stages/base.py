@@ -18,7 +18,9 @@ from distillery.artifact_kinds import Artifact, EncoderArtifact
 
 def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]:
     """The arguments ``encoder`` takes from a batch: log-mel ``features``, or, for a waveform
-    encoder (``input_key = "audio"``), ``audio`` and the clips' valid ``length`` if given."""
+    encoder (``input_key = "audio"``), ``audio`` and the clips' valid ``length`` if given.
+    Every stage feeds its encoders through this; a frame-level loss on a waveform batch
+    with lengths masks the padded frames by the encoder's ``frame_mask(lengths, T)``."""
     key = getattr(encoder, "input_key", "features")
     if key == "audio" and "length" in batch:
         return batch["audio"], batch["length"]
