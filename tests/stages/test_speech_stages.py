@@ -23,6 +23,7 @@ from distillery.pipeline.contract import ConfigError, validate
 from distillery.pipeline.runner import Runner
 from distillery.stages.base import encoder_inputs
 from distillery.stages.coss_kd import CoSSDistillStage
+from distillery.stages.dataset_distill import DatasetDistillStage
 from distillery.stages.final_distill import FinalDistillStage
 from distillery.stages.prune_distill import PruneDistillStage
 from distillery.stages.self_distill import SelfDistillStage
@@ -216,6 +217,33 @@ def test_the_contract_refuses_a_waveform_encoder_for_ssl_and_accepts_it_elsewher
     validate(cfg)
     with pytest.raises(ValueError, match="module.encoder: SpeechEncoder reads 'audio'"):
         SSLStage(encoder=speech_config())
+
+
+def test_the_log_mel_dataset_distillation_stages_refuse_a_waveform_encoder(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """KRR-ST learns log-mel inputs: its pool encoder, its pretrained encoder and its
+    teacher must read log-mel (the teacher, an artifact file, when the stage is built)."""
+    overrides = ["experiment=krr_st", f"run_dir={tmp_path / 'run'}", f"data.cache_dir={data_cache}"]
+    cfg = compose_config(overrides)
+    with open_dict(cfg):
+        cfg.pipeline.stages.dataset_distill.module.encoder = speech_config()
+        cfg.pipeline.stages.pretrain_synthetic.module.encoder = speech_config()
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    for stage, cls in (
+        ("dataset_distill", "DatasetDistillStage"),
+        ("pretrain_synthetic", "PretrainSyntheticStage"),
+    ):
+        assert (
+            f"pipeline.stages.{stage}.module.encoder: SpeechEncoder reads 'audio' (its "
+            f"input_key), which {cls} cannot feed it"
+        ) in str(refused.value)
+    validate(compose_config(overrides))  # the recipe's own log-mel encoders pass
+    teacher_cfg = speech_config()
+    save_encoder(tmp_path / "teacher.pt", build_encoder(teacher_cfg), teacher_cfg)
+    with pytest.raises(ValueError, match="module.teacher: SpeechEncoder reads 'audio'"):
+        DatasetDistillStage(encoder=LOGMEL, teacher=EncoderArtifact.load(tmp_path / "teacher.pt"))
 
 
 @pytest.mark.slow  # ~10 s: a CLI process

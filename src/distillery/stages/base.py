@@ -89,6 +89,13 @@ class StageModule(pl.LightningModule):
         kwargs.setdefault("sync_dist", True)  # epoch values averaged over ranks under DDP
         self.log_dict({f"{self.stage_name}/{split}/{k}": v for k, v in metrics.items()}, **kwargs)
 
+    def check_encoder_input(self, arg: str, encoder: nn.Module) -> None:
+        """Raise naming ``module.<arg>`` if this stage cannot feed ``encoder`` the input it
+        declares (``refused_encoder_inputs``): for an encoder the start-up check cannot
+        build, e.g. an artifact given as a file."""
+        if why := refused_input(type(self), arg, encoder):
+            raise ValueError(f"module.{arg}: {why}")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -21,7 +21,7 @@ from distillery.augment import BYOLAAugment, MixupWithPastBatches
 from distillery.losses.ssl import barlow_twins_loss, byol_loss, nt_xent
 from distillery.models.heads import ProjectionHead
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule, refused_input
+from distillery.stages.base import StageModule
 
 METHODS = ("byol", "simclr", "barlow_twins")
 #: Checkpoint key of every rank's mixup memories (a list over ranks).
@@ -96,8 +96,7 @@ class SSLStage(StageModule):
         self.barlow_lambda = float(barlow_lambda)
 
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
-        if why := refused_input(type(self), "encoder", self.encoder):
-            raise ValueError(f"module.encoder: {why}")
+        self.check_encoder_input("encoder", self.encoder)
         embed_dim = self.encoder.embed_dim
         self.projector = ProjectionHead(embed_dim, projection_hidden_dim, projection_dim)
         self.predictor: ProjectionHead | None = None
