@@ -111,6 +111,7 @@ def test_self_distill_feeds_a_speech_student_waveforms_and_its_exits_ignore_padd
     )
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a step without a Trainer
 @pytest.mark.parametrize("speech", ["teacher", "student"])
 def test_coss_kd_feeds_each_encoder_what_it_declares(speech: str, tmp_path: Path) -> None:
     """A speech teacher distilled into a log-mel student, and a log-mel teacher into a
