@@ -81,6 +81,20 @@ class DataConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which weights a stage hands on and is tested with: the best on a validation metric.
+
+    ``monitor`` is one of the stage's own validation metrics without the stage prefix
+    (``val/acc`` for ``<stage>/val/acc``); null keeps the last epoch's weights.
+    """
+
+    monitor: str | None = None
+    mode: str = "max"  # max | min
+    #: Validation epochs without improvement before the stage stops early; null: never.
+    patience: int | None = None
+
+
+@dataclass
 class StageConfig:
     """One stage of a pipeline.
 
@@ -98,6 +112,7 @@ class StageConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     evaluate: bool = True
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
 @dataclass

@@ -542,6 +542,7 @@ def config_problems(cfg: DictConfig, data_checks: DataCheck | None = None) -> li
         )
         problems += check_trainer_values(OmegaConf.to_container(stage.trainer), f"{path}.trainer")
         problems += check_stage_length(cfg, name)
+        problems += check_selection(OmegaConf.to_container(stage.selection), f"{path}.selection")
         try:  # report only what the stage's own data overrides add to the top-level problems
             stage_problems = check_data(
                 OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data", data_checks
@@ -553,6 +554,26 @@ def config_problems(cfg: DictConfig, data_checks: DataCheck | None = None) -> li
             problems.append(f"{path}.data: {err}".splitlines()[0])
         problems += _check_cluster_counts(cfg, name, path)
     return list(dict.fromkeys(problems))  # shared nodes: reported once
+
+
+def check_selection(selection: dict[str, Any], path: str) -> list[str]:
+    """A stage selects its weights on its own validation split, never on the test split."""
+    problems = []
+    monitor, patience = selection.get("monitor"), selection.get("patience")
+    if monitor is not None and not str(monitor).startswith("val/"):
+        problems.append(
+            f"{path}.monitor: {monitor!r} is not a validation metric; select on one of the "
+            "stage's validation metrics, e.g. val/acc (the test split is evaluated once, on "
+            "the selected weights)"
+        )
+    if selection.get("mode") not in ("max", "min"):
+        problems.append(f"{path}.mode: must be 'max' or 'min', got {selection.get('mode')!r}")
+    if patience is not None and (monitor is None or patience < 1):
+        problems.append(
+            f"{path}.patience: {patience} needs a monitor and must be >= 1 "
+            "(validation epochs without improvement)"
+        )
+    return problems
 
 
 def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
@@ -29,6 +30,7 @@ from distillery.pipeline import launch
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
+    BestCheckpoint,
     CheckpointedMetrics,
     epoch_checkpointing,
     latest_checkpoint,
@@ -335,6 +337,10 @@ class Runner:
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
+            if (selected := self._load_selected(name, trainer, module)) is not None:
+                record.selected = selected  # val metrics below: those of the selected weights
+                for result in trainer.validate(module, datamodule=datamodule, verbose=False):
+                    metrics.update(_floats(result))
             if stage_cfg.evaluate and _overrides(module, "test_step"):
                 for result in trainer.test(module, datamodule=datamodule, verbose=False):
                     metrics.update(_floats(result))
@@ -373,6 +379,30 @@ class Runner:
             "stage %s done in %.1f s; artifacts: %s", name, record.wall_time_s, record.artifacts
         )
 
+    def _load_selected(
+        self, name: str, trainer: pl.Trainer, module: pl.LightningModule
+    ) -> dict[str, Any] | None:
+        """With ``selection.monitor``: load the best-validation checkpoint's weights into
+        ``module`` (what the stage is tested with and hands on) and describe it."""
+        best = _best_checkpoint(trainer)
+        if best is None:
+            return None
+        if not best.best_model_path:
+            raise RuntimeError(
+                f"stage {name!r}: no validation value of {best.monitor!r} was logged, so no "
+                f"checkpoint could be selected (pipeline.stages.{name}.selection)"
+            )
+        checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(checkpoint["state_dict"])
+        return {
+            "checkpoint": str(Path(best.best_model_path).resolve().relative_to(self.run_dir)),
+            "epoch": int(checkpoint["epoch"]),
+            "step": int(checkpoint["global_step"]),
+            "monitor": best.monitor,
+            "mode": best.mode,
+            "value": round(float(best.best_model_score), 6),
+        }
+
     def _build_module(
         self, name: str, data: AudioDataModule, inputs: dict[str, Artifact]
     ) -> pl.LightningModule:
@@ -396,6 +426,14 @@ class Runner:
             SignalCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
         ]
+        selection = stage_cfg.selection
+        if selection.monitor:
+            monitor = f"{name}/{selection.monitor}"
+            callbacks.append(BestCheckpoint(stage_dir, monitor, selection.mode))
+            if selection.patience:
+                callbacks.append(
+                    EarlyStopping(monitor, patience=selection.patience, mode=selection.mode)
+                )
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
             if callback_cfg:
                 callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
@@ -454,7 +492,10 @@ class Runner:
         self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path
     ) -> dict[str, str]:
         """Save what the stage returns; record every artifact's path relative to the run dir."""
-        written = {"checkpoint": latest_checkpoint(stage_dir)}
+        best = _best_checkpoint(trainer)  # the selected weights, when the stage selects
+        written = {
+            "checkpoint": Path(best.best_model_path) if best else latest_checkpoint(stage_dir)
+        }
         export = getattr(module, "export_artifacts", None)
         for name, artifact in (export() if export else {}).items():
             suffix = Path(type(artifact).filename).suffix
@@ -484,6 +525,10 @@ def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) 
     for callback in trainer.callbacks:
         if getattr(callback, "produces", None) and not getattr(callback, "artifacts", True):
             callback.on_train_end(trainer, module)
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> BestCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
 
 
 def _encoder_for_eval(module: pl.LightningModule) -> torch.nn.Module | None:
