@@ -152,6 +152,10 @@ class Config:
     experiment_name: str | None = None
     #: ``<stage>/<split>/<name>`` returned to a Hydra sweeper (e.g. Optuna) after the run.
     optimized_metric: str | None = None
+    #: A directory of finished stages shared between runs (sweep trials): a stage whose
+    #: config (chained to the stages before it) and code match an entry is reused, not
+    #: computed (distillery.pipeline.stage_cache); null: off.
+    stage_cache: str | None = None
     #: Stages in ``run_dir`` made by another code version: error | rerun | reuse.
     on_code_change: str = "error"
     #: Minutes the other DDP ranks wait while rank 0 alone clusters, evaluates and exports

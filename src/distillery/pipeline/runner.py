@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -62,6 +63,7 @@ from distillery.pipeline.manifest import (
 )
 from distillery.pipeline.progress import EpochSummary, PipelineProgress, StageProgressBar
 from distillery.pipeline.report import write_results
+from distillery.pipeline.stage_cache import StageCache, started_alone
 from distillery.pipeline.tracking import (
     build_loggers,
     finish_loggers,
@@ -142,6 +144,11 @@ class Runner:
         self.run_dir = Path(cfg.run_dir).resolve()
         self.is_rank_zero = rank_zero_only.rank == 0
         self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
+        # Rank 0 of a run whose other ranks (if any) Lightning starts: they start after the
+        # cache lookups and read the reused stages from pipeline.json.
+        self.cache = StageCache(cfg.stage_cache) if cfg.stage_cache and started_alone() else None
+        if cfg.stage_cache and self.cache is None and self.is_rank_zero:
+            log.info("stage cache %s: not used by ranks started together", cfg.stage_cache)
 
     # -- planning -------------------------------------------------------------------------
     def plan(self) -> list[StagePlan]:
@@ -218,17 +225,48 @@ class Runner:
         for p in plans:
             log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
         progress = PipelineProgress([p.name for p in plans])
+        reusable = self.cache is not None  # the leading stages: none computed before them
         for plan in plans:
             if plan.action == "skip":
                 continue
             progress.stage_started(plan.name, plan.kind, plan.action)
-            self._run_stage(plan)
+            reusable &= plan.action == "fresh"
+            if self.cache is None:
+                self._run_stage(plan)
+            else:
+                entry = self.cache.entry(plan.name, plan.config_hash)
+                # Reusable: wait while another run computes it, then reuse it.
+                with self.cache.computing(entry) if reusable else contextlib.nullcontext():
+                    if not (reusable and self._reuse(plan, entry)):
+                        reusable = False
+                        self._run_stage(plan)
+                        self.cache.store(
+                            entry, self.run_dir, plan.name, self.manifest.stages[plan.name]
+                        )
             progress.stage_finished(plan.name, self.manifest.stages[plan.name].wall_time_s)
         if self.is_rank_zero:
             table = write_results(self.run_dir, self.manifest)
             log.info("results (also in %s):\n%s", self.run_dir / "results.md", table)
             log_pipeline_summary(self.cfg, self.manifest)
         return self.manifest.stages
+
+    def _reuse(self, plan: StagePlan, entry: Path) -> bool:
+        """Take a stage from the stage cache into the run dir, if ``entry`` holds it."""
+        start = time.perf_counter()
+        previous = self.manifest.stages.get(plan.name)
+        if not (entry / "record.json").exists():
+            return False
+        if previous is not None and previous.config_hash and (self.run_dir / plan.name).exists():
+            self._supersede(plan.name, previous)
+        record = self.cache.restore(entry, self.run_dir, plan.name)
+        record.wall_time_s = round(time.perf_counter() - start, 2)
+        self.manifest.stages[plan.name] = record
+        self._save_manifest()
+        log.info(
+            "stage %s reused from cache %s (computed in %s)",
+            plan.name, entry, record.reused_from["run_dir"],
+        )  # fmt: skip
+        return True
 
     def _save_manifest(self) -> None:
         if self.is_rank_zero:
