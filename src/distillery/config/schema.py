@@ -56,6 +56,12 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 0
     label_fraction: float = 1.0  # fraction of train labels kept (stratified, seeded)
+    #: Labelled validation clips kept per class (the rest become unlabelled training
+    #: clips), so that validation uses no more labels than a few-label user has; null: all.
+    val_labels_per_class: int | None = None
+    #: Seed of the labelled subsets (label_fraction, val_labels_per_class); null: split_seed,
+    #: the same subset for every run. ``${seed}`` draws one per seed.
+    label_subset_seed: int | None = None
     train_items: str = "all"  # all | labeled | pseudo_labeled
     #: The class list, in label-index order; a label outside it is a bad file. Default:
     #: the folder names, or a manifest's labels (only its train rows' when it has splits).

@@ -24,7 +24,7 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from distillery.config.schema import Config
+from distillery.config.schema import Config, DataConfig
 from distillery.config.weights import check_encoder_weights
 
 #: Trainer arguments the runner owns.
@@ -155,6 +155,8 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.test_fraction": (0, 1, True, True),
     "data.split_seed": (0, INF, False, True),
     "data.label_fraction": (0, 1, True, False),
+    "data.val_labels_per_class": (1, INF, False, True),  # or null: every validation label
+    "data.label_subset_seed": (0, INF, False, True),  # or null: split_seed
     "data.batch_size": (1, INF, False, True),
     "data.num_workers": (0, INF, False, True),
     "data.preload_max_mb": (0, INF, False, True),
@@ -457,8 +459,11 @@ def check_input_files(module: dict[str, Any], path: str) -> list[str]:
 
 
 def stage_data(cfg: DictConfig, name: str) -> DictConfig:
-    """The top-level data node with the stage's overrides merged in (schema-checked)."""
-    return OmegaConf.merge(cfg.data, cfg.pipeline.stages[name].data)
+    """The top-level data node with the stage's overrides merged in (schema-checked); the
+    top-level node's interpolations (``label_subset_seed: ${seed}``) resolved first, while
+    it is still part of the whole config."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), data, cfg.pipeline.stages[name].data)
 
 
 def stage_trainer(cfg: DictConfig, name: str) -> dict[str, Any]:

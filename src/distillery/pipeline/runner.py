@@ -375,6 +375,8 @@ class Runner:
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
+            if audio.cfg.train_items == "labeled":  # the labels it learns and selects with
+                metrics |= _label_counts(name, audio)
             if (selected := self._load_selected(name, trainer, module)) is not None:
                 record.selected = selected  # val metrics below: those of the selected weights
                 for result in trainer.validate(module, datamodule=datamodule, verbose=False):
@@ -567,6 +569,16 @@ def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) 
 
 def _best_checkpoint(trainer: pl.Trainer) -> BestCheckpoint | None:
     return next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
+
+
+def _label_counts(name: str, audio: AudioDataModule) -> dict[str, float]:
+    """How many labelled clips a stage trains on and validates with (the few-label protocol)."""
+    table = audio.table
+    train, val = table.indices("train"), table.indices("val")
+    return {
+        f"{name}/data/labeled_train": float((table.visible_labels[train] >= 0).sum()),
+        f"{name}/data/labeled_val": float((table.visible_labels[val] >= 0).sum()),
+    }
 
 
 def _encoder_for_eval(module: pl.LightningModule) -> torch.nn.Module | None:

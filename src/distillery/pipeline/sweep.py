@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: Settings that define the experiment (which labels a run may use), not values to tune:
 #: a search over them picks the one that uses the most labels.
-NOT_SEARCHABLE = ("data.label_fraction",)
+NOT_SEARCHABLE = ("data.label_fraction", "data.val_labels_per_class")
 
 
 def selection_problems(
