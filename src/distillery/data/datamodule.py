@@ -71,7 +71,9 @@ class TrainSampler(DistributedSampler):
 class ClipDataset(Dataset):
     """Items are dicts: ``index`` (into the source table), ``audio`` (samples,), ``length``
     (its valid samples: fewer than ``num_samples`` for a zero-padded short clip), ``label``,
-    and ``pseudo_label`` when pseudo-labels are attached. Training crops are random (from
+    ``pseudo_label`` when pseudo-labels are attached, and with ``num_classes`` (a
+    multi-label source) ``targets``: the (num_classes,) multi-hot float vector of the
+    clip's classes, all zero when its label is hidden or unknown. Training crops are random (from
     the ``(seed, epoch, i)`` key of a :class:`TrainSampler`, else torch's global RNG),
     evaluation crops are the clip's centre, so evaluation is deterministic."""
 
@@ -87,6 +89,7 @@ class ClipDataset(Dataset):
         cache: dict[int, np.ndarray] | None,
         limits: AudioLimits,
         pseudo_labels: np.ndarray | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.indices = indices
         self.records = records
@@ -97,6 +100,7 @@ class ClipDataset(Dataset):
         self.cache = cache
         self.limits = limits
         self.pseudo_labels = pseudo_labels
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -143,7 +147,23 @@ class ClipDataset(Dataset):
         }
         if self.pseudo_labels is not None:
             item["pseudo_label"] = int(self.pseudo_labels[index])
+        if self.num_classes is not None:
+            item["targets"] = torch.from_numpy(
+                multi_hot(self.records, self.labels, np.array([index]), self.num_classes)[0]
+            )
         return item
+
+
+def multi_hot(
+    records: list[AudioRecord], labels: np.ndarray, indices: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """(len(indices), num_classes) float32 multi-hot targets of multi-label records; rows
+    whose ``labels`` entry is -1 (unknown, or hidden by ``data.label_fraction``) are zero."""
+    targets = np.zeros((len(indices), num_classes), dtype=np.float32)
+    for row, index in enumerate(indices):
+        if labels[index] >= 0:
+            targets[row, list(records[index].labels)] = 1.0
+    return targets
 
 
 @dataclass
@@ -385,6 +405,17 @@ class AudioDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     @property
+    def multi_label(self) -> bool:
+        """Whether clips have several classes (a manifest ``labels`` column): items carry
+        multi-hot ``targets`` and classifiers train with a sigmoid per class."""
+        return self.table.source.multi_label
+
+    def multi_hot(self, indices: np.ndarray) -> np.ndarray:
+        """The visible multi-hot targets of records ``indices`` (see :func:`multi_hot`)."""
+        table = self.table
+        return multi_hot(table.source.records, table.visible_labels, indices, self.num_classes)
+
+    @property
     def num_pseudo_classes(self) -> int:
         """k of the attached pseudo-labels."""
         if self.attached_pseudo_labels is None:
@@ -415,6 +446,7 @@ class AudioDataModule(pl.LightningDataModule):
             cache=self.cache,
             limits=self.limits,
             pseudo_labels=self.pseudo_labels,
+            num_classes=self.num_classes if self.multi_label else None,
         )
 
     def dataloader(
