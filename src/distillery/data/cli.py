@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _class_counts(table: SourceTable) -> list[tuple[str, int]]:
-    counts = Counter(record.label for record in table.records)
+    """Files per class (a multi-label file counts in each of its classes)."""
+    counts = Counter(
+        label
+        for record in table.records
+        for label in (record.labels or (-1,) if table.multi_label else (record.label,))
+    )
     rows = [(name, counts.get(i, 0)) for i, name in enumerate(table.class_names)]
     if counts.get(-1):
         rows.append(("(unlabelled)", counts[-1]))
