@@ -60,12 +60,43 @@ class TrainSampler(DistributedSampler):
 
     resume_at: tuple[int, int] | None = None
 
+    def epoch_items(self) -> list[int]:
+        """This rank's dataset positions for ``self.epoch``, in reading order."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        items = list(super().__iter__())
+        items = self.epoch_items()
         if self.resume_at is not None and self.resume_at[0] == self.epoch:
             items = items[self.resume_at[1] :]
             self.resume_at = None
         return ((self.seed, self.epoch, i) for i in items)
+
+
+class ShardTrainSampler(TrainSampler):
+    """:class:`TrainSampler` of a sharded source (``data.source=shards``): reads shard by
+    shard. Each epoch shuffles the order of the shards and of the clips within each shard
+    (from the seed and the epoch), and rank r takes the r-th of ``num_replicas`` equal
+    contiguous parts of that sequence: a rank reads whole shards (at most two of them in
+    part) and no clip is read by two ranks. When the clips do not split evenly, the
+    ``n mod num_replicas`` at the end of the sequence sit that epoch out (different ones
+    each epoch), as with ``DistributedSampler(drop_last=True)``: no clip is duplicated.
+
+    ``shards``: each dataset position's shard (any hashable name).
+    """
+
+    def __init__(
+        self, dataset: Dataset, shards: list[str], num_replicas: int, rank: int, seed: int
+    ) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        names, shard_of = np.unique(np.array(shards), return_inverse=True)
+        self.groups = [np.flatnonzero(shard_of == g) for g in range(len(names))]
+
+    def epoch_items(self) -> list[int]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.groups))
+        sequence = np.concatenate([rng.permutation(self.groups[g]) for g in order])
+        start = self.rank * self.num_samples
+        return sequence[start : start + self.num_samples].tolist()
 
 
 class ClipDataset(Dataset):
@@ -109,7 +140,8 @@ class ClipDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         try:
-            return read_audio(self.records[index].path, self.sample_rate, self.limits)
+            record = self.records[index]
+            return read_audio(record.path, self.sample_rate, self.limits, record.member)
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,
@@ -257,7 +289,9 @@ class AudioDataModule(pl.LightningDataModule):
         """Every record's header entry, from the shared index under ``data.cache_dir``."""
         if self._index is None:
             records = self._load_source().records
-            self._index = build_index([r.path for r in records], self.cfg.cache_dir)
+            self._index = build_index(
+                [r.path for r in records], self.cfg.cache_dir, [r.member for r in records]
+            )
         return self._index
 
     def prepare_data(self) -> None:
@@ -320,7 +354,9 @@ class AudioDataModule(pl.LightningDataModule):
             try:
                 index[i].check(records[i].path, self.limits)
                 if decode:
-                    audio = read_audio(records[i].path, cfg.sample_rate, self.limits)
+                    audio = read_audio(
+                        records[i].path, cfg.sample_rate, self.limits, records[i].member
+                    )
                     length = len(audio)
                 else:
                     length = round(index[i].frames / index[i].sample_rate * cfg.sample_rate)
@@ -484,9 +520,13 @@ class AudioDataModule(pl.LightningDataModule):
         world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
         if train:
             # Same seed on every rank (all ranks are seeded alike), different per run seed.
-            sampler = TrainSampler(
-                dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
-            )
+            seed = torch.initial_seed() % 2**31
+            if self.cfg.source == "shards":
+                records = self.table.source.records
+                shards = [str(records[i].path.parent) for i in dataset.indices]
+                sampler = ShardTrainSampler(dataset, shards, world, rank, seed)
+            else:
+                sampler = TrainSampler(dataset, world, rank, shuffle=True, seed=seed)
             sampler.resume_at = self._train_resume_at
             return sampler
         if len(dataset) < world:  # a process without a batch would wait forever in the metric sync

@@ -43,7 +43,7 @@ __all__ = [
 log = logging.getLogger("distillery.data")
 
 SPLIT_NAMES = ("train", "val", "test")
-SOURCES = ("synthetic", "folder", "manifest")
+SOURCES = ("synthetic", "folder", "manifest", "shards")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 UNKNOWN_LABEL = -1
 #: Separates the class names of a multi-label manifest's ``labels`` value (``dog;bark``).
@@ -59,13 +59,15 @@ class AudioRecord:
 
     Multi-label sources also set ``labels``, the indices of every class of the clip;
     ``label`` is then its first listed class (-1 when it has none), which stratifies
-    splits and label subsets like a single label does.
+    splits and label subsets like a single label does. A clip in a tar shard has
+    ``path`` ``<tar>/<member name>`` and its ``member`` bytes' ``(offset, size)``.
     """
 
     path: Path
     label: int
     split: str | None
     labels: tuple[int, ...] | None = None
+    member: tuple[int, int] | None = None  # (offset, size) in the tar shard path.parent
 
 
 @dataclass
@@ -161,12 +163,13 @@ def _lines(numbers: Sequence[int], limit: int = 10) -> str:
 ManifestRow = tuple[int, Path, tuple[str, ...], str | None]
 
 
-def _row_labels(path: Path, line: int, row: dict[str, Any], multi_label: bool) -> tuple[str, ...]:
-    """The class names of one row: ``label`` (one name) or ``labels`` (names separated by
-    :data:`LABEL_SEPARATOR`, or a JSON list); empty = unlabelled."""
+def row_labels(where: str, row: dict[str, Any], multi_label: bool) -> tuple[str, ...]:
+    """The class names of one manifest row (or shard clip, found at ``where``): ``label``
+    (one name) or ``labels`` (names separated by :data:`LABEL_SEPARATOR`, or a JSON list);
+    empty = unlabelled."""
     if "label" in row and "labels" in row:
         raise ValueError(
-            f"{path}: line {line}: has both 'label' and 'labels'; a manifest uses one: "
+            f"{where}: has both 'label' and 'labels'; a manifest uses one: "
             f"'label' (one class) or 'labels' (classes separated by {LABEL_SEPARATOR!r})"
         )
     if not multi_label:
@@ -174,7 +177,7 @@ def _row_labels(path: Path, line: int, row: dict[str, Any], multi_label: bool) -
         return (label,) if label else ()
     if "labels" not in row:
         raise ValueError(
-            f"{path}: line {line}: key 'labels' is missing while other rows have it; "
+            f"{where}: key 'labels' is missing while other rows have it; "
             "give every row 'labels' (empty = unlabelled)"
         )
     value = row["labels"]
@@ -185,14 +188,12 @@ def _row_labels(path: Path, line: int, row: dict[str, Any], multi_label: bool) -
         names = [name.strip() for name in text.split(LABEL_SEPARATOR)] if text else []
     if not all(names):
         raise ValueError(
-            f"{path}: line {line}: key 'labels': an empty class name in {value!r} "
+            f"{where}: key 'labels': an empty class name in {value!r} "
             f"(separate classes with {LABEL_SEPARATOR!r}, no empty items)"
         )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(
-            f"{path}: line {line}: key 'labels': {', '.join(map(repr, repeated))} listed twice"
-        )
+        raise ValueError(f"{where}: key 'labels': {', '.join(map(repr, repeated))} listed twice")
     return tuple(names)
 
 
@@ -228,7 +229,8 @@ def read_manifest_rows(path: str | os.PathLike[str]) -> tuple[list[ManifestRow],
         file_path = Path(file_text).expanduser()
         if not file_path.is_absolute():
             file_path = base / file_path
-        rows.append((line, file_path, _row_labels(path, line, row, multi_label), split))
+        labels = row_labels(f"{path}: line {line}", row, multi_label)
+        rows.append((line, file_path, labels, split))
     if not rows:
         raise ValueError(f"{path}: the manifest lists no files")
 
@@ -324,16 +326,33 @@ def read_manifest(
     """
     path = Path(path)
     rows, multi_label = read_manifest_rows(path)
-    key = "labels" if multi_label else "label"
+    located = [
+        (f"{path}: line {line}", file, names, split, None) for line, file, names, split in rows
+    ]
+    return labelled_table(located, multi_label, classes)
 
-    labels = {label for _, _, names, _ in rows for label in names}
+
+#: A labelled clip before its labels are numbered: (where, for messages: the manifest line
+#: or the shard member), file path, class names, split, tar ``member`` (or None).
+LabelledClip = tuple[str, Path, tuple[str, ...], str | None, tuple[int, int] | None]
+
+
+def labelled_table(
+    clips: list[LabelledClip], multi_label: bool, classes: Sequence[str] | None
+) -> SourceTable:
+    """Number the clips' labels: the class list is ``classes`` when given, else the sorted
+    labels of the train clips when every clip has a split, else all labels, sorted. A clip
+    whose file does not exist or with a label outside the class list is kept (label -1)
+    and listed in ``problems``, naming where it is and the label."""
+    key = "labels" if multi_label else "label"
+    labels = {label for _, _, names, _, _ in clips for label in names}
     if classes is not None:
         class_names = _class_list(classes)
         _warn_classes_without_files(class_names, labels)
         outside = f"is not in data.classes ({_preview(class_names)})"
-    elif all(split is not None for *_, split in rows):
+    elif all(split is not None for *_, split, _ in clips):
         class_names = sorted(
-            {name for *_, names, split in rows if split == "train" for name in names}
+            {name for *_, names, split, _ in clips if split == "train" for name in names}
         )
         outside = "occurs in no train row, so no model can learn it (fix the label, or list it in data.classes)"
     else:
@@ -343,25 +362,19 @@ def read_manifest(
 
     records: list[AudioRecord] = []
     problems: dict[int, str] = {}
-    for line, file_path, names, split in rows:
+    for where, file_path, names, split, member in clips:
         unknown = [name for name in names if name not in index]
-        if not file_path.is_file():
+        if member is None and not file_path.is_file():
             reason = "file does not exist" if not file_path.exists() else "is not a regular file"
-            problems[len(records)] = f"{path}: line {line}: audio file {str(file_path)!r}: {reason}"
+            problems[len(records)] = f"{where}: audio file {str(file_path)!r}: {reason}"
         elif unknown:
             problems[len(records)] = (
-                f"{path}: line {line}: audio file {str(file_path)!r}: key {key!r}: "
+                f"{where}: audio file {str(file_path)!r}: key {key!r}: "
                 f"{', '.join(map(repr, unknown))} {outside}"
             )
         ids = tuple(index[name] for name in names) if not unknown else ()
-        records.append(
-            AudioRecord(
-                file_path,
-                ids[0] if ids else UNKNOWN_LABEL,
-                split,
-                ids if multi_label else None,
-            )
-        )
+        label = ids[0] if ids else UNKNOWN_LABEL
+        records.append(AudioRecord(file_path, label, split, ids if multi_label else None, member))
     return SourceTable(records, class_names, problems, multi_label)
 
 
@@ -514,6 +527,7 @@ def load_source(
     - ``synthetic``: generate (or reuse) the synthetic set under ``cache_dir``.
     - ``folder``: :func:`scan_folder` of ``root``.
     - ``manifest``: :func:`read_manifest` of ``path``.
+    - ``shards``: :func:`~distillery.data.shards.scan_shards` of ``path`` (tar shards).
     - a dotted import path (``my_pkg.sources.my_source``): a user's function, called with
       ``source_args`` (``data.source_args``), that returns a :class:`SourceTable`.
 
@@ -533,6 +547,12 @@ def load_source(
         if path is None or str(path) == "":
             raise ValueError("data.source=manifest needs data.path (a .csv or .jsonl manifest)")
         return read_manifest(path, classes)
+    if source == "shards":
+        from distillery.data.shards import scan_shards  # it builds on this module
+
+        if path is None or str(path) == "":
+            raise ValueError("data.source=shards needs data.path (a folder of .tar shards)")
+        return scan_shards(path, classes)
     if "." in source:
         table = get_method(source)(**(source_args or {}))
         if not isinstance(table, SourceTable):
