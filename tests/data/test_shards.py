@@ -161,3 +161,47 @@ def test_two_process_pipeline_on_shards_sees_every_clip_once_per_epoch(
         assert sorted(ranks[0] + ranks[1]) == expected  # none lost, none twice
         orders.append(ranks[0] + ranks[1])
     assert orders[0] != orders[1]
+
+
+@pytest.mark.slow  # ~2 min: three pipeline runs
+def test_sigterm_mid_epoch_on_shards_resumes_with_the_uninterrupted_clips(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    manifest = clip_set(tmp_path)
+    assert data_cli(["shards", str(manifest), "--out", str(tmp_path / "shards")]) == 0
+    args = [sys.executable, "-m", "distillery.cli", "experiment=supervised", *FAST]
+    args += [
+        f"data.cache_dir={data_cache}",
+        "data.source=shards",
+        f"data.path={tmp_path / 'shards'}",
+    ]
+    args += [
+        "debug.trainer.max_epochs=2",
+        "debug.trainer.limit_train_batches=1.0",
+        "eval.plots=false",
+    ]
+    args += ["+pipeline.stages.finetune.callbacks.clips._target_=tests.clip_log.ClipLog"]
+
+    def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [*args, f"run_dir={run_dir}", *extra]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600
+        )
+
+    assert run(tmp_path / "reference").returncode == 0
+    signal = "+pipeline.stages.finetune.callbacks.signal"
+    stop = [f"{signal}._target_=tests.helpers.SignalAt", f"{signal}.signal=SIGTERM"]
+    stop += [f"{signal}.marker={tmp_path / 'sent'}", f"{signal}.epoch=1", f"{signal}.batch=1"]
+    assert run(tmp_path / "run", *stop).returncode == 143
+    interrupted = read_clip_log(tmp_path / "run" / "finetune", 0, 1)
+    assert 0 < len(interrupted) < 32  # stopped mid-epoch
+    resumed = run(tmp_path / "run", *stop)  # the marker exists: no second signal
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for epoch in (0, 1):  # the resumed epoch read exactly the clips the reference did, in order
+        got = read_clip_log(tmp_path / "run" / "finetune", 0, epoch)
+        assert got == read_clip_log(tmp_path / "reference" / "finetune", 0, epoch)
+    metrics = [
+        json.loads((tmp_path / d / "pipeline.json").read_text())["stages"]["finetune"]["metrics"]
+        for d in ("run", "reference")
+    ]
+    assert metrics[0]["finetune/test/acc"] == metrics[1]["finetune/test/acc"]
