@@ -93,7 +93,7 @@ def clip_folder(cache_dir: Path, count: int) -> Path:
 
 def index_seconds(root: Path) -> tuple[float, float]:
     """(cold, cached) seconds of building the header index of every file under ``root``."""
-    paths = [r.path for r in scan_folder(root).records]
+    paths = scan_folder(root).paths
     with tempfile.TemporaryDirectory(prefix="distillery-index-") as cache:
         start = time.perf_counter()
         build_index(paths, cache)

@@ -125,11 +125,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     total_s = 0.0
     bad: list[str] = []
     # Headers only, read in parallel: fast even for large sets.
-    entries = build_index(
-        [record.path for record in table.records],
-        cache_dir=None,
-        members=[record.member for record in table.records],
-    )
+    entries = build_index(table.paths, cache_dir=None, members=table.members)
     for i, (record, entry) in enumerate(zip(table.records, entries, strict=True)):
         if i in table.problems:  # a missing file, or a label outside the class list
             bad.append(table.problems[i])

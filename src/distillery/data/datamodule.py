@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from distillery.config.schema import DataConfig
 from distillery.data.audio_io import AudioFileError, AudioLimits, read_audio
 from distillery.data.features import LogMel
-from distillery.data.index import FileEntry, build_index
-from distillery.data.sources import AudioRecord, SourceTable, limit_clips, load_source
+from distillery.data.index import FileIndex, build_index
+from distillery.data.sources import SourceTable, limit_clips, load_source
 from distillery.data.splits import assign_splits, label_subset, per_class_subset
 from distillery.data.synthetic import SyntheticSpec
 
@@ -111,7 +111,7 @@ class ClipDataset(Dataset):
     def __init__(
         self,
         indices: np.ndarray,
-        records: list[AudioRecord],
+        source: SourceTable,
         labels: np.ndarray,
         num_samples: int,
         sample_rate: int,
@@ -123,7 +123,7 @@ class ClipDataset(Dataset):
         num_classes: int | None = None,
     ) -> None:
         self.indices = indices
-        self.records = records
+        self.source = source
         self.labels = labels
         self.num_samples = num_samples
         self.sample_rate = sample_rate
@@ -140,8 +140,8 @@ class ClipDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         try:
-            record = self.records[index]
-            return read_audio(record.path, self.sample_rate, self.limits, record.member)
+            source = self.source
+            return read_audio(source.path(index), self.sample_rate, self.limits, source.member(index))
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,
@@ -181,20 +181,20 @@ class ClipDataset(Dataset):
             item["pseudo_label"] = int(self.pseudo_labels[index])
         if self.num_classes is not None:
             item["targets"] = torch.from_numpy(
-                multi_hot(self.records, self.labels, np.array([index]), self.num_classes)[0]
+                multi_hot(self.source, self.labels, np.array([index]), self.num_classes)[0]
             )
         return item
 
 
 def multi_hot(
-    records: list[AudioRecord], labels: np.ndarray, indices: np.ndarray, num_classes: int
+    source: SourceTable, labels: np.ndarray, indices: np.ndarray, num_classes: int
 ) -> np.ndarray:
-    """(len(indices), num_classes) float32 multi-hot targets of multi-label records; rows
+    """(len(indices), num_classes) float32 multi-hot targets of a multi-label source; rows
     whose ``labels`` entry is -1 (unknown, or hidden by ``data.label_fraction``) are zero."""
     targets = np.zeros((len(indices), num_classes), dtype=np.float32)
     for row, index in enumerate(indices):
         if labels[index] >= 0:
-            targets[row, list(records[index].labels)] = 1.0
+            targets[row, list(source.label_set(index))] = 1.0
     return targets
 
 
@@ -212,11 +212,9 @@ class SplitTable:
 
 
 def resolve_splits(source: SourceTable, cfg: DataConfig) -> SplitTable:
-    true_labels = np.array([r.label for r in source.records], dtype=np.int64)
-    given = [r.split for r in source.records]
-    if all(s is not None for s in given):
-        splits = np.array(given, dtype="<U5")
-    else:
+    true_labels = source.labels.copy()
+    splits = source.splits()
+    if splits is None:
         splits = assign_splits(true_labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     visible = true_labels.copy()
     subset_seed = cfg.split_seed if cfg.label_subset_seed is None else cfg.label_subset_seed
@@ -263,7 +261,7 @@ class AudioDataModule(pl.LightningDataModule):
             self.cfg.min_sample_rate, self.cfg.max_sample_rate, self.cfg.max_clip_seconds
         )
         self._source: SourceTable | None = None
-        self._index: list[FileEntry] | None = None
+        self._index: FileIndex | None = None
         self.table: SplitTable | None = None
         self.cache: dict[int, np.ndarray] | None = None
         self.pseudo_labels: np.ndarray | None = None
@@ -296,13 +294,11 @@ class AudioDataModule(pl.LightningDataModule):
         )
         return table if cfg.max_clips is None else limit_clips(table, cfg.max_clips)
 
-    def _file_index(self) -> list[FileEntry]:
+    def _file_index(self) -> FileIndex:
         """Every record's header entry, from the shared index under ``data.cache_dir``."""
         if self._index is None:
-            records = self._load_source().records
-            self._index = build_index(
-                [r.path for r in records], self.cfg.cache_dir, [r.member for r in records]
-            )
+            source = self._load_source()
+            self._index = build_index(source.paths, self.cfg.cache_dir, source.members)
         return self._index
 
     def prepare_data(self) -> None:
@@ -321,7 +317,7 @@ class AudioDataModule(pl.LightningDataModule):
         counts = {s: len(self.table.indices(s)) for s in SPLITS}
         log.info(
             "data: %d clips from %s (%s), %d classes, train items: %d",
-            len(self.table.source.records),
+            len(self.table.source),
             self.cfg.source,
             counts,
             len(self.class_names),
@@ -329,7 +325,7 @@ class AudioDataModule(pl.LightningDataModule):
         )
 
     def _check_pseudo_labels(self, pseudo: PseudoLabels) -> np.ndarray:
-        n = len(self.table.source.records)
+        n = len(self.table.source)
         if pseudo.labels.shape != (n,):
             raise ValueError(
                 f"pseudo-labels have shape {pseudo.labels.shape}, expected ({n},) — one per "
@@ -352,22 +348,21 @@ class AudioDataModule(pl.LightningDataModule):
         Preloaded val/test clips keep only their centre crop, all that evaluation reads,
         so long recordings cost memory only where random training crops need them.
         """
-        records, splits, cfg = self.table.source.records, self.table.splits, self.cfg
+        source, splits, cfg = self.table.source, self.table.splits, self.cfg
         bad = dict(self.table.source.problems)
         index = self._file_index()
         self.preload = self._choose_preload(index) if cfg.preload is None else cfg.preload
         decode = self.preload or cfg.on_bad_file == "skip"
         cache: dict[int, np.ndarray] = {}
         short = 0
-        for i in track(range(len(records)), description="checking audio", transient=True):
+        for i in track(range(len(source)), description="checking audio", transient=True):
             if i in bad:
                 continue
             try:
-                index[i].check(records[i].path, self.limits)
+                path = source.path(i)
+                index[i].check(path, self.limits)
                 if decode:
-                    audio = read_audio(
-                        records[i].path, cfg.sample_rate, self.limits, records[i].member
-                    )
+                    audio = read_audio(path, cfg.sample_rate, self.limits, source.member(i))
                     length = len(audio)
                 else:
                     length = round(index[i].frames / index[i].sample_rate * cfg.sample_rate)
@@ -383,16 +378,14 @@ class AudioDataModule(pl.LightningDataModule):
         self._leave_out(bad)
         return cache if self.preload else None
 
-    def _choose_preload(self, index: list[FileEntry]) -> bool:
+    def _choose_preload(self, index: FileIndex) -> bool:
         """``data.preload=null``: preload when the decoded clips (float32 at the target rate;
         val/test their centre crop) fit in ``data.preload_max_mb``."""
-        splits, rate = self.table.splits, self.cfg.sample_rate
-        samples = 0
-        for entry, split in zip(index, splits, strict=True):
-            if entry.error is None and entry.sample_rate > 0:
-                length = round(entry.frames / entry.sample_rate * rate)
-                samples += length if split == "train" else min(length, self.num_samples)
-        megabytes = samples * 4 / 2**20
+        ok = index.sample_rate > 0  # a bad header has rate 0
+        lengths = np.round(index.frames[ok] / index.sample_rate[ok] * self.cfg.sample_rate)
+        train = self.table.splits[ok] == "train"
+        samples = np.where(train, lengths, np.minimum(lengths, self.num_samples)).sum()
+        megabytes = float(samples) * 4 / 2**20
         preload = megabytes <= self.cfg.preload_max_mb
         log.info(
             "data: decoded clips take %.0f MB; %s (data.preload_max_mb=%g)",
@@ -460,7 +453,7 @@ class AudioDataModule(pl.LightningDataModule):
     def multi_hot(self, indices: np.ndarray) -> np.ndarray:
         """The visible multi-hot targets of records ``indices`` (see :func:`multi_hot`)."""
         table = self.table
-        return multi_hot(table.source.records, table.visible_labels, indices, self.num_classes)
+        return multi_hot(table.source, table.visible_labels, indices, self.num_classes)
 
     @property
     def num_pseudo_classes(self) -> int:
@@ -485,7 +478,7 @@ class AudioDataModule(pl.LightningDataModule):
     def _dataset(self, indices: np.ndarray, *, train: bool) -> ClipDataset:
         return ClipDataset(
             indices,
-            self.table.source.records,
+            self.table.source,
             self.table.visible_labels,
             self.num_samples,
             self.cfg.sample_rate,
@@ -533,8 +526,8 @@ class AudioDataModule(pl.LightningDataModule):
             # Same seed on every rank (all ranks are seeded alike), different per run seed.
             seed = torch.initial_seed() % 2**31
             if self.cfg.source == "shards":
-                records = self.table.source.records
-                shards = [str(records[i].path.parent) for i in dataset.indices]
+                source = self.table.source
+                shards = [str(source.path(i).parent) for i in dataset.indices]
                 sampler = ShardTrainSampler(dataset, shards, world, rank, seed)
             else:
                 sampler = TrainSampler(dataset, world, rank, shuffle=True, seed=seed)

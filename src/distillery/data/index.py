@@ -29,11 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from distillery import artifacts
 from distillery.data import audio_io
 from distillery.data.audio_io import AudioFileError, AudioLimits, Member, check_limits
 
-__all__ = ["FileEntry", "build_index"]
+__all__ = ["FileEntry", "FileIndex", "build_index"]
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +109,68 @@ def _exclusive(cache_dir: Path) -> Iterator[None]:
         yield
 
 
+class FileIndex(Sequence[FileEntry]):
+    """Every file's header entry, column-wise: frames, rates and channels in integer
+    arrays and the few errors in a dict, so a rank holds a few bytes per file;
+    ``index[i]`` is file ``i``'s :class:`FileEntry`."""
+
+    def __init__(self, n: int) -> None:
+        self.frames = np.zeros(n, np.int64)
+        self.sample_rate = np.zeros(n, np.int64)
+        self.channels = np.zeros(n, np.int32)
+        self.errors: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # IndexError out of range, as a list
+        if i in self.errors:
+            return FileEntry(error=self.errors[i])
+        return FileEntry(int(self.frames[i]), int(self.sample_rate[i]), int(self.channels[i]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileIndex):
+            return NotImplemented
+        return self.errors == other.errors and all(
+            np.array_equal(getattr(self, c), getattr(other, c))
+            for c in ("frames", "sample_rate", "channels")
+        )
+
+    def put(self, i: int, entry: FileEntry) -> None:
+        if entry.error is not None:
+            self.errors[i] = entry.error
+        else:
+            self.frames[i], self.sample_rate[i] = entry.frames, entry.sample_rate
+            self.channels[i] = entry.channels
+
+
+def _by_folder(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[str, np.ndarray]]:
+    """(folder, positions of its files in ``paths``) for each folder, so that only one
+    folder's cache file and stat keys are in memory at a time."""
+    folders: dict[str, int] = {}
+    folder_of = np.empty(len(paths), np.int64)
+    for i in range(len(paths)):
+        folder = os.path.dirname(os.fspath(paths[i]))
+        folder_of[i] = folders.setdefault(folder, len(folders))
+    order = np.argsort(folder_of, kind="stable")
+    bounds = np.searchsorted(folder_of[order], np.arange(len(folders) + 1))
+    for folder, f in folders.items():
+        yield folder, order[bounds[f] : bounds[f + 1]]
+
+
 def _lookup(
-    paths: list[Path], keys: list[list[int] | None], cache_dir: Path | None
-) -> tuple[list[FileEntry | None], dict[Path, dict[str, dict]]]:
-    """The cached entry of each file whose key still matches (else None), and the stored
-    entries by folder."""
-    entries: list[FileEntry | None] = [None] * len(paths)
-    stored: dict[Path, dict[str, dict]] = {}
-    for i, path in enumerate(paths):
-        if path.parent not in stored:
-            stored[path.parent] = (
-                {} if cache_dir is None else _load(_cache_file(cache_dir, path.parent))
-            )
-        hit = stored[path.parent].get(path.name)
-        if keys[i] is not None and hit is not None and hit["key"] == keys[i]:
-            entries[i] = FileEntry(**hit["entry"])
-    return entries, stored
+    names: list[str], keys: list[list[int] | None], stored: dict[str, dict]
+) -> list[FileEntry | None]:
+    """The cached entry of each file whose key still matches, else None."""
+    entries: list[FileEntry | None] = [None] * len(names)
+    for j, name in enumerate(names):
+        hit = stored.get(name)
+        if keys[j] is not None and hit is not None and hit["key"] == keys[j]:
+            entries[j] = FileEntry(**hit["entry"])
+    return entries
 
 
 def _read_missing(
@@ -137,36 +185,52 @@ def _read_missing(
     return todo
 
 
+def _index_folder(
+    folder: Path, paths: list[Path], members: list[Member | None], cache: Path | None
+) -> tuple[list[FileEntry], int]:
+    """The entries of one folder's files, and how many were read rather than cached."""
+    with ThreadPoolExecutor(_THREADS) as pool:
+        keys = list(pool.map(_stat_key, paths, members))
+    names = [p.name for p in paths]
+    if cache is None:
+        entries: list[FileEntry | None] = [None] * len(paths)
+        return entries, len(_read_missing(paths, members, entries))  # type: ignore[return-value]
+    file = _cache_file(cache, folder)
+    stored = _load(file)
+    entries = _lookup(names, keys, stored)
+    if None not in entries:
+        return entries, 0  # type: ignore[return-value]
+    with _exclusive(cache):
+        stored = _load(file)  # what a waited-for process wrote
+        entries = _lookup(names, keys, stored)
+        todo = _read_missing(paths, members, entries)
+        for j, name in enumerate(names):
+            if keys[j] is not None:  # missing: never cached
+                stored[name] = {"key": keys[j], "entry": dataclasses.asdict(entries[j])}
+        if todo:
+            _save(file, folder, stored)
+    return entries, len(todo)  # type: ignore[return-value]
+
+
 def build_index(
-    paths: Sequence[Path],
+    paths: Sequence[str | os.PathLike[str]],
     cache_dir: str | os.PathLike[str] | None,
     members: Sequence[Member | None] | None = None,
-) -> list[FileEntry]:
+) -> FileIndex:
     """The header entry of every file in ``paths`` (in order), reading only those that
     are not cached under ``cache_dir`` with their current size and times (all of them
     when ``cache_dir`` is None). ``members``: each path's place in its tar shard, or None
-    for a plain file."""
-    paths = [Path(p) for p in paths]
-    members = list(members) if members is not None else [None] * len(paths)
+    for a plain file. Works folder by folder: its memory is the result's few bytes per
+    file plus one folder's cache."""
     cache = None if cache_dir is None else Path(cache_dir)
-    with ThreadPoolExecutor(_THREADS) as pool:
-        keys = list(pool.map(_stat_key, paths, members))
-    entries, stored = _lookup(paths, keys, cache)
-    todo: list[int] = []
-    if cache is None:
-        todo = _read_missing(paths, members, entries)
-    elif None in entries:
-        with _exclusive(cache):
-            entries, stored = _lookup(paths, keys, cache)  # what a waited-for process wrote
-            todo = _read_missing(paths, members, entries)
-            changed = {paths[i].parent for i in todo}
-            for i, path in enumerate(paths):
-                if path.parent in changed and keys[i] is not None:  # missing: never cached
-                    entry = dataclasses.asdict(entries[i])
-                    stored[path.parent][path.name] = {"key": keys[i], "entry": entry}
-            for folder in changed:
-                _save(_cache_file(cache, folder), folder, stored[folder])
-    log.info(
-        "data index: %d file(s), %d read, %d cached", len(paths), len(todo), len(paths) - len(todo)
-    )
-    return entries
+    index = FileIndex(len(paths))
+    read = 0
+    for folder, positions in _by_folder(paths):
+        folder_paths = [Path(paths[i]) for i in positions]
+        folder_members = [None if members is None else members[i] for i in positions]
+        entries, count = _index_folder(Path(folder), folder_paths, folder_members, cache)
+        read += count
+        for i, entry in zip(positions.tolist(), entries, strict=True):
+            index.put(i, entry)
+    log.info("data index: %d file(s), %d read, %d cached", len(paths), read, len(paths) - read)
+    return index

@@ -18,11 +18,13 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.utils import get_method
 
 from distillery.data.synthetic import SyntheticSpec, generate_synthetic
@@ -70,21 +72,124 @@ class AudioRecord:
     member: tuple[int, int] | None = None  # (offset, size) in the tar shard path.parent
 
 
-@dataclass
+_SPLIT_CODES = (None, *SPLIT_NAMES)  # a record's split is stored as its position here
+
+
 class SourceTable:
     """The files of a source; ``label`` values index into ``class_names``.
 
+    Built from :class:`AudioRecord` objects (what a user's source function returns), but
+    stored column-wise: every path in one buffer of encoded bytes, labels, splits and tar
+    members in small integer arrays. A set of 10^5-10^7 clips then costs each rank tens of
+    bytes per clip rather than the kilobyte of a Python object with a ``Path`` in it;
+    ``records[i]`` builds the record when a clip is read.
+
     ``problems`` maps a record's index to why it cannot be used (a message naming the
-    file, and the manifest line where there is one).
+    file, and the manifest line where there is one). ``multi_label``: records carry
+    ``labels``; targets are multi-hot.
     """
 
-    records: list[AudioRecord]
-    class_names: list[str]
-    problems: dict[int, str] = field(default_factory=dict)
-    multi_label: bool = False  # records carry ``labels``; targets are multi-hot
+    def __init__(
+        self,
+        records: Iterable[AudioRecord],
+        class_names: list[str],
+        problems: dict[int, str] | None = None,
+        multi_label: bool = False,
+    ) -> None:
+        self.class_names = class_names
+        self.problems = {} if problems is None else problems
+        self.multi_label = multi_label
+        paths = bytearray()
+        path_ends, labels, splits = array("q"), array("q"), array("b")
+        sets, set_starts, set_ends, members = array("q"), array("q"), array("q"), array("q")
+        for record in records:  # consumed one at a time: a generator is never held whole
+            if record.split not in _SPLIT_CODES:
+                raise ValueError(
+                    f"audio file {str(record.path)!r}: split {record.split!r} is not one of "
+                    f"{', '.join(SPLIT_NAMES)} or None"
+                )
+            paths += os.fsencode(record.path)
+            path_ends.append(len(paths))
+            labels.append(record.label)
+            splits.append(_SPLIT_CODES.index(record.split))
+            set_starts.append(len(sets))
+            sets.extend(record.labels or ())
+            set_ends.append(len(sets) if record.labels is not None else -1)
+            members.extend(record.member or (-1, -1))
+        self._paths = bytes(paths)
+        self._path_ends = np.frombuffer(path_ends, np.int64)
+        self.labels = np.frombuffer(labels, np.int64)  # (n,) every record's ``label``
+        self.split_codes = np.frombuffer(splits, np.int8)  # (n,) positions in _SPLIT_CODES
+        has_sets = bool(len(set_ends)) and bool((np.frombuffer(set_ends, np.int64) >= 0).any())
+        self._sets = np.frombuffer(sets, np.int64) if has_sets else None
+        self._set_starts = np.frombuffer(set_starts, np.int64) if has_sets else None
+        self._set_ends = np.frombuffer(set_ends, np.int64) if has_sets else None
+        member_table = np.frombuffer(members, np.int64).reshape(-1, 2)
+        self._members = member_table if (member_table[:, 0] >= 0).any() else None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._path_ends)
+
+    def path(self, i: int) -> Path:
+        start = int(self._path_ends[i - 1]) if i > 0 else 0
+        return Path(os.fsdecode(self._paths[start : int(self._path_ends[i])]))
+
+    def member(self, i: int) -> tuple[int, int] | None:
+        if self._members is None or self._members[i, 0] < 0:
+            return None
+        return int(self._members[i, 0]), int(self._members[i, 1])
+
+    def label_set(self, i: int) -> tuple[int, ...] | None:
+        """Record ``i``'s ``labels`` (all its classes; None outside multi-label sources)."""
+        if self._set_ends is None or self._set_ends[i] < 0:
+            return None
+        start, end = int(self._set_starts[i]), int(self._set_ends[i])
+        return tuple(int(c) for c in self._sets[start:end])
+
+    def splits(self) -> np.ndarray | None:
+        """Every record's split name (``<U5``), or None when some record has none."""
+        if (self.split_codes == 0).any():
+            return None
+        return np.array(SPLIT_NAMES, dtype="<U5")[self.split_codes - 1]
+
+    def record(self, i: int) -> AudioRecord:
+        return AudioRecord(
+            self.path(i),
+            int(self.labels[i]),
+            _SPLIT_CODES[self.split_codes[i]],
+            self.label_set(i),
+            self.member(i),
+        )
+
+    @property
+    def records(self) -> Sequence[AudioRecord]:
+        """The records, each built when it is read."""
+        return _Column(len(self), self.record)
+
+    @property
+    def paths(self) -> Sequence[Path]:
+        return _Column(len(self), self.path)
+
+    @property
+    def members(self) -> Sequence[tuple[int, int] | None]:
+        return _Column(len(self), self.member)
+
+
+class _Column(Sequence):
+    """A read-only sequence whose items are computed when read."""
+
+    def __init__(self, length: int, item: Callable[[int], Any]) -> None:
+        self._length, self._item = length, item
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(self._length))]
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index {i} out of range for {self._length} items")
+        return self._item(i % self._length)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -360,22 +465,24 @@ def labelled_table(
         outside = ""
     index = {name: i for i, name in enumerate(class_names)}
 
-    records: list[AudioRecord] = []
     problems: dict[int, str] = {}
-    for where, file_path, names, split, member in clips:
-        unknown = [name for name in names if name not in index]
-        if member is None and not file_path.is_file():
-            reason = "file does not exist" if not file_path.exists() else "is not a regular file"
-            problems[len(records)] = f"{where}: audio file {str(file_path)!r}: {reason}"
-        elif unknown:
-            problems[len(records)] = (
-                f"{where}: audio file {str(file_path)!r}: key {key!r}: "
-                f"{', '.join(map(repr, unknown))} {outside}"
-            )
-        ids = tuple(index[name] for name in names) if not unknown else ()
-        label = ids[0] if ids else UNKNOWN_LABEL
-        records.append(AudioRecord(file_path, label, split, ids if multi_label else None, member))
-    return SourceTable(records, class_names, problems, multi_label)
+
+    def records() -> Iterator[AudioRecord]:  # one at a time, into the table's columns
+        for i, (where, file_path, names, split, member) in enumerate(clips):
+            unknown = [name for name in names if name not in index]
+            if member is None and not file_path.is_file():
+                reason = "file does not exist" if not file_path.exists() else "is not a regular file"
+                problems[i] = f"{where}: audio file {str(file_path)!r}: {reason}"
+            elif unknown:
+                problems[i] = (
+                    f"{where}: audio file {str(file_path)!r}: key {key!r}: "
+                    f"{', '.join(map(repr, unknown))} {outside}"
+                )
+            ids = tuple(index[name] for name in names) if not unknown else ()
+            label = ids[0] if ids else UNKNOWN_LABEL
+            yield AudioRecord(file_path, label, split, ids if multi_label else None, member)
+
+    return SourceTable(records(), class_names, problems, multi_label)
 
 
 # --------------------------------------------------------------------------- folder
@@ -469,17 +576,22 @@ def scan_folder(
         return AudioRecord(file_path.resolve(), label, split)
 
     index = {name: i for i, name in enumerate(class_names)}
-    records = [record(p, UNKNOWN_LABEL) for p in unlabelled]
     problems: dict[int, str] = {}
-    for name, files in per_class.items():  # sorted by folder name
-        for file_path in files:
-            if name not in index:
-                problems[len(records)] = (
-                    f"audio file {str(file_path)!r}: its folder {name!r} is not in data.classes "
-                    f"({_preview(class_names)})"
-                )
-            records.append(record(file_path, index.get(name, UNKNOWN_LABEL)))
-    return SourceTable(records, class_names, problems)
+
+    def records() -> Iterator[AudioRecord]:  # one at a time, into the table's columns
+        yield from (record(p, UNKNOWN_LABEL) for p in unlabelled)
+        i = len(unlabelled)
+        for name, files in per_class.items():  # sorted by folder name
+            for file_path in files:
+                if name not in index:
+                    problems[i] = (
+                        f"audio file {str(file_path)!r}: its folder {name!r} is not in "
+                        f"data.classes ({_preview(class_names)})"
+                    )
+                yield record(file_path, index.get(name, UNKNOWN_LABEL))
+                i += 1
+
+    return SourceTable(records(), class_names, problems)
 
 
 # --------------------------------------------------------------------------- limit
@@ -491,9 +603,9 @@ def limit_clips(table: SourceTable, max_clips: int) -> SourceTable:
     the problems of the kept records are kept."""
     if len(table) <= max_clips:
         return table
-    groups: dict[tuple[str | None, int], list[int]] = {}
-    for i, record in enumerate(table.records):
-        groups.setdefault((record.split, record.label), []).append(i)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(zip(table.split_codes.tolist(), table.labels.tolist(), strict=True)):
+        groups.setdefault(key, []).append(i)
     chosen: list[int] = []
     for turn in range(max(len(g) for g in groups.values())):
         chosen += [g[turn] for g in groups.values() if turn < len(g)]
@@ -502,7 +614,7 @@ def limit_clips(table: SourceTable, max_clips: int) -> SourceTable:
     kept = sorted(chosen[:max_clips])
     log.info("data.max_clips=%d: using %d of %d clips", max_clips, len(kept), len(table))
     return SourceTable(
-        [table.records[i] for i in kept],
+        (table.record(i) for i in kept),
         table.class_names,
         {new: table.problems[old] for new, old in enumerate(kept) if old in table.problems},
         table.multi_label,
