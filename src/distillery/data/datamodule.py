@@ -141,7 +141,9 @@ class ClipDataset(Dataset):
             return self.cache[index]
         try:
             source = self.source
-            return read_audio(source.path(index), self.sample_rate, self.limits, source.member(index))
+            return read_audio(
+                source.path(index), self.sample_rate, self.limits, source.member(index)
+            )
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,

@@ -61,16 +61,16 @@ class FileEntry:
         check_limits(path, self.sample_rate, self.frames, limits)
 
 
-def _stat_key(path: Path, member: Member | None) -> list[int] | None:
+def _stat_key(path: str, member: Member | None) -> list[int] | None:
     """The file's size and times; a shard member's are its tar's, plus its offset."""
     try:
-        st = (path if member is None else path.parent).stat()
+        st = os.stat(path if member is None else os.path.dirname(path))
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, *(member or ())]
 
 
-def _read_entry(path: Path, member: Member | None) -> FileEntry:
+def _read_entry(path: str, member: Member | None) -> FileEntry:
     try:
         info = audio_io.audio_info(path, member)
     except AudioFileError as err:
@@ -174,7 +174,7 @@ def _lookup(
 
 
 def _read_missing(
-    paths: list[Path], members: list[Member | None], entries: list[FileEntry | None]
+    paths: list[str], members: list[Member | None], entries: list[FileEntry | None]
 ) -> list[int]:
     """Read the headers of the files without an entry; returns their positions."""
     todo = [i for i, entry in enumerate(entries) if entry is None]
@@ -186,12 +186,12 @@ def _read_missing(
 
 
 def _index_folder(
-    folder: Path, paths: list[Path], members: list[Member | None], cache: Path | None
+    folder: Path, paths: list[str], members: list[Member | None], cache: Path | None
 ) -> tuple[list[FileEntry], int]:
     """The entries of one folder's files, and how many were read rather than cached."""
     with ThreadPoolExecutor(_THREADS) as pool:
         keys = list(pool.map(_stat_key, paths, members))
-    names = [p.name for p in paths]
+    names = [os.path.basename(p) for p in paths]
     if cache is None:
         entries: list[FileEntry | None] = [None] * len(paths)
         return entries, len(_read_missing(paths, members, entries))  # type: ignore[return-value]
@@ -220,13 +220,13 @@ def build_index(
     """The header entry of every file in ``paths`` (in order), reading only those that
     are not cached under ``cache_dir`` with their current size and times (all of them
     when ``cache_dir`` is None). ``members``: each path's place in its tar shard, or None
-    for a plain file. Works folder by folder: its memory is the result's few bytes per
-    file plus one folder's cache."""
+    for a plain file. Works folder by folder, on path strings: its memory is the
+    result's few bytes per file plus one folder's cache."""
     cache = None if cache_dir is None else Path(cache_dir)
     index = FileIndex(len(paths))
     read = 0
     for folder, positions in _by_folder(paths):
-        folder_paths = [Path(paths[i]) for i in positions]
+        folder_paths = [os.fspath(paths[i]) for i in positions]
         folder_members = [None if members is None else members[i] for i in positions]
         entries, count = _index_folder(Path(folder), folder_paths, folder_members, cache)
         read += count
