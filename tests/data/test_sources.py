@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from distillery.data.audio_io import write_wav
-from distillery.data.sources import AudioRecord, load_source, read_manifest, scan_folder
+from distillery.data.sources import (
+    AudioRecord,
+    SourceTable,
+    load_source,
+    read_manifest,
+    scan_folder,
+)
 from distillery.data.synthetic import SyntheticSpec
 
 SR = 8000
@@ -208,3 +216,29 @@ def test_load_source_errors_name_the_config_key(kwargs, message):
     source = kwargs.pop("source")
     with pytest.raises(ValueError, match=message):
         load_source(source, **kwargs)
+
+
+def test_source_table_round_trips_its_records_and_holds_few_bytes_per_clip() -> None:
+    records = [
+        AudioRecord(Path("/data/a/é 1.wav"), 2, "train", (2, 0), None),
+        AudioRecord(Path("/data/shard.tar/x.flac"), -1, None, (), (512, 1024)),
+        AudioRecord(Path("/data/b.wav"), 0, "test", None, None),
+    ]
+    table = SourceTable(records, ["a", "b", "c"])
+    assert list(table.records) == records and table.records[-1] == records[2]
+    assert table.labels.tolist() == [2, -1, 0] and table.splits() is None  # one has no split
+    with pytest.raises(ValueError, match="split 'dev' is not one of train, val, test"):
+        SourceTable([AudioRecord(Path("/x.wav"), 0, "dev")], ["a"])
+
+    n = 50_000  # paths of ~20 bytes: a list of records takes ~430 bytes per clip
+    tracemalloc.start()
+    try:
+        clips = (
+            AudioRecord(Path(f"/data/c{i % 10}/{i:06d}.wav"), i % 10, "train") for i in range(n)
+        )
+        big = SourceTable(clips, [str(c) for c in range(10)])
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / n < 200, f"{held / n:.0f} bytes per clip"
+    assert big.records[12_345] == AudioRecord(Path("/data/c5/012345.wav"), 5, "train")
