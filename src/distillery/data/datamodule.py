@@ -500,7 +500,9 @@ class AudioDataModule(pl.LightningDataModule):
         return batch
 
     def featurize(self, audio: torch.Tensor) -> torch.Tensor:
-        """(B, samples) waveforms -> (B, 1, n_mels, frames) normalised log-mel."""
+        """(B, samples) waveforms -> (B, 1, n_mels, frames) normalised log-mel, computed in
+        float32 and returned in the waveforms' dtype (the trainer's precision converts the
+        batch before this, e.g. to float64 under ``precision: 64-true``)."""
         self.features.to(audio.device)
         with torch.no_grad():
-            return self.features(audio)
+            return self.features(audio.float()).to(audio.dtype)

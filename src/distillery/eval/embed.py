@@ -219,12 +219,15 @@ def embed(
     waveform = getattr(encoder, "input_key", "features") == "audio"  # e.g. HuBERT
     if waveform:
         featurize = _waveform
+    # The encoder's float dtype (e.g. float64 under a trainer's `precision: 64-true`): the
+    # clips are cast to it, and featurize returns its input's dtype.
+    dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()), torch.float32)
     encoder.eval()
     model = fuse_conv_bn(encoder)  # BatchNorm folded into the convs: 0.70x AudioNTT CPU time
     try:
         with torch.inference_mode():
             for batch in batches:
-                audio = batch["audio"].to(device, non_blocking=True)
+                audio = batch["audio"].to(device, dtype, non_blocking=True)
                 if waveform and "length" in batch:  # pooling skips a short clip's zero padding
                     z = model(audio, batch["length"].to(device))
                 else:
