@@ -11,6 +11,10 @@
   before each validation, at the end of each training epoch (the epoch checkpoint is saved
   after it) and at the end of training (before the stage's evaluation, pseudo-labeling and
   export).
+
+A module whose BatchNorms see the same data on every rank (KRR-ST's model pool, trained on
+the synthetic set by every rank alike) sets ``batchnorm_sync = False``: both policies leave
+its subtree alone.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ from lightning.pytorch.plugins import LayerSync
 from torch import Tensor, nn
 
 
+def data_parallel_batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm in ``module`` outside subtrees marked ``batchnorm_sync = False``."""
+    if not getattr(module, "batchnorm_sync", True):
+        return []
+    own = [module] if isinstance(module, nn.modules.batchnorm._BatchNorm) else []
+    return own + [bn for child in module.children() for bn in data_parallel_batchnorms(child)]
+
+
 def batchnorm_buffers(module: nn.Module) -> list[torch.Tensor]:
-    """The running means and variances of every BatchNorm in ``module`` that tracks them."""
-    buffers = []
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
-            buffers += [layer.running_mean, layer.running_var]
-    return [b for b in buffers if b is not None]
+    """The running means and variances of the data-parallel BatchNorms that track them."""
+    return [
+        buffer
+        for layer in data_parallel_batchnorms(module)
+        if layer.track_running_stats
+        for buffer in (layer.running_mean, layer.running_var)
+        if buffer is not None
+    ]
 
 
 class BatchNormStatsSync(pl.Callback):
@@ -132,7 +146,7 @@ class GlobalBatchNormSync(LayerSync):
     back after fitting."""
 
     def apply(self, model: nn.Module) -> nn.Module:
-        for layer in model.modules():
+        for layer in data_parallel_batchnorms(model):
             if type(layer) in _GLOBAL:
                 layer.__class__ = _GLOBAL[type(layer)]
         return model

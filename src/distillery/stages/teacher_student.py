@@ -53,7 +53,8 @@ def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
 
 
 class LayerDistillLoss(nn.Module):
-    """Sum over layer pairs of ``L1(P(S), T) - mean cos(P(S), T)`` (DPHuBERT).
+    """Mean over layer pairs of ``L1(P(S), T) - mean cos(P(S), T)`` (DPHuBERT; the reference
+    averages over the distilled layers, so the loss's scale does not grow with their number).
 
     ``P`` is a linear projection from the student's to the teacher's width: teacher layer 0
     (the front-end output) has its own, every other distilled layer shares one. Both start
@@ -104,7 +105,8 @@ class LayerDistillLoss(nn.Module):
     def forward(
         self, student: list[Tensor], teacher: list[Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student and teacher hidden states (lists of (B, T, D)) -> (total, per-layer terms)."""
+        """Student and teacher hidden states (lists of (B, T, D)) -> (mean over the layer
+        pairs, per-layer terms)."""
         total = torch.zeros((), device=student[0].device)
         terms: dict[str, Tensor] = {}
         for s_idx, t_idx in zip(self.student_layers, self.teacher_layers, strict=True):
@@ -112,7 +114,7 @@ class LayerDistillLoss(nn.Module):
             loss, parts = l1_cosine_distill_loss(proj(student[s_idx]), teacher[t_idx].detach())
             total = total + loss
             terms[f"layer{t_idx}_l1"], terms[f"layer{t_idx}_cos"] = parts["l1"], parts["cos"]
-        return total, terms
+        return total / len(self.teacher_layers), terms
 
 
 class TeacherDistillStage(StageModule):
