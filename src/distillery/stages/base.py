@@ -5,7 +5,7 @@ The contract every stage (ours or a user's) follows is in :mod:`distillery.pipel
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,6 +25,18 @@ def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]
     if key == "audio" and "length" in batch:
         return batch["audio"], batch["length"]
     return (batch[key],)
+
+
+def freeze_unused(encoder: nn.Module, uses: Literal["forward", "hidden_states"]) -> None:
+    """Freeze the submodules of ``encoder`` that the stage's use of it never runs, as the
+    encoder declares them: ``outside_forward`` (not run by ``forward``/``forward_exits``,
+    e.g. a speech encoder's layers above its ``embedding_layer``) or
+    ``outside_hidden_states`` (not run by ``forward_hidden_states``, e.g. a final
+    LayerNorm). No loss can train them, and under DDP a trainable parameter without a
+    gradient stops training (so no ``find_unused_parameters`` and its extra graph
+    traversal every step). They keep their values, and the exported encoder keeps them."""
+    for name in getattr(encoder, f"outside_{uses}", ()):
+        encoder.get_submodule(name).requires_grad_(False)
 
 
 def refused_input(stage_cls: type, arg: str, encoder: nn.Module) -> str | None:

@@ -12,7 +12,7 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import multi_exit_loss
 from distillery.models.heads import MLPHead
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule, encoder_inputs
+from distillery.stages.base import StageModule, encoder_inputs, freeze_unused
 
 
 class SelfDistillStage(StageModule):
@@ -49,6 +49,7 @@ class SelfDistillStage(StageModule):
         super().__init__(stage_name, optimizer, scheduler)
         self.save_hyperparameters()
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
+        freeze_unused(self.encoder, "forward")
         k = num_pseudo_classes
         self.exit_heads = nn.ModuleList(
             MLPHead(dim, head_hidden_dim, k) for dim in self.encoder.exit_dims
