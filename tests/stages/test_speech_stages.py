@@ -30,6 +30,14 @@ from distillery.stages.self_distill import SelfDistillStage
 from distillery.stages.ssl import SSLStage
 
 LOGMEL = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 16, "channels": 4, "dim": 24}
+LOGMEL_TRANSFORMER = {
+    "_target_": "distillery.models.encoders.TransformerEncoder",
+    "n_mels": 16,
+    "dim": 16,
+    "depth": 1,
+    "heads": 2,
+    "ffn_dim": 32,
+}
 
 
 def speech_config(family: str = "hubert", **kwargs: object) -> dict:
@@ -218,6 +226,55 @@ def test_the_contract_refuses_a_waveform_encoder_for_ssl_and_accepts_it_elsewher
     validate(cfg)
     with pytest.raises(ValueError, match="module.encoder: SpeechEncoder reads 'audio'"):
         SSLStage(encoder=speech_config())
+
+
+class WaveformTeacherWithoutMask(torch.nn.Module):
+    """A user's waveform teacher: hidden states of waveforms, but no ``frame_mask``."""
+
+    input_key = "audio"
+    embed_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, self.embed_dim, kernel_size=400, stride=320)
+
+    def forward_hidden_states(self, audio: torch.Tensor, lengths=None) -> list[torch.Tensor]:
+        frames = self.conv(audio[:, None]).transpose(1, 2)
+        return [frames, frames]
+
+
+def test_a_waveform_teacher_without_frame_mask_is_refused_at_start_up(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """The layer loss of a padded waveform batch averages over the teacher's
+    ``frame_mask(lengths, T)``: a waveform teacher without one fails before training,
+    naming the key (both stages, as the recipe's final teacher is the prune teacher)."""
+    target = f"{__name__}.WaveformTeacherWithoutMask"
+    cfg = compose_config(
+        [
+            "experiment=dphubert_hubert",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={data_cache}",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.pipeline.stages.prune_distill.module.teacher = {"_target_": target}
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    for stage, cls in (
+        ("prune_distill", "PruneDistillStage"),
+        ("final_distill", "FinalDistillStage"),
+    ):
+        assert (
+            f"pipeline.stages.{stage}.module.teacher: WaveformTeacherWithoutMask lacks "
+            f"frame_mask, which {cls} needs (required of an encoder reading 'audio': frame_mask)"
+        ) in str(refused.value)
+    with pytest.raises(
+        ValueError, match="module.teacher: WaveformTeacherWithoutMask lacks frame_mask"
+    ):
+        FinalDistillStage(teacher={"_target_": target}, student_encoder=speech_config())
+    # A log-mel teacher needs none (its frames are never padded), a speech encoder has one.
+    FinalDistillStage(teacher=LOGMEL_TRANSFORMER, student_encoder=LOGMEL_TRANSFORMER)
 
 
 def test_the_log_mel_dataset_distillation_stages_refuse_a_waveform_encoder(

@@ -135,6 +135,9 @@ class TeacherDistillStage(StageModule):
         "standalone": StandaloneEncoder,
         "huggingface": HuggingFaceEncoder,
     }
+    #: A waveform teacher's ``frame_mask(lengths, T)`` marks the valid frames of a padded
+    #: batch, which the layer loss averages over.
+    encoder_requirements = {"teacher": {"audio": ("frame_mask",)}}
 
     def __init__(
         self,
@@ -146,6 +149,7 @@ class TeacherDistillStage(StageModule):
     ) -> None:
         super().__init__(stage_name, optimizer, scheduler)
         self.teacher = load_teacher(teacher, teacher_weights)
+        self.check_encoder_input("teacher", self.teacher)
 
     def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
