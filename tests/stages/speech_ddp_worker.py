@@ -17,11 +17,12 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.data.padding import pad_waveforms
 from distillery.models.io import build_encoder
 from distillery.stages.coss_kd import CoSSDistillStage
+from distillery.stages.final_distill import FinalDistillStage
 from distillery.stages.finetune import FinetuneStage
 from distillery.stages.self_distill import SelfDistillStage
 
 STEPS, BATCH, CLASSES = 3, 2, 3
-KINDS = ("finetune", "self_distill", "coss_kd")
+KINDS = ("finetune", "self_distill", "coss_kd", "final_distill")
 #: Tiny HuBERTs (2 layers) whose ``forward`` leaves parameters unused: the layer above
 #: ``embedding_layer``, or the Large layout's final LayerNorm.
 LAYOUTS = {
@@ -37,6 +38,8 @@ def build_stage(kind: str, layout: str) -> torch.nn.Module:
     if kind == "self_distill":
         return SelfDistillStage(encoder, num_pseudo_classes=CLASSES, head_hidden_dim=8)
     teacher_cfg = {"_target_": "distillery.models.speech.SpeechEncoder", **LAYOUTS["large"]}
+    if kind == "final_distill":  # trains on every hidden state, whatever embedding_layer
+        return FinalDistillStage(teacher_cfg, student_encoder=encoder, distill_layers=[0, 1, 2])
     teacher = EncoderArtifact(build_encoder(teacher_cfg), teacher_cfg)
     return CoSSDistillStage(encoder, teacher, batches="random")
 
