@@ -18,12 +18,16 @@ COLUMNS = (
     "eval/ari",
     "pseudo/nmi",
     "eval/params",
+    "data/labeled_train",
+    "data/labeled_val",
 )
 
 
 def format_value(column: str, value: float) -> str:
     if column.endswith("params"):
         return f"{value / 1e6:.2f}M"
+    if "/data/" in f"/{column}":  # clip counts
+        return f"{value:.0f}"
     return f"{value:.4f}"
 
 
