@@ -27,7 +27,14 @@ from rich.progress import track
 from distillery import artifacts
 from distillery.data.audio_io import write_wav
 
-__all__ = ["CLASS_NAMES", "SyntheticSpec", "generate_clip", "generate_synthetic", "spec_hash"]
+__all__ = [
+    "CLASS_NAMES",
+    "SyntheticSpec",
+    "generate_clip",
+    "generate_synthetic",
+    "manifest_is_complete",
+    "spec_hash",
+]
 
 log = logging.getLogger("distillery.data")
 
@@ -288,7 +295,7 @@ def generate_clip(kind_index: int, rng: np.random.Generator, spec: SyntheticSpec
     return clip.astype(np.float32)
 
 
-def _manifest_is_complete(manifest: Path, expected_rows: int) -> bool:
+def manifest_is_complete(manifest: Path, expected_rows: int) -> bool:
     """True when ``manifest`` lists ``expected_rows`` files that all exist."""
     if not manifest.is_file():
         return False
@@ -317,7 +324,7 @@ def generate_synthetic(
     manifest = root / "manifest.csv"
     names = spec.class_names
     expected = spec.num_classes * spec.clips_per_class
-    if _manifest_is_complete(manifest, expected):
+    if manifest_is_complete(manifest, expected):
         log.info("Reusing synthetic data (%d clips) at %s", expected, root)
         return manifest
 
