@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from distillery.data.datamodule import AudioDataModule
 from distillery.pipeline.runner import Runner
@@ -38,6 +39,14 @@ def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_ca
     for key in ("k", "seed", "niter", "inertia", "n_empty", "n_tiny", "imbalance", "nmi", "ari"):
         assert key in meta, key
     assert meta["n_clustered"] == len(train)
+    # The teacher (audiontt_small) embeds to 512 dims, so PCA-whitening to 128 ran.
+    assert meta["embed_dim"] == 512 and meta["pca_dim"] == 128 and meta["eig_power"] == -0.5
+    assert 1 <= meta["n_iter"] <= meta["niter"] == 20
+    # The student's exit heads read time-averaged block outputs: 16 channels x 32, 16 and
+    # 8 mel bins (audiontt_tiny, 64 mels), not 16 channel means.
+    ckpt = torch.load(tmp_path / "self_distill/checkpoints/last.ckpt", weights_only=True)
+    widths = [ckpt["state_dict"][f"exit_heads.{i}.net.0.weight"].shape[1] for i in range(3)]
+    assert widths == [512, 256, 128]
     # The student's heads are as wide as k, taken from the artifact.
     assert "self_distill/eval/knn10_acc" in stages["self_distill"].metrics
     assert "finetune/test/acc" in stages["finetune"].metrics
