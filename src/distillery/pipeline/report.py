@@ -18,12 +18,15 @@ COLUMNS = (
     "eval/ari",
     "pseudo/nmi",
     "eval/params",
+    "eval/throughput_clips_s",
 )
 
 
 def format_value(column: str, value: float) -> str:
     if column.endswith("params"):
         return f"{value / 1e6:.2f}M"
+    if column.endswith("clips_s"):
+        return f"{value:.0f}"
     return f"{value:.4f}"
 
 
