@@ -47,6 +47,10 @@ def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_ca
     ckpt = torch.load(tmp_path / "self_distill/checkpoints/last.ckpt", weights_only=True)
     widths = [ckpt["state_dict"][f"exit_heads.{i}.net.0.weight"].shape[1] for i in range(3)]
     assert widths == [512, 256, 128]
+    # Every exit head's agreement with the pseudo-labels is logged on validation.
+    logged = (tmp_path / "self_distill/logs/attempt-1/metrics.csv").read_text().splitlines()[0]
+    for i in (1, 2, 3):
+        assert f"self_distill/val/exit{i}_pseudo_acc" in logged.split(",")
     # The student's heads are as wide as k, taken from the artifact.
     assert "self_distill/eval/knn10_acc" in stages["self_distill"].metrics
     assert "finetune/test/acc" in stages["finetune"].metrics
