@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from distillery.callbacks.knn_monitor import monitor_subsets
 from distillery.data.datamodule import AudioDataModule
+from distillery.eval.embed import embed
+from distillery.eval.metrics import knn_accuracy
+from distillery.models.io import load_encoder
 from distillery.pipeline.runner import Runner
 from tests.helpers import FAST, compose_config
 
@@ -47,6 +53,20 @@ def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_ca
     ckpt = torch.load(tmp_path / "self_distill/checkpoints/last.ckpt", weights_only=True)
     widths = [ckpt["state_dict"][f"exit_heads.{i}.net.0.weight"].shape[1] for i in range(3)]
     assert widths == [512, 256, 128]
+    # The SSL teacher's online kNN monitor ran after its (only) epoch, on the encoder it
+    # saved: the logged accuracy is the one recomputed from encoder.pt on the same subsets.
+    rows = list(csv.DictReader((tmp_path / "ssl/logs/attempt-1/metrics.csv").open()))
+    logged_knn = [
+        float(r["ssl/val/online_knn10_acc"]) for r in rows if r["ssl/val/online_knn10_acc"]
+    ]
+    teacher, _ = load_encoder(tmp_path / "ssl/encoder.pt")
+    bank, val = monitor_subsets(data.table, 2048, 512, cfg.seed)
+    # All of them at this size: the labelled 10% of train as neighbours, all of val scored.
+    assert len(bank) == (data.table.visible_labels[train] >= 0).sum() == 4
+    assert len(val) == len(data.table.indices("val"))
+    _, bank_x, bank_y = embed(teacher, data.dataloader("train", indices=bank), data.featurize)
+    _, val_x, val_y = embed(teacher, data.dataloader("val", indices=val), data.featurize)
+    assert logged_knn == [pytest.approx(knn_accuracy(bank_x, bank_y, val_x, val_y, k=10))]
     # Every exit head's agreement with the pseudo-labels is logged on validation.
     logged = (tmp_path / "self_distill/logs/attempt-1/metrics.csv").read_text().splitlines()[0]
     for i in (1, 2, 3):

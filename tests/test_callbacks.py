@@ -1,5 +1,6 @@
-"""``PseudoLabeler``'s meta.json records what ran: the preprocessing actually applied and
-the k-means iterations actually run, not the settings asked for."""
+"""Stage callbacks: ``PseudoLabeler``'s meta.json records what ran (the preprocessing
+actually applied, the k-means iterations actually run), and ``KNNMonitor``'s cadence.
+The monitor's logged value is checked against a recomputation in tests/test_unfused.py."""
 
 from __future__ import annotations
 
@@ -82,3 +83,33 @@ def test_applied_pca_and_iterations_run_are_recorded(blobs: np.ndarray, tmp_path
     assert meta["niter"] == 50 and meta["n_iter"] == result.n_iter < 50
     plain, *_ = label_dataset(LocalComm(), nn.Identity(), _Data(blobs), k=K, pca_dim=None)
     assert not np.array_equal(labels, plain)  # the whitening changed the clustering
+
+
+def test_knn_monitor_measures_every_n_epochs_and_after_the_last(monkeypatch) -> None:
+    """Epochs 3 and 6 of 7 (every_n_epochs=3) and the last one, 7; nothing else."""
+    from distillery.callbacks import knn_monitor
+
+    table = SimpleNamespace(
+        indices=lambda split: np.arange(10) if split == "train" else np.arange(10, 14),
+        visible_labels=np.array([0, 1] * 7),
+    )
+    data = SimpleNamespace(table=table, featurize=None, dataloader=lambda split, indices: indices)
+    monkeypatch.setattr(knn_monitor, "embed", lambda enc, idx, f, dev: (idx, idx[:, None], idx % 2))
+    logged = []
+
+    class Module:
+        device = "cpu"
+
+        def encoder_for_eval(self):
+            return None
+
+        def log_split(self, split, metrics, **kwargs):
+            logged.append((trainer.current_epoch + 1, split, metrics))
+
+    trainer = SimpleNamespace(datamodule=data, max_epochs=7, current_epoch=0)
+    monitor = knn_monitor.KNNMonitor(every_n_epochs=3, k=(1,))
+    for epoch in range(7):
+        trainer.current_epoch = epoch
+        monitor.on_train_epoch_end(trainer, Module())
+    assert [(e, s) for e, s, _ in logged] == [(3, "val"), (6, "val"), (7, "val")]
+    assert all(set(m) == {"online_knn1_acc"} for *_, m in logged)
