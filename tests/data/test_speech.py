@@ -16,6 +16,7 @@ from distillery.data.audio_io import audio_info, read_audio
 from distillery.data.checks import check_data_files
 from distillery.data.sources import load_source
 from distillery.data.speech import SpeechSpec, generate_speech, speaker_voices
+from distillery.pipeline.contract import validate
 from distillery.pipeline.runner import Runner
 
 needs_espeak = pytest.mark.skipif(
@@ -92,6 +93,12 @@ def test_a_missing_espeak_is_named_at_start_up(monkeypatch, tmp_path):
     assert any("espeak-ng" in p and "apt-get install espeak-ng" in p for p in problems), problems
     with pytest.raises(FileNotFoundError, match="needs the program 'espeak-ng'"):
         generate_speech(SMALL, tmp_path)
+
+
+@needs_espeak
+def test_every_recipe_validates_on_speech(tmp_path):
+    for experiment in ("supervised", "unfused"):
+        validate(compose_config([f"experiment={experiment}", "data=speech", f"run_dir={tmp_path}"]))
 
 
 def test_impossible_speaker_splits_are_refused_at_start_up(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from tests.helpers import compose_config
 
 from distillery.cli import CONF_DIR
 from distillery.data.audio_io import audio_info, read_audio
@@ -19,6 +20,7 @@ from distillery.data.synthetic import (
     generate_synthetic,
     spec_hash,
 )
+from distillery.pipeline.contract import validate
 
 SMALL = SyntheticSpec(num_classes=3, clips_per_class=4, sample_rate=8000, clip_seconds=0.5, seed=7)
 
@@ -221,3 +223,4 @@ def test_hard_setting_is_harder_than_the_default():
         )
     )
     assert 1.0 / hard.num_classes + 0.1 < hard_acc < easy - 0.2
+    validate(compose_config(["experiment=unfused", "data=synthetic_hard", "run_dir=/tmp/unused"]))
