@@ -19,6 +19,23 @@ from distillery.pipeline.runner import Runner
 from tests.helpers import FAST, compose_config
 
 
+def assert_knn_monitor_logged_the_teacher(run_dir: Path, data: AudioDataModule, seed: int) -> None:
+    """The SSL teacher's online kNN monitor ran after its (only) epoch, on the encoder it
+    saved: the logged accuracy is the one recomputed from encoder.pt on the same subsets."""
+    rows = list(csv.DictReader((run_dir / "ssl/logs/attempt-1/metrics.csv").open()))
+    key = "ssl/val/online_knn10_acc"
+    logged = [float(r[key]) for r in rows if r[key]]
+    teacher, _ = load_encoder(run_dir / "ssl/encoder.pt")
+    bank, val = monitor_subsets(data.table, 2048, 512, seed)
+    # All of them at smoke size: the labelled 10% of train as neighbours, all of val scored.
+    train = data.table.indices("train")
+    assert len(bank) == (data.table.visible_labels[train] >= 0).sum() == 4
+    assert len(val) == len(data.table.indices("val"))
+    _, bank_x, bank_y = embed(teacher, data.dataloader("train", indices=bank), data.featurize)
+    _, val_x, val_y = embed(teacher, data.dataloader("val", indices=val), data.featurize)
+    assert logged == [pytest.approx(knn_accuracy(bank_x, bank_y, val_x, val_y, k=10))]
+
+
 def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_cache: Path) -> None:
     cfg = compose_config(
         [
@@ -53,20 +70,7 @@ def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_ca
     ckpt = torch.load(tmp_path / "self_distill/checkpoints/last.ckpt", weights_only=True)
     widths = [ckpt["state_dict"][f"exit_heads.{i}.net.0.weight"].shape[1] for i in range(3)]
     assert widths == [512, 256, 128]
-    # The SSL teacher's online kNN monitor ran after its (only) epoch, on the encoder it
-    # saved: the logged accuracy is the one recomputed from encoder.pt on the same subsets.
-    rows = list(csv.DictReader((tmp_path / "ssl/logs/attempt-1/metrics.csv").open()))
-    logged_knn = [
-        float(r["ssl/val/online_knn10_acc"]) for r in rows if r["ssl/val/online_knn10_acc"]
-    ]
-    teacher, _ = load_encoder(tmp_path / "ssl/encoder.pt")
-    bank, val = monitor_subsets(data.table, 2048, 512, cfg.seed)
-    # All of them at this size: the labelled 10% of train as neighbours, all of val scored.
-    assert len(bank) == (data.table.visible_labels[train] >= 0).sum() == 4
-    assert len(val) == len(data.table.indices("val"))
-    _, bank_x, bank_y = embed(teacher, data.dataloader("train", indices=bank), data.featurize)
-    _, val_x, val_y = embed(teacher, data.dataloader("val", indices=val), data.featurize)
-    assert logged_knn == [pytest.approx(knn_accuracy(bank_x, bank_y, val_x, val_y, k=10))]
+    assert_knn_monitor_logged_the_teacher(tmp_path, data, cfg.seed)
     # Every exit head's agreement with the pseudo-labels is logged on validation.
     logged = (tmp_path / "self_distill/logs/attempt-1/metrics.csv").read_text().splitlines()[0]
     for i in (1, 2, 3):
