@@ -12,7 +12,7 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import multi_exit_loss
 from distillery.models.heads import MLPHead
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule
+from distillery.stages.base import StageModule, encoder_inputs
 
 
 class SelfDistillStage(StageModule):
@@ -24,8 +24,12 @@ class SelfDistillStage(StageModule):
     (``num_pseudo_classes``, filled in by the runner), never typed by hand.
     ``detach_teacher`` stops the KL/cosine gradients into the final classifier; the
     reference implementation does not detach (default False). Validation logs each exit
-    head's accuracy against the pseudo-labels (``val/exit<i>_pseudo_acc``, i = 1..3) next
-    to the final classifier's (``val/pseudo_acc``).
+    head's accuracy against the pseudo-labels (``val/exit<i>_pseudo_acc``, i = 1, 2, ...)
+    next to the final classifier's (``val/pseudo_acc``).
+
+    The encoder reads what it declares (log-mel, or waveforms and lengths); its exits are
+    its blocks (a speech encoder's transformer layers up to ``embedding_layer``, each
+    pooled over the valid frames).
     """
 
     produces = {"encoder": EncoderArtifact}
@@ -70,7 +74,7 @@ class SelfDistillStage(StageModule):
         return self.encoder
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        exits, embedding = self.encoder.forward_exits(batch["features"])
+        exits, embedding = self.encoder.forward_exits(*encoder_inputs(self.encoder, batch))
         exit_logits = [head(z) for head, z in zip(self.exit_heads, exits, strict=True)]
         final_logits = self.classifier(embedding)
         targets = batch["pseudo_label"]
