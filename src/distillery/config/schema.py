@@ -40,13 +40,15 @@ class SyntheticConfig:
     snr_db_max: float = 20.0
 
 
+#: The default words of the built-in speech set (Speech Commands' ten command words).
+SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
 @dataclass
 class SpeechConfig:
     """Built-in spoken words synthesised by espeak-ng (see distillery.data.speech)."""
 
-    words: list[str] = field(
-        default_factory=lambda: "yes no up down left right on off stop go".split()
-    )
+    words: list[str] = field(default_factory=lambda: list(SPEECH_WORDS))
     speakers: int = 12
     clips_per_word: int = 3  # per speaker
     val_speakers: int = 2  # speaker-disjoint splits: data.val/test_fraction do not apply

@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from distillery import artifacts
+from distillery.config.schema import SPEECH_WORDS
 from distillery.data.audio_io import resample, write_wav
 from distillery.data.synthetic import _coloured_noise, _rms, manifest_is_complete
 
@@ -44,8 +45,6 @@ GENERATOR_VERSION = 1
 #: English accents of espeak-ng's own (non-MBROLA) voices, and its voice variants.
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-029")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
-
-DEFAULT_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 
 
 def require_espeak() -> str:
@@ -67,7 +66,7 @@ def require_espeak() -> str:
 class SpeechSpec:
     """What to generate: every word said ``clips_per_word`` times by each of ``speakers``."""
 
-    words: tuple[str, ...] = DEFAULT_WORDS
+    words: tuple[str, ...] = SPEECH_WORDS
     speakers: int = 12
     clips_per_word: int = 3
     val_speakers: int = 2
