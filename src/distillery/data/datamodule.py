@@ -21,7 +21,7 @@ from distillery.data.features import LogMel
 from distillery.data.index import FileEntry, build_index
 from distillery.data.sources import AudioRecord, SourceTable, limit_clips, load_source
 from distillery.data.speech import SpeechSpec
-from distillery.data.splits import assign_splits, label_subset
+from distillery.data.splits import assign_splits, label_subset, per_class_subset
 from distillery.data.synthetic import SyntheticSpec
 
 if TYPE_CHECKING:  # the artifact kinds build on the data layer, not the other way round
@@ -164,18 +164,29 @@ def resolve_splits(source: SourceTable, cfg: DataConfig) -> SplitTable:
     true_labels = np.array([r.label for r in source.records], dtype=np.int64)
     given = [r.split for r in source.records]
     if all(s is not None for s in given):
-        splits = np.array(given)
+        splits = np.array(given, dtype="<U5")
     else:
         splits = assign_splits(true_labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     visible = true_labels.copy()
+    subset_seed = cfg.split_seed if cfg.label_subset_seed is None else cfg.label_subset_seed
     train = np.flatnonzero(splits == "train")
     labeled_train = train[true_labels[train] >= 0]
     if cfg.label_fraction < 1.0 and len(labeled_train):
         keep = labeled_train[
-            label_subset(true_labels[labeled_train], cfg.label_fraction, cfg.split_seed)
+            label_subset(true_labels[labeled_train], cfg.label_fraction, subset_seed)
         ]
         hidden = np.setdiff1d(labeled_train, keep)
         visible[hidden] = -1
+    if cfg.val_labels_per_class is not None:
+        # A few-label user has few labelled validation clips too: the rest of the
+        # validation split are unlabelled training clips.
+        val = np.flatnonzero(splits == "val")
+        labeled_val = val[true_labels[val] >= 0]
+        keep = labeled_val[
+            per_class_subset(true_labels[labeled_val], cfg.val_labels_per_class, subset_seed)
+        ]
+        moved = np.setdiff1d(labeled_val, keep)
+        splits[moved], visible[moved] = "train", -1
     return SplitTable(source, splits, true_labels, visible)
 
 
