@@ -225,7 +225,7 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.source: cannot import {source!r} ({err})")
     choices = {
-        "source": ("synthetic", "speech", "folder", "manifest"),
+        "source": ("synthetic", "speech", "folder", "manifest", "shards"),
         "train_items": ("all", "labeled", "pseudo_labeled"),
         "on_bad_file": ("error", "skip"),
     }
@@ -258,8 +258,8 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
         )
     if data["source"] == "folder" and not data.get("root"):
         problems.append(f"{path}.root: required with {path}.source=folder")
-    if data["source"] == "manifest" and not data.get("path"):
-        problems.append(f"{path}.path: required with {path}.source=manifest")
+    if data["source"] in ("manifest", "shards") and not data.get("path"):
+        problems.append(f"{path}.path: required with {path}.source={data['source']}")
     if not problems and file_checks is not None:
         problems += file_checks(data, path)
     return problems

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from distillery.data.shards import scan_shards
 from distillery.data.sources import folder_classes, manifest_labels
 from distillery.data.speech import SpeechSpec, require_espeak
 from distillery.data.splits import assign_splits
@@ -15,7 +16,9 @@ from distillery.data.synthetic import CLASS_NAMES as SYNTHETIC_KINDS
 
 @functools.lru_cache(maxsize=8)
 def _source_classes(source: str, location: str) -> list[str]:
-    """Cached: every stage's data node usually names the same folder or manifest."""
+    """Cached: every stage's data node usually names the same folder, manifest or shards."""
+    if source == "shards":
+        return scan_shards(location).class_names
     return folder_classes(location) if source == "folder" else manifest_labels(location)
 
 
@@ -28,7 +31,7 @@ def check_data_files(data: dict[str, Any], path: str) -> list[str]:
     if classes is not None and len(classes) < 2:
         return [f"{path}.classes: lists {len(classes)} class(es) {classes}; at least 2 are needed"]
     found: list[str] | None = None
-    key = {"folder": "root", "manifest": "path"}.get(data["source"])
+    key = {"folder": "root", "manifest": "path", "shards": "path"}.get(data["source"])
     try:
         if key is not None:
             found = _source_classes(data["source"], str(data[key]))

@@ -19,8 +19,9 @@ defaults, so it runs as a stage as it is):
   inputs (the encoder's ``input_key``: ``features`` = log-mel, ``audio`` = waveforms) the
   stage cannot feed, each with the reason (e.g. ``ssl``'s log-mel augmentations);
 - constructor arguments the runner fills in when the signature names them: ``stage_name``,
-  ``num_classes`` (of the data) and ``num_pseudo_classes`` (k of the ``data.pseudo_labels``
-  input);
+  ``num_classes`` (of the data), ``multi_label`` (the data has several classes per clip:
+  a stage that takes ``num_classes`` but not ``multi_label`` is refused on such data)
+  and ``num_pseudo_classes`` (k of the ``data.pseudo_labels`` input);
 - constructor arguments annotated with an artifact kind (``pretrained: EncoderArtifact |
   None``): ``inputs`` hands them an earlier stage's artifact, or the config a file path;
   the runner loads either into that kind.
@@ -60,7 +61,7 @@ from distillery.stages.registry import stage_class, stage_kinds
 __all__ = ["ConfigError", "StageContract", "validate"]
 
 #: Constructor arguments the runner fills in itself; a config may not set them.
-INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes")
+INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes", "multi_label")
 #: ``data.<key>`` inputs the shared data module takes, and the kind each expects.
 DATA_INPUTS: dict[str, type[Artifact]] = {"pseudo_labels": PseudoLabels}
 
@@ -117,6 +118,15 @@ class StageContract:
         for name in INJECTED_MODULE_ARGS:
             if name in self.params:
                 values[name] = getattr(data, name, None)
+        if (
+            getattr(data, "multi_label", False)
+            and "num_classes" in values
+            and "multi_label" not in values
+        ):
+            raise ValueError(
+                f"{self.name} trains on one class per clip, but the data is multi-label (a "
+                "manifest 'labels' column); use a stage that takes multi_label, e.g. finetune"
+            )
         return values
 
     def problems(self, path: str) -> list[str]:

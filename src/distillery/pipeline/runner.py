@@ -522,6 +522,7 @@ class Runner:
             device=trainer.strategy.root_device,
             seed=self.cfg.seed,
             name=name,
+            multi_hot=datamodule.multi_hot if datamodule.multi_label else None,
         )
         metrics = {f"{name}/eval/{k}": float(v) for k, v in scores.items()}
         images = {f"{name}/eval/{k}": v for k, v in plots.items()}
