@@ -169,6 +169,15 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.synthetic.seed": (0, INF, False, True),
     "data.synthetic.snr_db_min": (-INF, INF, True, True),  # finite, and min <= max
     "data.synthetic.snr_db_max": (-INF, INF, True, True),
+    "data.speech.speakers": (3, INF, False, True),  # and one train, val and test speaker each
+    "data.speech.clips_per_word": (1, INF, False, True),
+    "data.speech.val_speakers": (1, INF, False, True),
+    "data.speech.test_speakers": (1, INF, False, True),
+    "data.speech.seed": (0, INF, False, True),
+    "data.speech.snr_db_min": (-INF, INF, True, True),
+    "data.speech.snr_db_max": (-INF, INF, True, True),
+    "data.speech.rate_wpm": (80, 450, False, False),  # espeak-ng's range (words per minute)
+    "data.speech.pitch": (0, 99, False, False),  # espeak-ng's 0-99 scale
     "data.features.n_mels": (1, INF, False, True),
     "data.features.n_fft": (2, INF, False, True),
     "data.features.hop_length": (1, INF, False, True),
@@ -216,7 +225,7 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.source: cannot import {source!r} ({err})")
     choices = {
-        "source": ("synthetic", "folder", "manifest", "shards"),
+        "source": ("synthetic", "speech", "folder", "manifest", "shards"),
         "train_items": ("all", "labeled", "pseudo_labeled"),
         "on_bad_file": ("error", "skip"),
     }
