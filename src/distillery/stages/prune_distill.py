@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from distillery.artifact_kinds import Artifact, JsonReport, Plot
 from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
+from distillery.stages.base import freeze_unused
 from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
@@ -104,7 +105,7 @@ class PruneDistillStage(TeacherDistillStage):
         self.gate_noise = gate_noise
         self.noise_seed = 0  # the run's seed, read when training starts (same on every rank)
         student = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.freeze_outside_hidden_states(student)
+        freeze_unused(student, "hidden_states")
         self.gated = GatedModel(student, list(prune), teacher)
         dim = self.teacher.embed_dim
         self.distill_loss = LayerDistillLoss(dim, dim, distill_layers)
