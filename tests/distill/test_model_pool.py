@@ -81,3 +81,35 @@ def test_pools_of_the_same_seed_agree_whatever_the_global_rng() -> None:
     assert members_a == members_b and len(set(members_a)) > 1
     assert int(a.resets.sum()) > 0  # some members were re-initialised on the way
     torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+
+
+def test_member_steps_are_torch_sgd_with_momentum_restarted_with_the_member() -> None:
+    """The reference trains pool members with SGD, momentum 0.9, weight decay: each step
+    equals ``torch.optim.SGD``'s on a copy, and a re-initialised member starts a fresh
+    velocity (a new SGD optimizer)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    pool = ModelPool(_build, size=1, max_steps=4, lr=0.05, weight_decay=1e-3, momentum=0.9)
+    x, y = _data()
+
+    def reference_steps(model: torch.nn.Module, steps: int) -> torch.Tensor:
+        model = copy.deepcopy(model).requires_grad_(True).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+        return _weights(model).detach()
+
+    expected = reference_steps(pool.members[0], 3)
+    for _ in range(3):
+        pool.step(0, x, y)
+    torch.testing.assert_close(_weights(pool.members[0]), expected)
+    pool.step(0, x, y)  # the limit: fresh weights, fresh velocity
+    expected = reference_steps(pool.members[0], 2)
+    for _ in range(2):
+        pool.step(0, x, y)
+    torch.testing.assert_close(_weights(pool.members[0]), expected)

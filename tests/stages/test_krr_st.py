@@ -155,7 +155,11 @@ def test_outer_loss_decreases(tmp_path: Path, datamodule: AudioDataModule, teach
             measured["after"] = losses_under(self.frozen, module)
 
     torch.manual_seed(0)
-    module = _distill_stage(teacher)
+    # Plain SGD for the pool: this measures the outer optimisation under kernels frozen at
+    # the first step. With the default momentum 0.9 members move ~10x further per step, so
+    # those kernels say less about the later ones (measured: mean 0.207 -> 0.175, -16%,
+    # every member lower).
+    module = _distill_stage(teacher, pool_momentum=0.0)
     _trainer(tmp_path, max_steps=30, limit_val_batches=0, callbacks=[Measure()]).fit(
         module, datamodule=datamodule
     )

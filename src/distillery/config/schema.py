@@ -40,16 +40,37 @@ class SyntheticConfig:
     snr_db_max: float = 20.0
 
 
+#: The default words of the built-in speech set (Speech Commands' ten command words).
+SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+@dataclass
+class SpeechConfig:
+    """Built-in spoken words synthesised by espeak-ng (see distillery.data.speech)."""
+
+    words: list[str] = field(default_factory=lambda: list(SPEECH_WORDS))
+    speakers: int = 12
+    clips_per_word: int = 3  # per speaker
+    val_speakers: int = 2  # speaker-disjoint splits: data.val/test_fraction do not apply
+    test_speakers: int = 2
+    seed: int = 0
+    snr_db_min: float = 5.0
+    snr_db_max: float = 30.0
+    rate_wpm: list[float] = field(default_factory=lambda: [130.0, 220.0])
+    pitch: list[float] = field(default_factory=lambda: [25.0, 75.0])
+
+
 @dataclass
 class DataConfig:
-    #: synthetic | folder | manifest, or the import path of a user's function that returns a
-    #: ``distillery.data.sources.SourceTable``, called with ``source_args``.
+    #: synthetic | speech | folder | manifest, or the import path of a user's function that
+    #: returns a ``distillery.data.sources.SourceTable``, called with ``source_args``.
     source: str = "synthetic"
     source_args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None  # folder source: class-per-subfolder root
     path: str | None = None  # manifest source: CSV or JSONL file
     cache_dir: str = ".cache/distillery"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     sample_rate: int = 16000
     clip_seconds: float = 1.0
     val_fraction: float = 0.15

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import get_class, get_method
+from hydra.utils import get_class, get_method, get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -50,10 +50,7 @@ class ConfigError(ValueError):
 
 
 def _resolve_target(target: str) -> Any:
-    try:
-        return get_class(target)
-    except Exception:  # noqa: BLE001 - hydra raises several types; fall back to functions
-        return get_method(target)
+    return get_object(target)  # a class or a function (get_class logs an error on functions)
 
 
 def _accepts_any_kwargs(sig: inspect.Signature) -> bool:
@@ -117,6 +114,10 @@ def check_targets(node: Any, path: str) -> list[str]:
             except Exception as err:  # noqa: BLE001
                 return [f"{path}._target_: cannot import {node['_target_']!r} ({err})"]
             args = {k: v for k, v in node.items() if not isinstance(v, dict) or "_target_" not in v}
+            # A stage module reads its scheduler's `interval` itself (per epoch or per step).
+            interval = args.pop("interval", "epoch") if path.endswith(".module.scheduler") else None
+            if interval not in (None, "epoch", "step"):
+                problems.append(f"{path}.interval: must be 'epoch' or 'step', got {interval!r}")
             problems += check_call_args(target, args, path)
         for key, value in node.items():
             problems += check_targets(value, f"{path}.{key}")
@@ -169,6 +170,15 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.synthetic.seed": (0, INF, False, True),
     "data.synthetic.snr_db_min": (-INF, INF, True, True),  # finite, and min <= max
     "data.synthetic.snr_db_max": (-INF, INF, True, True),
+    "data.speech.speakers": (3, INF, False, True),  # and one train, val and test speaker each
+    "data.speech.clips_per_word": (1, INF, False, True),
+    "data.speech.val_speakers": (1, INF, False, True),
+    "data.speech.test_speakers": (1, INF, False, True),
+    "data.speech.seed": (0, INF, False, True),
+    "data.speech.snr_db_min": (-INF, INF, True, True),
+    "data.speech.snr_db_max": (-INF, INF, True, True),
+    "data.speech.rate_wpm": (80, 450, False, False),  # espeak-ng's range (words per minute)
+    "data.speech.pitch": (0, 99, False, False),  # espeak-ng's 0-99 scale
     "data.features.n_mels": (1, INF, False, True),
     "data.features.n_fft": (2, INF, False, True),
     "data.features.hop_length": (1, INF, False, True),
@@ -216,7 +226,7 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.source: cannot import {source!r} ({err})")
     choices = {
-        "source": ("synthetic", "folder", "manifest", "shards"),
+        "source": ("synthetic", "speech", "folder", "manifest", "shards"),
         "train_items": ("all", "labeled", "pseudo_labeled"),
         "on_bad_file": ("error", "skip"),
     }
@@ -275,6 +285,7 @@ METHOD_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
         "pool_max_steps": (1, math.inf, False, True),
         "pool_lr": (0, math.inf, True, True),
         "pool_weight_decay": (0, math.inf, False, True),
+        "pool_momentum": (0, 1, False, True),
         "final_lr_factor": (0, 1, True, False),
     },
     "pretrain_synthetic": {"batch_size": (1, math.inf, False, True)},

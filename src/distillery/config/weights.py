@@ -3,9 +3,10 @@ before anything runs, each named with its key path."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from hydra.utils import get_class
+from hydra.utils import get_object
 
 __all__ = ["check_encoder_weights"]
 
@@ -13,9 +14,11 @@ __all__ = ["check_encoder_weights"]
 def _is_speech_encoder(node: Any) -> bool:
     if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
         return False
-    try:
-        cls = get_class(node["_target_"])
+    try:  # get_object: a function target (e.g. a scheduler) is not an error to log here
+        cls = get_object(node["_target_"])
     except Exception:  # noqa: BLE001 - an unimportable target is reported by check_targets
+        return False
+    if not inspect.isclass(cls):
         return False
     # By name: torchaudio is imported only when a config uses a speech encoder.
     return any(

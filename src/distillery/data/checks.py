@@ -9,6 +9,7 @@ import numpy as np
 
 from distillery.data.shards import scan_shards
 from distillery.data.sources import folder_classes, manifest_labels
+from distillery.data.speech import SpeechSpec, require_espeak
 from distillery.data.splits import assign_splits
 from distillery.data.synthetic import CLASS_NAMES as SYNTHETIC_KINDS
 
@@ -41,6 +42,8 @@ def check_data_files(data: dict[str, Any], path: str) -> list[str]:
             f"{path}.{key}: {data[key]!r} has {len(found)} class(es) {found}; "
             "at least 2 are needed (or list them in data.classes)"
         ]
+    if data["source"] == "speech":
+        return _check_speech(data, path)
     if data["source"] == "synthetic":
         synthetic = data["synthetic"]
         if synthetic["num_classes"] > len(SYNTHETIC_KINDS):
@@ -57,4 +60,16 @@ def check_data_files(data: dict[str, Any], path: str) -> list[str]:
                     f"{synthetic['clips_per_class']} clips per class gives an empty {split} split; "
                     f"raise it or {path}.synthetic.clips_per_class"
                 ]
+    return []
+
+
+def _check_speech(data: dict[str, Any], path: str) -> list[str]:
+    """The spoken-word set: espeak-ng is installed and the speaker splits are possible."""
+    try:
+        SpeechSpec(
+            **data["speech"], sample_rate=data["sample_rate"], clip_seconds=data["clip_seconds"]
+        )
+        require_espeak()
+    except (ValueError, FileNotFoundError) as err:
+        return [f"{path}.speech: {err}"]
     return []

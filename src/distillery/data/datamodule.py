@@ -20,6 +20,7 @@ from distillery.data.audio_io import AudioFileError, AudioLimits, read_audio
 from distillery.data.features import LogMel
 from distillery.data.index import FileIndex, build_index
 from distillery.data.sources import SourceTable, limit_clips, load_source
+from distillery.data.speech import SpeechSpec
 from distillery.data.splits import assign_splits, label_subset, per_class_subset
 from distillery.data.synthetic import SyntheticSpec
 
@@ -242,7 +243,7 @@ def resolve_splits(source: SourceTable, cfg: DataConfig) -> SplitTable:
 
 
 class AudioDataModule(pl.LightningDataModule):
-    """Audio clips from one source (``synthetic``, ``folder`` or ``manifest``).
+    """Audio clips from one source (``synthetic``, ``speech``, ``folder`` or ``manifest``).
 
     ``train_items`` picks the training items: ``all`` (unlabeled use), ``labeled`` (the
     ``label_fraction`` subset) or ``pseudo_labeled`` (items with a label in
@@ -285,12 +286,20 @@ class AudioDataModule(pl.LightningDataModule):
             sample_rate=cfg.sample_rate,
             clip_seconds=cfg.clip_seconds,
         )
+        speech = None
+        if cfg.source == "speech":  # its spec checks its values, so only when used
+            speech = SpeechSpec(
+                **dataclasses.asdict(cfg.speech),
+                sample_rate=cfg.sample_rate,
+                clip_seconds=cfg.clip_seconds,
+            )
         table = load_source(
             cfg.source,
             root=cfg.root,
             path=cfg.path,
             cache_dir=cfg.cache_dir,
             synthetic=spec,
+            speech=speech,
             classes=cfg.classes,
             source_args=cfg.source_args,
         )
@@ -578,7 +587,9 @@ class AudioDataModule(pl.LightningDataModule):
         return batch
 
     def featurize(self, audio: torch.Tensor) -> torch.Tensor:
-        """(B, samples) waveforms -> (B, 1, n_mels, frames) normalised log-mel."""
+        """(B, samples) waveforms -> (B, 1, n_mels, frames) normalised log-mel, computed in
+        float32 and returned in the waveforms' dtype (the trainer's precision converts the
+        batch before this, e.g. to float64 under ``precision: 64-true``)."""
         self.features.to(audio.device)
         with torch.no_grad():
-            return self.features(audio)
+            return self.features(audio.float()).to(audio.dtype)

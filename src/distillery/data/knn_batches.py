@@ -121,13 +121,16 @@ class NeighbourBatchSampler(Sampler[list]):
         n, per_round = len(self.neighbours), self.anchors_per_batch * self.world_size
         anchors = rng.permutation(n)
         anchors = np.resize(anchors, len(self) * per_round)  # wraps around
-        mine = anchors.reshape(len(self), self.world_size, self.anchors_per_batch)[:, self.rank]
-        # Each rank draws neighbours from its own stream: only the anchors must agree.
-        picker = np.random.default_rng([self.seed, self.epoch, self.rank])
+        shape = (len(self), self.world_size, self.anchors_per_batch)
+        mine = anchors.reshape(shape)[:, self.rank]
+        positions = np.arange(anchors.size).reshape(shape)[:, self.rank]
         pool = self.neighbours.shape[1]
-        for batch_anchors in mine:
+        for batch_anchors, batch_positions in zip(mine, positions, strict=True):
             batch: list[int] = []
-            for anchor in batch_anchors:
+            for anchor, position in zip(batch_anchors, batch_positions, strict=True):
+                # Keyed by the anchor's position in the epoch: the same neighbours whatever
+                # the number of ranks, so a round's batches are one process's batch split up.
+                picker = np.random.default_rng([self.seed, self.epoch, int(position)])
                 picks = self.neighbours[
                     anchor, picker.choice(pool, size=self.num_neighbours, replace=False)
                 ]

@@ -1,4 +1,5 @@
-"""Where audio comes from: a manifest file, a class-per-folder tree, or the synthetic set.
+"""Where audio comes from: a manifest file, a class-per-folder tree, or a built-in set
+(synthetic sounds, or spoken words).
 
 Every source resolves to a :class:`SourceTable`: a list of absolute file paths with an
 integer label (``-1`` = unknown) and, when the source defines one, a split name. A
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from hydra.utils import get_method
 
+from distillery.data.speech import SpeechSpec, generate_speech
 from distillery.data.synthetic import SyntheticSpec, generate_synthetic
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
 log = logging.getLogger("distillery.data")
 
 SPLIT_NAMES = ("train", "val", "test")
-SOURCES = ("synthetic", "folder", "manifest", "shards")
+SOURCES = ("synthetic", "speech", "folder", "manifest", "shards")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 UNKNOWN_LABEL = -1
 #: Separates the class names of a multi-label manifest's ``labels`` value (``dog;bark``).
@@ -647,12 +649,15 @@ def load_source(
     path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     synthetic: SyntheticSpec | None = None,
+    speech: SpeechSpec | None = None,
     classes: Sequence[str] | None = None,
     source_args: dict[str, Any] | None = None,
 ) -> SourceTable:
     """Resolve the configured data source (``data.source``) to a :class:`SourceTable`.
 
     - ``synthetic``: generate (or reuse) the synthetic set under ``cache_dir``.
+    - ``speech``: generate (or reuse) the espeak-ng spoken-word set under ``cache_dir``;
+      its manifest gives speaker-disjoint splits.
     - ``folder``: :func:`scan_folder` of ``root``.
     - ``manifest``: :func:`read_manifest` of ``path``.
     - ``shards``: :func:`~distillery.data.shards.scan_shards` of ``path`` (tar shards).
@@ -661,11 +666,13 @@ def load_source(
 
     ``classes`` (``data.classes``) fixes the class list and its order, when given.
     """
-    if source == "synthetic":
+    if source in ("synthetic", "speech"):
         if cache_dir is None:
             raise ValueError(
-                "data.source=synthetic needs data.cache_dir (where to write the audio)"
+                f"data.source={source} needs data.cache_dir (where to write the audio)"
             )
+        if source == "speech":
+            return read_manifest(generate_speech(speech or SpeechSpec(), cache_dir), classes)
         return read_manifest(generate_synthetic(synthetic or SyntheticSpec(), cache_dir), classes)
     if source == "folder":
         if root is None or str(root) == "":

@@ -43,10 +43,14 @@ class ModelPool(nn.Module):
     - :meth:`initialise`: every member is re-initialised and trained a random number of
       steps, uniform in ``1..max_steps``, so the pool spans all stages of training.
     - :meth:`step`: one more training step of a member (SGD on ``MSE(model(x), y)``, with
-      ``lr`` and L2 ``weight_decay``, full batch); a member whose counter
+      ``lr``, ``momentum`` (torch's SGD rule; the velocity restarts with the member) and L2
+      ``weight_decay``, full batch); a member whose counter
       reaches ``max_steps`` is re-initialised and its counter reset to 0. (The reference
       implementation does not reset it, so once a member has reached the limit it is
       re-initialised at every later step and the whole pool ends up fresh random models.)
+
+    Every rank trains the members alike on the same synthetic set, so their BatchNorms are
+    not synchronised across ranks (``batchnorm_sync``, :mod:`distillery.pipeline.batchnorm`).
 
     Members never require gradients outside their own training step, so the outer loss's
     gradients flow through them to the synthetic set only. Members and counters are
@@ -66,6 +70,7 @@ class ModelPool(nn.Module):
         lr: float = 0.1,
         weight_decay: float = 1e-3,
         seed: int = 0,
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         if size < 1:
@@ -74,13 +79,22 @@ class ModelPool(nn.Module):
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.build = build
         self.max_steps = max_steps
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"pool momentum must be in [0, 1), got {momentum}")
         self.lr = lr
         self.weight_decay = weight_decay
+        self.momentum = momentum
         self.seed = seed
         self.members = nn.ModuleList(build() for _ in range(size)).requires_grad_(False)
+        n_params = sum(p.numel() for p in self.members[0].parameters())
+        # Each member's SGD velocity, its parameters flattened in order (saved in checkpoints).
+        self.register_buffer("velocity", torch.zeros(size, n_params))
         self.register_buffer("steps", torch.zeros(size, dtype=torch.long))
         self.register_buffer("resets", torch.zeros(size, dtype=torch.long))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    #: Every rank trains the members on the same data: no BatchNorm sync across ranks.
+    batchnorm_sync = False
 
     def __len__(self) -> int:
         return len(self.members)
@@ -104,7 +118,7 @@ class ModelPool(nn.Module):
         for i in range(len(self)):
             self.reinitialise(i)
             for _ in range(1 + self._draw(_STEPS, i) % self.max_steps):
-                self._train_step(self.members[i], x, y)
+                self._train_step(i, x, y)
                 self.steps[i] += 1
         self.resets.zero_()
         self.ready.fill_(True)
@@ -124,13 +138,14 @@ class ModelPool(nn.Module):
 
     def step(self, i: int, x: Tensor, y: Tensor) -> float:
         """One training step of member ``i`` on ``(x, y)`` (detached); returns its loss."""
-        loss = self._train_step(self.members[i], x.detach(), y.detach())
+        loss = self._train_step(i, x.detach(), y.detach())
         self.steps[i] += 1
         if self.steps[i] >= self.max_steps:
             self.reinitialise(i)
         return loss
 
-    def _train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> float:
+    def _train_step(self, i: int, x: Tensor, y: Tensor) -> float:
+        model = self.members[i]
         params = list(model.parameters())
         model.train()
         with torch.enable_grad():
@@ -142,7 +157,22 @@ class ModelPool(nn.Module):
             finally:
                 for p in params:
                     p.requires_grad_(False)
-        with torch.no_grad():  # SGD with L2 weight decay: p <- p - lr (g + wd p)
-            for p, g in zip(params, grads, strict=True):
-                p.add_(g + self.weight_decay * p, alpha=-self.lr)
+        with (
+            torch.no_grad()
+        ):  # torch's SGD: v <- m v + (g + wd p) (v = g + wd p at first); p <- p - lr v
+            flat = torch.cat(
+                [
+                    (g + self.weight_decay * p).reshape(-1)
+                    for p, g in zip(params, grads, strict=True)
+                ]
+            )
+            velocity = self.velocity[i]
+            if int(self.steps[i]) == 0:
+                velocity.copy_(flat)
+            else:
+                velocity.mul_(self.momentum).add_(flat)
+            offset = 0
+            for p in params:
+                p.sub_(velocity[offset : offset + p.numel()].view_as(p), alpha=self.lr)
+                offset += p.numel()
         return float(loss.detach())

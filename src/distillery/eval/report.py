@@ -56,7 +56,9 @@ def evaluate_encoder(
       both splits, otherwise they are left out (e.g. a fully unlabeled train split);
     - ``nmi`` / ``ari``: k-means (k = number of classes) on the labeled test rows;
       left out when the test split has no labels;
-    - ``params``: parameter count of the encoder; ``embed_dim``: embedding size.
+    - ``params``: parameter count of the encoder; ``embed_dim``: embedding size;
+    - ``throughput_clips_s``: test clips the frozen encoder embeds per second on ``device``
+      (featurize + forward in the test loader's batches, data loading excluded).
 
     Multi-label data (``multi_hot`` given: item indices -> (n, classes) multi-hot
     targets) is scored by ``linear_map`` alone, the test mAP of a linear probe with one
@@ -80,13 +82,15 @@ def evaluate_encoder(
     """
     out_dir = Path(out_dir)
     train_i, train_x, train_y = embed(encoder, train_loader, featurize, device)
-    test_i, test_x, test_y = embed(encoder, test_loader, featurize, device)
+    timing: dict[str, float] = {}
+    test_i, test_x, test_y = embed(encoder, test_loader, featurize, device, timing=timing)
     if len(test_x) == 0:
         raise ValueError("the test loader yielded no items")
 
     metrics: dict[str, float] = {
         "params": float(sum(p.numel() for p in encoder.parameters())),
         "embed_dim": float(test_x.shape[1]),
+        "throughput_clips_s": len(test_x) / max(timing["seconds"], 1e-9),
     }
     if multi_hot is not None:
         metrics["linear_map"] = linear_probe_map(
@@ -158,12 +162,13 @@ def evaluate_encoder(
     names = [*(f"knn{k}_acc" for k in knn_k), "linear_acc", "nmi", "ari"]
     shown = [f"{name}={metrics[name]:.4f}" for name in names if name in metrics]
     log.info(
-        "encoder eval: %s params=%s dim=%d (train n=%d, test n=%d)",
+        "encoder eval: %s params=%s dim=%d %.0f clips/s (train n=%d, test n=%d)",
         " ".join(shown) or "(no labels)",
         f"{metrics['params'] / 1e6:.2f}M"
         if metrics["params"] >= 1e5
         else f"{metrics['params']:.0f}",
         int(metrics["embed_dim"]),
+        metrics["throughput_clips_s"],
         len(train_x),
         len(test_x),
     )

@@ -83,10 +83,15 @@ class HardConcreteGate(nn.Module):
         """Expected number of kept units, a differentiable scalar in [0, n]."""
         return torch.sigmoid(self.log_alpha + self.l0_shift).sum()
 
-    def sample(self) -> Tensor:
-        """(n,) stochastic mask in [0, 1], differentiable in ``log_alpha``."""
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """(n,) stochastic mask in [0, 1], differentiable in ``log_alpha``; the noise comes
+        from ``generator`` (a CPU generator) if given, else from the global RNG."""
         eps = 1e-6
-        u = torch.rand_like(self.log_alpha).clamp(eps, 1.0 - eps)
+        if generator is None:
+            u = torch.rand_like(self.log_alpha)
+        else:
+            u = torch.rand(self.n, generator=generator).to(self.log_alpha)
+        u = u.clamp(eps, 1.0 - eps)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
         return (s * (self.high - self.low) + self.low).clamp(0.0, 1.0)
 
@@ -101,8 +106,8 @@ class HardConcreteGate(nn.Module):
             mask[keep] = soft[keep]
         return mask
 
-    def forward(self) -> Tensor:
-        return self.sample() if self.training else self.deterministic()
+    def forward(self, generator: torch.Generator | None = None) -> Tensor:
+        return self.sample(generator) if self.training else self.deterministic()
 
 
 @dataclass
@@ -357,8 +362,9 @@ def _mask_hook(group: UnitGroup, masks: dict[str, Tensor]) -> Callable[..., Any]
 class GatedModel(nn.Module):
     """``model`` with a hard-concrete gate per prunable group (masks applied by hooks).
 
-    In training mode every forward draws new masks; in eval mode the deterministic ones.
-    ``model`` is used in place (pass a copy of a teacher).
+    In training mode every forward draws new masks (from the generator in :attr:`noise` if
+    set, else from the global RNG); in eval mode the deterministic ones. ``model`` is used
+    in place (pass a copy of a teacher).
 
     Args:
         model: an encoder with a :class:`PruningSpec` (see :func:`pruning_spec`).
@@ -385,6 +391,7 @@ class GatedModel(nn.Module):
         )
         self.full_params = count_parameters(model)
         self._masks: dict[str, Tensor] = {}
+        self.noise: torch.Generator | None = None
         for group in self.groups:
             hook = _mask_hook(group, self._masks)
             if group.side == "input":
@@ -396,7 +403,7 @@ class GatedModel(nn.Module):
         return self.gates[name.replace(".", "_")]
 
     def _run(self, fn: Callable[[], Any]) -> Any:
-        self._masks.update({g.name: self.gate(g.name)() for g in self.groups})
+        self._masks.update({g.name: self.gate(g.name)(self.noise) for g in self.groups})
         try:
             return fn()
         finally:

@@ -14,7 +14,8 @@ defaults, so it runs as a stage as it is):
 - ``configure_data(data: AudioDataModule) -> LightningDataModule``: the data it trains on
   (default: the shared ``AudioDataModule``, which is also what it is evaluated on);
 - ``encoder_requirements: dict[str, tuple[str, ...]]``: attributes an encoder config
-  argument must give (e.g. ``exit_dims`` for a multi-exit student);
+  argument must give (e.g. ``exit_dims`` for a multi-exit student), or, by the encoder's
+  ``input_key``, a dict of them (``{"audio": ("frame_mask",)}``: waveform encoders only);
 - ``refused_encoder_inputs: dict[str, dict[str, str]]``: per encoder config argument, the
   inputs (the encoder's ``input_key``: ``features`` = log-mel, ``audio`` = waveforms) the
   stage cannot feed, each with the reason (e.g. ``ssl``'s log-mel augmentations);
@@ -55,7 +56,7 @@ from distillery.config.validation import (
     config_problems,
 )
 from distillery.data.checks import check_data_files
-from distillery.stages.base import refused_input
+from distillery.stages.base import lacking_attributes, refused_input
 from distillery.stages.registry import stage_class, stage_kinds
 
 __all__ = ["ConfigError", "StageContract", "validate"]
@@ -171,7 +172,6 @@ def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) 
     requirements = getattr(contract.cls, "encoder_requirements", {})
     refused = getattr(contract.cls, "refused_encoder_inputs", {})
     for arg in dict.fromkeys([*requirements, *refused]):
-        needed = requirements.get(arg, ())
         encoder_cfg = module.get(arg)
         if not isinstance(encoder_cfg, dict) or "_target_" not in encoder_cfg:
             continue
@@ -183,11 +183,8 @@ def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) 
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.module.{arg}: cannot build {encoder_cfg['_target_']} ({err})")
             continue
-        if lacking := [a for a in needed if not hasattr(encoder, a)]:
-            problems.append(
-                f"{path}.module.{arg}: {type(encoder).__name__} lacks {', '.join(lacking)}, "
-                f"which {contract.cls.__name__} needs (required: {', '.join(needed)})"
-            )
+        if lacking := lacking_attributes(contract.cls, arg, encoder):
+            problems.append(f"{path}.module.{arg}: {lacking}")
         if why := refused_input(contract.cls, arg, encoder):
             problems.append(f"{path}.module.{arg}: {why}")
     return problems

@@ -28,6 +28,7 @@ from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
 from distillery.models.safe_load import trust_config_targets
 from distillery.pipeline import launch
+from distillery.pipeline.batchnorm import BatchNormStatsSync, GlobalBatchNormSync
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
@@ -459,6 +460,10 @@ class Runner:
         self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule
     ) -> pl.Trainer:
         stage_cfg = self.cfg.pipeline.stages[name]
+        trainer_args = {  # e.g. `strategy: {_target_: DDPStrategy, timeout: ...}`
+            k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v
+            for k, v in stage_trainer(self.cfg, name).items()
+        }
         callbacks: list[pl.Callback] = [
             epoch_checkpointing(stage_dir),
             CheckpointedMetrics(),
@@ -466,6 +471,12 @@ class Runner:
             SignalCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
         ]
+        # The BatchNorm policy (pipeline/batchnorm.py): statistics of the global batch, or
+        # per-rank statistics averaged before use (before the stage's callbacks run).
+        sync_batchnorm = trainer_args.pop("sync_batchnorm", False)
+        layer_sync = [GlobalBatchNormSync()] if sync_batchnorm else []
+        if not sync_batchnorm:
+            callbacks.append(BatchNormStatsSync())
         selection = stage_cfg.selection
         if selection.monitor:
             monitor = f"{name}/{selection.monitor}"
@@ -477,10 +488,6 @@ class Runner:
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
             if callback_cfg:
                 callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
-        trainer_args = {  # e.g. `strategy: {_target_: DDPStrategy, timeout: ...}`
-            k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v
-            for k, v in stage_trainer(self.cfg, name).items()
-        }
         if trainer_args.get("enable_progress_bar", True):
             callbacks.append(StageProgressBar(name, leave=True))
         else:  # e.g. SLURM logs: one line per epoch instead of a bar
@@ -490,7 +497,7 @@ class Runner:
             default_root_dir=str(stage_dir),
             callbacks=callbacks,
             logger=loggers or False,
-            plugins=[AtomicCheckpointIO(), *launch.cluster_plugins()],
+            plugins=[AtomicCheckpointIO(), *launch.cluster_plugins(), *layer_sync],
             use_distributed_sampler=False,  # the data module shards itself, without padding eval sets
         )
         keep_lightning_off_signals(trainer)

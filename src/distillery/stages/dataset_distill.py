@@ -68,6 +68,7 @@ class DatasetDistillStage(StageModule):
         pool_max_steps: int = 1000,
         pool_lr: float = 0.1,
         pool_weight_decay: float = 1e-3,
+        pool_momentum: float = 0.9,
         final_lr_factor: float = 0.1,
         init_only: bool = False,
         augment: dict[str, Any] | None = None,
@@ -99,6 +100,7 @@ class DatasetDistillStage(StageModule):
                 max_steps=pool_max_steps,
                 lr=pool_lr,
                 weight_decay=pool_weight_decay,
+                momentum=pool_momentum,
                 seed=torch.initial_seed(),  # the run's seed: the same pool on every rank
             )
         )

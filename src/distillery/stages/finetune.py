@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from distillery.artifact_kinds import EncoderArtifact
 from distillery.eval.metrics import MeanAveragePrecision
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule, encoder_inputs
+from distillery.stages.base import StageModule, encoder_inputs, freeze_unused
 
 
 class FinetuneStage(StageModule):
@@ -49,6 +49,7 @@ class FinetuneStage(StageModule):
         self.mode = mode
         if mode == "linear":
             self.encoder.requires_grad_(False)
+        freeze_unused(self.encoder, "forward")
         self.head = nn.Linear(self.encoder.embed_dim, num_classes)
         self.label_smoothing = label_smoothing
         self.multi_label = multi_label

@@ -17,7 +17,7 @@ from distillery.stages.base import StageModule
 
 class PretrainSyntheticStage(StageModule):
     """A fresh encoder + linear head regressed onto the synthetic targets:
-    ``MSE(head(encoder(x_syn)), y_syn)`` (SGD lr 0.1, weight decay 1e-3 in KRR-ST).
+    ``MSE(head(encoder(x_syn)), y_syn)`` (SGD lr 0.1, momentum 0.9, weight decay 1e-3 in KRR-ST).
 
     ``synthetic_set``: a ``dataset_distill`` stage's ``synthetic_set`` artifact (wired through
     ``inputs``). The stage trains on that set alone (:meth:`configure_data`), in minibatches

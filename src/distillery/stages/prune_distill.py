@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from distillery.artifact_kinds import Artifact, JsonReport, Plot
 from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
+from distillery.stages.base import freeze_unused
 from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
@@ -71,6 +73,11 @@ class PruneDistillStage(TeacherDistillStage):
         sparsity_warmup: fraction of the training steps over which the target ramps up.
         gate_lr: learning rate of the gates' ``log_alpha`` and of the multipliers (no
             weight decay on either); the other parameters use ``optimizer``'s.
+        gate_noise: where the gates' training noise comes from under DDP. ``per_rank``
+            (default): each rank draws its own masks from its per-batch seed, so a step
+            averages the gradients of ``world_size`` mask samples. ``shared``: every rank
+            draws the same masks, from (run seed, epoch, batch); a step then is exactly one
+            process's step on the whole batch, whatever the number of ranks.
     """
 
     produces = TeacherDistillStage.produces | {"pruning": JsonReport, "sparsity_plot": Plot}
@@ -85,6 +92,7 @@ class PruneDistillStage(TeacherDistillStage):
         target_sparsity: float = 0.75,
         sparsity_warmup: float = 0.3,
         gate_lr: float = 0.02,
+        gate_noise: Literal["per_rank", "shared"] = "per_rank",
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
     ) -> None:
@@ -92,8 +100,12 @@ class PruneDistillStage(TeacherDistillStage):
         self.save_hyperparameters()
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        if gate_noise not in ("per_rank", "shared"):
+            raise ValueError(f"gate_noise must be 'per_rank' or 'shared', got {gate_noise!r}")
+        self.gate_noise = gate_noise
+        self.noise_seed = 0  # the run's seed, read when training starts (same on every rank)
         student = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.freeze_outside_hidden_states(student)
+        freeze_unused(student, "hidden_states")
         self.gated = GatedModel(student, list(prune), teacher)
         dim = self.teacher.embed_dim
         self.distill_loss = LayerDistillLoss(dim, dim, distill_layers)
@@ -123,7 +135,14 @@ class PruneDistillStage(TeacherDistillStage):
             self.global_step, total, self.target_sparsity, self.sparsity_warmup
         )
 
+    def on_fit_start(self) -> None:
+        self.noise_seed = torch.initial_seed()  # before any per-batch reseeding
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.gate_noise == "shared":
+            key = [self.noise_seed, self.current_epoch, batch_idx]
+            seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint32)[0])
+            self.gated.noise = torch.Generator().manual_seed(seed)
         distill, terms = self.distill_step(batch)
         sparsity = self.gated.expected_sparsity()
         target = self.current_target()

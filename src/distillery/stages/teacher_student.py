@@ -53,7 +53,8 @@ def load_teacher(encoder: dict[str, Any], weights: str | None) -> nn.Module:
 
 
 class LayerDistillLoss(nn.Module):
-    """Sum over layer pairs of ``L1(P(S), T) - mean cos(P(S), T)`` (DPHuBERT).
+    """Mean over layer pairs of ``L1(P(S), T) - mean cos(P(S), T)`` (DPHuBERT; the reference
+    averages over the distilled layers, so the loss's scale does not grow with their number).
 
     ``P`` is a linear projection from the student's to the teacher's width: teacher layer 0
     (the front-end output) has its own, every other distilled layer shares one. Both start
@@ -104,7 +105,8 @@ class LayerDistillLoss(nn.Module):
     def forward(
         self, student: list[Tensor], teacher: list[Tensor], mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student and teacher hidden states (lists of (B, T, D)) -> (total, per-layer terms).
+        """Student and teacher hidden states (lists of (B, T, D)) -> (mean over the layer
+        pairs, per-layer terms).
 
         ``mask`` (B, T) bool marks the valid frames of a padded batch: each layer's terms
         are then means over the valid frames of the whole batch (a clip weighs by its
@@ -118,7 +120,7 @@ class LayerDistillLoss(nn.Module):
             )
             total = total + loss
             terms[f"layer{t_idx}_l1"], terms[f"layer{t_idx}_cos"] = parts["l1"], parts["cos"]
-        return total, terms
+        return total / len(self.teacher_layers), terms
 
 
 class TeacherDistillStage(StageModule):
@@ -135,6 +137,9 @@ class TeacherDistillStage(StageModule):
         "standalone": StandaloneEncoder,
         "huggingface": HuggingFaceEncoder,
     }
+    #: A waveform teacher's ``frame_mask(lengths, T)`` marks the valid frames of a padded
+    #: batch, which the layer loss averages over.
+    encoder_requirements = {"teacher": {"audio": ("frame_mask",)}}
 
     def __init__(
         self,
@@ -146,18 +151,10 @@ class TeacherDistillStage(StageModule):
     ) -> None:
         super().__init__(stage_name, optimizer, scheduler)
         self.teacher = load_teacher(teacher, teacher_weights)
+        self.check_encoder_input("teacher", self.teacher)
 
     def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
-
-    @staticmethod
-    def freeze_outside_hidden_states(student: nn.Module) -> None:
-        """Freeze the student's submodules its ``forward_hidden_states`` does not run (the
-        encoder's ``outside_hidden_states``, e.g. the transformer's ``final_norm``): the layer
-        loss cannot train them, and under DDP a trainable parameter without a gradient
-        stops training. They keep their initial (for a copied teacher: the teacher's) values."""
-        for name in getattr(student, "outside_hidden_states", ()):
-            student.get_submodule(name).requires_grad_(False)
 
     def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         inputs = encoder_inputs(self.teacher, batch)  # the student reads what the teacher does
