@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from distillery.models.io import build_encoder, save_encoder
-from tests.helpers import FAST, REPO, cli_env
+from tests.helpers import FAST, REPO, cli_env, compose_config
 from tests.speech_models import hf_model, write_huggingface
 from tests.test_config import EXPERIMENTS, TEACHER_FILES
 
@@ -87,10 +87,11 @@ def cell_overrides(cell: tuple[int, int, str]) -> list[str]:
     ]
 
 
-def check_manifest(run_dir: Path, world_size: int) -> dict[str, list[int]]:
-    """Every stage done, with optimizer steps on every rank and its artifacts on disk;
-    returns the steps per rank of each stage."""
+def check_manifest(run_dir: Path, order: list[str], world_size: int) -> dict[str, list[int]]:
+    """Every stage of ``order`` done, with optimizer steps on every rank and its artifacts
+    on disk; returns the steps per rank of each stage."""
     manifest = json.loads((run_dir / "pipeline.json").read_text())
+    assert list(manifest["stages"]) == order
     steps = {}
     for name, stage in manifest["stages"].items():
         assert stage["status"] == "done", f"{name}: {stage['status']} {stage.get('error')}"
@@ -110,15 +111,18 @@ def record(row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def run_cell(experiment: str, cell: tuple[int, int, str], inputs: Path, tmp: Path, cache: Path):
+def run_cell(
+    experiment: str, cell: tuple[int, int, str], inputs: Path, tmp: Path, cache: Path
+) -> None:
     run_dir = tmp / "run"
     row = {"recipe": experiment, "cell": cell_id(cell), "passed": False}
-    cmd = [sys.executable, "-m", "distillery.cli", *recipe_overrides(experiment, inputs)]
-    cmd += [*cell_overrides(cell), f"run_dir={run_dir}", f"data.cache_dir={cache}"]
+    overrides = [*recipe_overrides(experiment, inputs), *cell_overrides(cell)]
+    overrides += [f"run_dir={run_dir}", f"data.cache_dir={cache}"]
+    order = list(compose_config(overrides).pipeline.order)
     start = time.perf_counter()
     try:
         result = subprocess.run(
-            cmd,
+            [sys.executable, "-m", "distillery.cli", *overrides],
             capture_output=True,
             text=True,
             env=cli_env(OMP_NUM_THREADS="1"),
@@ -127,7 +131,7 @@ def run_cell(experiment: str, cell: tuple[int, int, str], inputs: Path, tmp: Pat
         )
         row["wall_s"] = round(time.perf_counter() - start, 1)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        row["steps"] = check_manifest(run_dir, world_size=cell[0])
+        row["steps"] = check_manifest(run_dir, order, world_size=cell[0])
         row["passed"] = True
     except BaseException as err:
         row["error"] = f"{type(err).__name__}: {str(err)[-600:]}"
