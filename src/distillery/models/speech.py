@@ -25,7 +25,14 @@ from torchaudio.models import wav2vec2_model, wavlm_model
 from torchaudio.models.wav2vec2.components import ConvLayerBlock, SelfAttention
 from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
 
-__all__ = ["FAMILIES", "PRESETS", "SpeechEncoder", "build_architecture", "frame_lengths"]
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "SpeechEncoder",
+    "build_architecture",
+    "frame_lengths",
+    "valid_frames",
+]
 
 FAMILIES = ("hubert", "wav2vec2", "wavlm")
 
@@ -131,6 +138,14 @@ def frame_lengths(model: nn.Module, lengths: Tensor) -> Tensor:
     return lengths
 
 
+def valid_frames(frames: Tensor, num_frames: int) -> Tensor:
+    """(B,) valid frame counts -> (B, num_frames) bool, ``True`` on a clip's valid frames.
+
+    The one frame mask of padded waveform batches: attention, pooling and the frame-level
+    distillation losses all read it."""
+    return torch.arange(num_frames, device=frames.device)[None, :] < frames[:, None]
+
+
 def _additive_mask(padding: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, T) bool, ``True`` on padded frames -> (B, 1, 1, T) attention bias: -inf there."""
     zeros = torch.zeros(padding.shape, dtype=dtype, device=padding.device)
@@ -151,8 +166,7 @@ class LengthAwareConvBlock(ConvLayerBlock):
             length = length.clamp(min=0)
         norm = self.layer_norm
         if isinstance(norm, nn.GroupNorm) and length is not None:
-            valid = torch.arange(x.shape[-1], device=x.device)[None, :] < length[:, None]
-            mask = valid[:, None, :].to(x.dtype)  # (B, 1, T)
+            mask = valid_frames(length, x.shape[-1])[:, None, :].to(x.dtype)  # (B, 1, T)
             count = mask.sum(-1, keepdim=True).clamp(min=1.0)
             mean = (x * mask).sum(-1, keepdim=True) / count
             var = ((x - mean).square() * mask).sum(-1, keepdim=True) / count
@@ -240,6 +254,9 @@ class SpeechEncoder(nn.Module):
             ``hidden_states`` (pre-LN models: without the final LayerNorm, as torchaudio's
             ``extract_features``).
         forward: (B, D), hidden state ``embedding_layer`` pooled over the valid frames.
+        forward_exits: ([(B, D)] * embedding_layer, (B, D)): layers ``1..embedding_layer``
+            pooled as ``forward`` pools, and the embedding (multi-exit students).
+        frame_mask: (B, T') bool, the valid frames (frame-level losses average over them).
     """
 
     input_key = "audio"
@@ -283,8 +300,18 @@ class SpeechEncoder(nn.Module):
         _, state = read_weights(path, None)
         load_state(self.model, state, path)
 
+    @property
+    def exit_dims(self) -> list[int]:
+        """Widths of the exits of :meth:`forward_exits`: one per computed transformer layer."""
+        return [self.embed_dim] * self.embedding_layer
+
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         return frame_lengths(self.model, lengths)
+
+    def frame_mask(self, lengths: Tensor | None, num_frames: int) -> Tensor | None:
+        """(B, num_frames) bool, ``True`` on the valid frames of clips of ``lengths`` valid
+        samples (``None`` without lengths: every frame is valid)."""
+        return None if lengths is None else valid_frames(self.frame_lengths(lengths), num_frames)
 
     def forward_hidden_states(
         self, audio: Tensor, lengths: Tensor | None = None, num_layers: int | None = None
@@ -300,7 +327,7 @@ class SpeechEncoder(nn.Module):
         x = encoder.feature_projection(x)
         padding = None
         if frames is not None:
-            padding = torch.arange(x.shape[1], device=x.device)[None, :] >= frames[:, None]
+            padding = ~valid_frames(frames, x.shape[1])
             x = x.masked_fill(padding[..., None], 0.0)  # the positional conv reads neighbours
         transformer = encoder.transformer
         x = x + transformer.pos_conv_embed(x)
@@ -327,16 +354,25 @@ class SpeechEncoder(nn.Module):
         """(B, T', D) -> (B, D): ``pooling`` over the valid frames of each clip."""
         if lengths is None:
             return hidden.mean(dim=1) if self.pooling == "mean" else hidden.amax(dim=1)
-        frames = self.frame_lengths(lengths)
-        valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]
+        valid = self.frame_mask(lengths, hidden.shape[1])
         if self.pooling == "max":
             return hidden.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
-        weights = valid.to(hidden.dtype) / frames.clamp(min=1)[:, None].to(hidden.dtype)
-        return torch.einsum("bt,btd->bd", weights, hidden)
+        counts = valid.sum(dim=1, keepdim=True).clamp(min=1)
+        return torch.einsum("bt,btd->bd", valid.to(hidden.dtype) / counts.to(hidden.dtype), hidden)
 
     def forward(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
         states = self.forward_hidden_states(audio, lengths, num_layers=self.embedding_layer)
         return self.pool(states[-1], lengths)
+
+    def forward_exits(
+        self, audio: Tensor, lengths: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """One pass: transformer layers ``1..embedding_layer`` each pooled as ``forward``
+        pools (the multi-exit interface; the last exit is the embedding's layer), and the
+        embedding (B, D)."""
+        states = self.forward_hidden_states(audio, lengths, num_layers=self.embedding_layer)
+        pooled = [self.pool(state, lengths) for state in states]
+        return pooled[1:], pooled[-1]
 
 
 def _register_pruning() -> None:

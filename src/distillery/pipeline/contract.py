@@ -15,6 +15,9 @@ defaults, so it runs as a stage as it is):
   (default: the shared ``AudioDataModule``, which is also what it is evaluated on);
 - ``encoder_requirements: dict[str, tuple[str, ...]]``: attributes an encoder config
   argument must give (e.g. ``exit_dims`` for a multi-exit student);
+- ``refused_encoder_inputs: dict[str, dict[str, str]]``: per encoder config argument, the
+  inputs (the encoder's ``input_key``: ``features`` = log-mel, ``audio`` = waveforms) the
+  stage cannot feed, each with the reason (e.g. ``ssl``'s log-mel augmentations);
 - constructor arguments the runner fills in when the signature names them: ``stage_name``,
   ``num_classes`` (of the data) and ``num_pseudo_classes`` (k of the ``data.pseudo_labels``
   input);
@@ -32,6 +35,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ from distillery.config.validation import (
     config_problems,
 )
 from distillery.data.checks import check_data_files
+from distillery.stages.base import refused_input
 from distillery.stages.registry import stage_class, stage_kinds
 
 __all__ = ["ConfigError", "StageContract", "validate"]
@@ -150,14 +155,20 @@ def stage_produces(cfg: DictConfig, name: str) -> dict[str, type[Artifact]]:
 
 
 def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) -> list[str]:
-    """Encoder configs against the attributes the stage needs, built on the meta device."""
+    """Encoder configs against the attributes and the input the stage needs, built on the
+    meta device."""
     problems = []
-    for arg, needed in getattr(contract.cls, "encoder_requirements", {}).items():
+    requirements = getattr(contract.cls, "encoder_requirements", {})
+    refused = getattr(contract.cls, "refused_encoder_inputs", {})
+    for arg in dict.fromkeys([*requirements, *refused]):
+        needed = requirements.get(arg, ())
         encoder_cfg = module.get(arg)
         if not isinstance(encoder_cfg, dict) or "_target_" not in encoder_cfg:
             continue
         try:
-            with torch.device("meta"):  # no memory, no weights: only the structure
+            with torch.device("meta"), warnings.catch_warnings():  # only the structure
+                # An encoder that reads its weights file copies it into meta tensors: a no-op.
+                warnings.filterwarnings("ignore", message=".*to a meta parameter.*no-op")
                 encoder = instantiate(encoder_cfg)
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.module.{arg}: cannot build {encoder_cfg['_target_']} ({err})")
@@ -167,6 +178,8 @@ def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) 
                 f"{path}.module.{arg}: {type(encoder).__name__} lacks {', '.join(lacking)}, "
                 f"which {contract.cls.__name__} needs (required: {', '.join(needed)})"
             )
+        if why := refused_input(contract.cls, arg, encoder):
+            problems.append(f"{path}.module.{arg}: {why}")
     return problems
 
 

@@ -18,11 +18,27 @@ from distillery.artifact_kinds import Artifact, EncoderArtifact
 
 def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]:
     """The arguments ``encoder`` takes from a batch: log-mel ``features``, or, for a waveform
-    encoder (``input_key = "audio"``), ``audio`` and the clips' valid ``length`` if given."""
+    encoder (``input_key = "audio"``), ``audio`` and the clips' valid ``length`` if given.
+    Every stage feeds its encoders through this; a frame-level loss on a waveform batch
+    with lengths masks the padded frames by the encoder's ``frame_mask(lengths, T)``."""
     key = getattr(encoder, "input_key", "features")
     if key == "audio" and "length" in batch:
         return batch["audio"], batch["length"]
     return (batch[key],)
+
+
+def refused_input(stage_cls: type, arg: str, encoder: nn.Module) -> str | None:
+    """Why ``stage_cls`` cannot feed ``encoder`` (its constructor argument ``arg``) the input
+    the encoder declares by ``input_key``, by the stage's ``refused_encoder_inputs``; or
+    ``None`` when it can."""
+    key = getattr(encoder, "input_key", "features")
+    why = getattr(stage_cls, "refused_encoder_inputs", {}).get(arg, {}).get(key)
+    if why is None:
+        return None
+    return (
+        f"{type(encoder).__name__} reads {key!r} (its input_key), which "
+        f"{stage_cls.__name__} cannot feed it: {why}"
+    )
 
 
 class StageModule(pl.LightningModule):
@@ -44,6 +60,9 @@ class StageModule(pl.LightningModule):
     produces: ClassVar[dict[str, type[Artifact]]] = {}
     #: Attributes an encoder config argument must give, checked at start-up.
     encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Encoder inputs (``input_key`` values) the stage cannot feed, by encoder argument,
+    #: each with the reason; checked at start-up (see :func:`refused_input`).
+    refused_encoder_inputs: ClassVar[dict[str, dict[str, str]]] = {}
     #: (C, C) counts of the stage's own classifier on the test split (rows: true class), set
     #: after ``trainer.test`` by stages that classify; plotted as the stage's confusion matrix.
     test_confusion: np.ndarray | None = None
@@ -69,6 +88,13 @@ class StageModule(pl.LightningModule):
         """Log ``metrics`` as ``<stage>/<split>/<name>``."""
         kwargs.setdefault("sync_dist", True)  # epoch values averaged over ranks under DDP
         self.log_dict({f"{self.stage_name}/{split}/{k}": v for k, v in metrics.items()}, **kwargs)
+
+    def check_encoder_input(self, arg: str, encoder: nn.Module) -> None:
+        """Raise naming ``module.<arg>`` if this stage cannot feed ``encoder`` the input it
+        declares (``refused_encoder_inputs``): for an encoder the start-up check cannot
+        build, e.g. an artifact given as a file."""
+        if why := refused_input(type(self), arg, encoder):
+            raise ValueError(f"module.{arg}: {why}")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

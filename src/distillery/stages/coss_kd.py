@@ -13,15 +13,16 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.data.knn_batches import NeighbourBatchDataModule
 from distillery.losses import coss_loss
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule
+from distillery.stages.base import StageModule, encoder_inputs
 
 
 class CoSSDistillStage(StageModule):
     """A fresh student encoder learns to reproduce a frozen teacher's embeddings, no labels.
 
     ``L = cosine_weight * mean_i (1 - cos(t_i, s_i)) + space_weight * mean_j (1 - cos(t^_j, s^_j))`` on the
-    (B, D) teacher and (projected) student embeddings of the same log-mel batch
-    (:func:`~distillery.losses.coss_loss`); ``space_weight = 0`` is plain cosine distillation. When
+    (B, D) teacher and (projected) student embeddings of the same clips
+    (:func:`~distillery.losses.coss_loss`); each encoder reads the input it declares (log-mel,
+    or waveforms and their lengths: either may be a speech encoder); ``space_weight = 0`` is plain cosine distillation. When
     the student's width differs from the teacher's, a projection head Linear-ReLU-Linear
     (hidden width ``projection_hidden_dim``, default the teacher's width) maps it to the
     teacher's; it is dropped afterwards, the exported encoder is the student alone.
@@ -108,10 +109,9 @@ class CoSSDistillStage(StageModule):
         return split == "train" and self.space_batch == "global" and self.trainer.world_size > 1
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        features = batch["features"]
-        with torch.no_grad():
-            teacher = self.teacher(features)
-        student = self.projection(self.encoder(features))
+        with torch.no_grad():  # each reads what it declares: log-mel, or waveforms + lengths
+            teacher = self.teacher(*encoder_inputs(self.teacher, batch))
+        student = self.projection(self.encoder(*encoder_inputs(self.encoder, batch)))
         gathered = self._gathers(split)
         if gathered:  # (world, B, D) -> (world * B, D); gradients flow back to each rank's part
             student = self.all_gather(student, sync_grads=True).flatten(0, 1)

@@ -52,6 +52,10 @@ class DatasetDistillStage(StageModule):
     """
 
     produces = {"synthetic_set": SyntheticSet}
+    refused_encoder_inputs = {
+        arg: {"audio": "the synthetic set it learns is log-mel inputs, which both read"}
+        for arg in ("encoder", "teacher")
+    }
 
     def __init__(
         self,
@@ -79,6 +83,7 @@ class DatasetDistillStage(StageModule):
             raise ValueError(f"final_lr_factor must be in (0, 1], got {final_lr_factor}")
         self.save_hyperparameters(ignore=["teacher"])
         self.teacher = teacher.module.requires_grad_(False).eval()
+        self.check_encoder_input("teacher", self.teacher)
         self.size = size
         self.ridge = ridge
         self.final_lr_factor = final_lr_factor

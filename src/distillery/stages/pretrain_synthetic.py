@@ -26,6 +26,9 @@ class PretrainSyntheticStage(StageModule):
     """
 
     produces = {"encoder": EncoderArtifact}
+    refused_encoder_inputs = {
+        "encoder": {"audio": "it trains on a synthetic set of log-mel inputs (dataset_distill's)"}
+    }
 
     def __init__(
         self,
@@ -43,6 +46,7 @@ class PretrainSyntheticStage(StageModule):
         self.synthetic_set = synthetic_set
         self.encoder_cfg = encoder
         self.model = RegressionModel(build_encoder(encoder), synthetic_set.targets.shape[1])
+        self.check_encoder_input("encoder", self.model.encoder)
         self.batch_size = batch_size
 
     def encoder_for_eval(self) -> nn.Module:

@@ -12,7 +12,7 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import multi_exit_loss
 from distillery.models.heads import MLPHead
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule
+from distillery.stages.base import StageModule, encoder_inputs
 
 
 class SelfDistillStage(StageModule):
@@ -24,6 +24,10 @@ class SelfDistillStage(StageModule):
     (``num_pseudo_classes``, filled in by the runner), never typed by hand.
     ``detach_teacher`` stops the KL/cosine gradients into the final classifier; the
     reference implementation does not detach (default False).
+
+    The encoder reads what it declares (log-mel, or waveforms and lengths); its exits are
+    its blocks (a speech encoder's transformer layers up to ``embedding_layer``, each
+    pooled over the valid frames).
     """
 
     produces = {"encoder": EncoderArtifact}
@@ -64,7 +68,7 @@ class SelfDistillStage(StageModule):
         return self.encoder
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        exits, embedding = self.encoder.forward_exits(batch["features"])
+        exits, embedding = self.encoder.forward_exits(*encoder_inputs(self.encoder, batch))
         exit_logits = [head(z) for head, z in zip(self.exit_heads, exits, strict=True)]
         final_logits = self.classifier(embedding)
         targets = batch["pseudo_label"]

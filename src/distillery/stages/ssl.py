@@ -1,7 +1,8 @@
 """Stage ``ssl``: self-supervised pretraining of an encoder on unlabeled log-mel (the teacher).
 
 Methods: BYOL (the BYOL-A default), SimCLR and Barlow Twins, all on two BYOL-A augmented
-views of each clip. Labels are never read.
+views of each clip. Labels are never read. The augmentations are defined on log-mel, so a
+waveform encoder (``input_key = "audio"``, e.g. HuBERT) is refused at start-up.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class SSLStage(StageModule):
     """
 
     produces = {"encoder": EncoderArtifact}
+    refused_encoder_inputs = {
+        "encoder": {
+            "audio": (
+                "its views are BYOL-A augmentations (mixup in the linear mel-power domain, "
+                "random resized crop of the mel spectrogram), defined on log-mel only; "
+                "pretrain a log-mel encoder here, or start from a pretrained speech encoder "
+                "(its `weights`) in the later stages"
+            )
+        }
+    }
 
     def __init__(
         self,
@@ -85,6 +96,7 @@ class SSLStage(StageModule):
         self.barlow_lambda = float(barlow_lambda)
 
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
+        self.check_encoder_input("encoder", self.encoder)
         embed_dim = self.encoder.embed_dim
         self.projector = ProjectionHead(embed_dim, projection_hidden_dim, projection_dim)
         self.predictor: ProjectionHead | None = None

@@ -102,14 +102,20 @@ class LayerDistillLoss(nn.Module):
                 )
 
     def forward(
-        self, student: list[Tensor], teacher: list[Tensor]
+        self, student: list[Tensor], teacher: list[Tensor], mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student and teacher hidden states (lists of (B, T, D)) -> (total, per-layer terms)."""
+        """Student and teacher hidden states (lists of (B, T, D)) -> (total, per-layer terms).
+
+        ``mask`` (B, T) bool marks the valid frames of a padded batch: each layer's terms
+        are then means over the valid frames of the whole batch (a clip weighs by its
+        length), and padded frames count for nothing."""
         total = torch.zeros((), device=student[0].device)
         terms: dict[str, Tensor] = {}
         for s_idx, t_idx in zip(self.student_layers, self.teacher_layers, strict=True):
             proj = self.front_proj if t_idx == 0 else self.layer_proj
-            loss, parts = l1_cosine_distill_loss(proj(student[s_idx]), teacher[t_idx].detach())
+            loss, parts = l1_cosine_distill_loss(
+                proj(student[s_idx]), teacher[t_idx].detach(), mask=mask
+            )
             total = total + loss
             terms[f"layer{t_idx}_l1"], terms[f"layer{t_idx}_cos"] = parts["l1"], parts["cos"]
         return total, terms
@@ -119,9 +125,10 @@ class TeacherDistillStage(StageModule):
     """Shared machinery of ``prune_distill`` and ``final_distill``: a frozen teacher (never
     trained, kept in eval mode, left out of checkpoints and rebuilt from its weights on
     resume), the layer loss, and the batch key the encoders read (``features`` = log-mel,
-    or ``audio`` for waveform encoders such as HuBERT, by their ``input_key``). A speech
-    encoder is also exported for use without distillery (``standalone``, and
-    ``huggingface`` when unpruned: :mod:`distillery.models.standalone`)."""
+    or ``audio`` + lengths for waveform encoders such as HuBERT, by their ``input_key``;
+    the layer loss then averages over the valid frames only, by the teacher's
+    ``frame_mask``). A speech encoder is also exported for use without distillery
+    (``standalone``, and ``huggingface`` when unpruned: :mod:`distillery.models.standalone`)."""
 
     produces = {
         "encoder": EncoderArtifact,
@@ -159,7 +166,10 @@ class TeacherDistillStage(StageModule):
         student_states = self.student_hidden_states(*inputs)
         if self.global_step == 0:
             self.distill_loss.check_depths(len(student_states), len(teacher_states))
-        return self.distill_loss(student_states, teacher_states)
+        mask = None
+        if len(inputs) == 2:  # waveforms + lengths: padded frames count for nothing
+            mask = self.teacher.frame_mask(inputs[1], teacher_states[0].shape[1])
+        return self.distill_loss(student_states, teacher_states, mask)
 
     def export_artifacts(self) -> dict[str, Artifact]:
         exported = super().export_artifacts()
