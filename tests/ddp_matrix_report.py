@@ -1,9 +1,10 @@
 """Render the recipe x cell table of ``tests/test_ddp_matrix.py`` as Markdown.
 
-    python -m tests.ddp_matrix_report bench/ddp_matrix.jsonl bench/ddp_matrix.md
+    python -m tests.ddp_matrix_report bench/ddp_matrix.jsonl bench/ddp_matrix.md ["note"]
 
 The input has one JSON row per cell run (``DDP_MATRIX_LOG``); a cell run twice keeps its
-last row. Cells never run show as ``not run``.
+last row. Cells never run show as ``not run``. The note (e.g. the machine and its load,
+which the wall times depend on) goes under the heading.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _steps(row: dict) -> str:
     )
 
 
-def render(rows: dict[tuple[str, str], dict]) -> str:
+def render(rows: dict[tuple[str, str], dict], note: str = "") -> str:
     cells = [cell_id(c) for c in CELLS]
     passed = sum(r["passed"] for r in rows.values())
     failed = [r for r in rows.values() if not r["passed"]]
@@ -48,6 +49,7 @@ def render(rows: dict[tuple[str, str], dict]) -> str:
         "`acc<accumulate_grad_batches>`, `precision`. A cell passes when the run exits 0 and",
         "`pipeline.json` shows every stage `done`, optimizer steps > 0 on every rank and its",
         "artifacts on disk.",
+        *(["", note] if note else []),
         "",
         f"{passed} of {len(rows)} cells run passed"
         f" ({len(EXPERIMENTS) * len(cells) - len(rows)} not run).",
@@ -88,7 +90,7 @@ def render(rows: dict[tuple[str, str], dict]) -> str:
 
 def main(argv: list[str]) -> None:
     source, target = Path(argv[0]), Path(argv[1])
-    target.write_text(render(read_rows(source)))
+    target.write_text(render(read_rows(source), note=" ".join(argv[2:])))
     print(f"wrote {target}")
 
 

@@ -151,3 +151,21 @@ def test_recipe_cell(
     experiment: str, cell: tuple[int, int, str], inputs: Path, tmp_path: Path, data_cache: Path
 ) -> None:
     run_cell(experiment, cell, inputs, tmp_path, data_cache)
+
+
+def test_table_from_the_rows_of_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.ddp_matrix_report import main
+
+    log = tmp_path / "matrix.jsonl"
+    monkeypatch.setenv("DDP_MATRIX_LOG", str(log))
+    record({"recipe": "coss", "cell": "p2-acc2-32", "passed": False, "wall_s": 9.0, "error": "x"})
+    record({"recipe": "coss", "cell": "p2-acc2-32", "passed": True, "wall_s": 12.4, "steps": {}})
+    steps = {"ssl": [2], "coss": [1]}
+    record({"recipe": "pll", "cell": "p1-acc1-32", "passed": False, "wall_s": 3.0, "steps": steps})
+    main([str(log), str(tmp_path / "table.md"), "on", "2 cores"])
+    table = (tmp_path / "table.md").read_text()
+    assert "\non 2 cores\n" in table and "1 of 2 cells run passed (134 not run)" in table
+    coss = next(line for line in table.splitlines() if line.startswith("| coss |")).split(" | ")
+    # the last row of a cell counts
+    assert coss[1 + [cell_id(c) for c in CELLS].index("p2-acc2-32")] == "pass 12"
+    assert "| pll | p1-acc1-32 | ssl 2, coss 1 |" in table and "- pll p1-acc1-32: ``" in table
