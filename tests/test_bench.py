@@ -41,15 +41,21 @@ def test_comparison_ratio_and_goal() -> None:
     assert slower.to_dict()["goal_met"] is False
 
 
+#: data_scale has its own (slow) test below.
+FAST_NAMES = [name for name in NAMES if name != "data_scale"]
+
+
 def test_quick_bench_writes_results(tmp_path: Path, data_cache: Path) -> None:
     out = tmp_path / "bench"
-    table = main(["--quick", "--out", str(out), "--cache-dir", str(data_cache)])
+    table = main(
+        ["--quick", "--out", str(out), "--cache-dir", str(data_cache), "--only", *FAST_NAMES]
+    )
 
     result = json.loads((out / "results.json").read_text())  # strict JSON: no NaN
     machine = result["machine"]
     for key in ("cpu_model", "cpu_count", "torch", "lightning", "faiss", "torch_threads"):
         assert machine[key], key
-    assert set(result["benchmarks"]) == set(NAMES)
+    assert set(result["benchmarks"]) == set(FAST_NAMES)
     rows = result["table"]
     assert {row["benchmark"] for row in rows} == {
         "clustering",
@@ -77,3 +83,32 @@ def test_quick_bench_writes_results(tmp_path: Path, data_cache: Path) -> None:
     markdown = (out / "results.md").read_text()
     assert markdown.startswith("# distillery benchmarks")
     assert markdown == table and "| training overhead |" in markdown
+
+
+@pytest.mark.slow  # ~1 min: clip folders, one subprocess epoch per size
+def test_quick_data_scale_merges_into_earlier_results(tmp_path: Path, data_cache: Path) -> None:
+    out = tmp_path / "bench"
+    main(["--quick", "--out", str(out), "--cache-dir", str(data_cache), "--only", "speedups"])
+    speedups = json.loads((out / "results.json").read_text())["benchmarks"]["speedups"]
+    table = main(
+        ["--quick", "--out", str(out), "--cache-dir", str(data_cache), "--only", "data_scale"]
+    )
+
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["benchmarks"]) == ["speedups", "data_scale"]  # NAMES order
+    assert result["benchmarks"]["speedups"]["rows"] == speedups["rows"]  # kept as measured
+    assert "| speedups |" in table and "| data at scale |" in table
+    assert "Rows of speedups come from an earlier run: `python -m distillery.bench --quick" in table
+    raw = result["benchmarks"]["data_scale"]["raw"]
+    for count in raw["counts"]:
+        assert raw["epoch"][str(count)]["peak_rss_mib"] > 0
+        assert raw["index"][str(count)]["cached_s_per_10k"] > 0
+    parts = raw["embedding_seconds_per_clip"]
+    assert min(parts["decode"], parts["featurize"], parts["forward"], parts["pass"]) > 0
+    measures = {row["measure"] for row in result["table"] if row["benchmark"] == "data at scale"}
+    assert measures == {
+        "index build time per 10k files",
+        "peak RSS of one rank, one training epoch (lazy)",
+        "train throughput",
+        "embedding throughput (pseudo-labeling pass)",
+    }

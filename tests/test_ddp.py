@@ -15,6 +15,7 @@ import torch
 from distillery.data.datamodule import AudioDataModule
 from tests.helpers import cli_env, compose_config
 from tests.test_cli import distillery
+from tests.test_unfused import assert_knn_monitor_logged_the_teacher
 
 
 @pytest.mark.ddp
@@ -41,6 +42,9 @@ def test_unfused_smoke_on_two_processes(tmp_path: Path, data_cache: Path) -> Non
     data.setup()
     train = data.table.indices("train")
     assert (labels[train] >= 0).all() and (labels[data.table.indices("test")] == -1).all()
+    # Both ranks measured the same subsets: the logged kNN monitor value is the
+    # single-process one.
+    assert_knn_monitor_logged_the_teacher(run_dir, data, seed=0)
     # One run dir for both processes: the child wrote into it, not into a directory of its own.
     assert {p.name for p in run_dir.iterdir()} == {
         ".hydra",

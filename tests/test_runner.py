@@ -166,6 +166,7 @@ def test_bad_audio_files_are_reported_together_or_skipped(
         "data=folder",
         f"data.root={root}",
         f"data.on_bad_file={on_bad_file}",
+        "data.max_clips=null",  # smoke's clip limit could leave the bad files out
     )
     if on_bad_file == "error":
         with pytest.raises(ValueError) as err:

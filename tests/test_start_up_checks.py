@@ -153,7 +153,7 @@ def test_a_folder_with_two_classes_passes(tmp_path: Path) -> None:
 
 
 def numeric_fields(cls: type, prefix: str = "") -> dict[str, type]:
-    """Dotted key -> type of every int/float (or list of int) field of the schema."""
+    """Dotted key -> type of every int/float (or list of int/float) field of the schema."""
     out = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -163,7 +163,7 @@ def numeric_fields(cls: type, prefix: str = "") -> dict[str, type]:
             kind = args[0]
         if dataclasses.is_dataclass(kind):
             out |= numeric_fields(kind, f"{prefix}{f.name}.")
-        elif kind in (int, float) or kind == list[int]:
+        elif kind in (int, float) or kind in (list[int], list[float]):
             out[f"{prefix}{f.name}"] = kind
     return out
 
@@ -182,7 +182,7 @@ def outside(key: str) -> str:
     below = low if low_open else low - (1 if integer else 0.5)
     value = below if math.isfinite(low) else high + 1
     value = int(value) if integer else float(value)
-    return f"[{value}]" if NUMERIC[key] == list[int] else str(value)
+    return f"[{value}]" if NUMERIC[key] in (list[int], list[float]) else str(value)
 
 
 def test_every_numeric_schema_field_has_a_declared_range() -> None:

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
+from distillery.callbacks.knn_monitor import monitor_subsets
 from distillery.data.datamodule import AudioDataModule
+from distillery.eval.embed import embed
+from distillery.eval.metrics import knn_accuracy
+from distillery.models.io import load_encoder
 from distillery.pipeline.runner import Runner
 from tests.helpers import FAST, compose_config
+
+
+def assert_knn_monitor_logged_the_teacher(run_dir: Path, data: AudioDataModule, seed: int) -> None:
+    """The SSL teacher's online kNN monitor ran after its (only) epoch, on the encoder it
+    saved: the logged accuracy is the one recomputed from encoder.pt on the same subsets."""
+    rows = list(csv.DictReader((run_dir / "ssl/logs/attempt-1/metrics.csv").open()))
+    key = "ssl/val/online_knn10_acc"
+    logged = [float(r[key]) for r in rows if r[key]]
+    teacher, _ = load_encoder(run_dir / "ssl/encoder.pt")
+    bank, val = monitor_subsets(data.table, 2048, 512, seed)
+    # All of them at smoke size: the labelled 10% of train as neighbours, all of val scored.
+    train = data.table.indices("train")
+    assert len(bank) == (data.table.visible_labels[train] >= 0).sum() == 4
+    assert len(val) == len(data.table.indices("val"))
+    _, bank_x, bank_y = embed(teacher, data.dataloader("train", indices=bank), data.featurize)
+    _, val_x, val_y = embed(teacher, data.dataloader("val", indices=val), data.featurize)
+    assert logged == [pytest.approx(knn_accuracy(bank_x, bank_y, val_x, val_y, k=10))]
 
 
 def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_cache: Path) -> None:
@@ -38,6 +62,19 @@ def test_smoke_runs_every_stage_and_writes_pseudo_labels(tmp_path: Path, data_ca
     for key in ("k", "seed", "niter", "inertia", "n_empty", "n_tiny", "imbalance", "nmi", "ari"):
         assert key in meta, key
     assert meta["n_clustered"] == len(train)
+    # The teacher (audiontt_small) embeds to 512 dims, so PCA-whitening to 128 ran.
+    assert meta["embed_dim"] == 512 and meta["pca_dim"] == 128 and meta["eig_power"] == -0.5
+    assert 1 <= meta["n_iter"] <= meta["niter"] == 20
+    # The student's exit heads read time-averaged block outputs: 16 channels x 32, 16 and
+    # 8 mel bins (audiontt_tiny, 64 mels), not 16 channel means.
+    ckpt = torch.load(tmp_path / "self_distill/checkpoints/last.ckpt", weights_only=True)
+    widths = [ckpt["state_dict"][f"exit_heads.{i}.net.0.weight"].shape[1] for i in range(3)]
+    assert widths == [512, 256, 128]
+    assert_knn_monitor_logged_the_teacher(tmp_path, data, cfg.seed)
+    # Every exit head's agreement with the pseudo-labels is logged on validation.
+    logged = (tmp_path / "self_distill/logs/attempt-1/metrics.csv").read_text().splitlines()[0]
+    for i in (1, 2, 3):
+        assert f"self_distill/val/exit{i}_pseudo_acc" in logged.split(",")
     # The student's heads are as wide as k, taken from the artifact.
     assert "self_distill/eval/knn10_acc" in stages["self_distill"].metrics
     assert "finetune/test/acc" in stages["finetune"].metrics

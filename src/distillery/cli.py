@@ -32,6 +32,7 @@ def _main(cfg: DictConfig) -> float | None:
     from distillery.pipeline import faults, launch, run_lock
     from distillery.pipeline.manifest import RunDirError
     from distillery.pipeline.runner import Runner, StageInterrupted
+    from distillery.pipeline.sweep import hydra_sweep_problems
     from distillery.pipeline.tracking import report_to_wandb_sweep
 
     launch.install()
@@ -42,6 +43,8 @@ def _main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
+        if problems := hydra_sweep_problems(cfg.optimized_metric, HydraConfig.get()):
+            raise ConfigError(problems)  # a search never selects on the test split
         with launch.job_processes():
             runner = Runner(cfg)  # validates the config
             runner.plan()  # refuses a run dir this run must not touch

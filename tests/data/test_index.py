@@ -47,9 +47,9 @@ def header_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
     reads: Counter = Counter()
     real = audio_io.audio_info
 
-    def counting(path):
+    def counting(path, member=None):
         reads[Path(path)] += 1
-        return real(path)
+        return real(path, member)
 
     monkeypatch.setattr(audio_io, "audio_info", counting)
     return reads
@@ -212,9 +212,9 @@ def test_two_stage_pipeline_reads_each_header_once(
     builds: list[int] = []
     real = index.build_index
 
-    def counting(paths, cache_dir):
+    def counting(paths, cache_dir, members=None):
         builds.append(len(paths))
-        return real(paths, cache_dir)
+        return real(paths, cache_dir, members)
 
     monkeypatch.setattr(datamodule, "build_index", counting)
     cfg = compose_config(

@@ -198,7 +198,7 @@ def test_load_source_dispatch(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"source": "hdf5"}, r"data\.source.*synthetic, folder, manifest"),
+        ({"source": "hdf5"}, r"data\.source.*synthetic, speech, folder, manifest"),
         ({"source": "folder"}, r"data\.root"),
         ({"source": "manifest"}, r"data\.path"),
         ({"source": "synthetic"}, r"data\.cache_dir"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,7 @@ def test_evaluate_encoder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
         "ari",
         "params",
         "embed_dim",
+        "throughput_clips_s",
     }
     assert metrics["params"] == 20.0 and metrics["embed_dim"] == 4.0
     assert metrics["knn10_acc"] == pytest.approx(1.0)
@@ -125,5 +128,34 @@ def test_evaluate_encoder_without_train_labels(tmp_path: Path) -> None:
         out_dir=tmp_path,
         plots=False,
     )
+    assert metrics.pop("throughput_clips_s") > 0
     assert metrics == {"params": 20.0, "embed_dim": 4.0}
     assert paths == {}
+
+
+class _SlowEncoder(_MeanEncoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return super().forward(x)
+
+
+def _slow_loader(x: np.ndarray, y: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in _loader(x, y):
+        time.sleep(0.25)  # reading from disk: not the encoder's time
+        yield batch
+
+
+def test_throughput_counts_the_encoder_not_the_loader(tmp_path: Path) -> None:
+    x, y = _split(0)  # 60 clips: 4 batches of 16, so at least 0.2 s in the encoder
+    metrics, _ = evaluate_encoder(
+        _SlowEncoder(),
+        _loader(x, y),
+        _slow_loader(x, y),
+        lambda a: a,
+        class_names=["a", "b", "c"],
+        out_dir=tmp_path,
+        plots=False,
+        probe_epochs=1,
+    )
+    # 300 clips/s at most (60 clips in 4 x 0.05 s); with the loader's 1 s it would be < 50.
+    assert 100 < metrics["throughput_clips_s"] <= 300

@@ -39,9 +39,13 @@ def test_output_shapes(name: str, t: int) -> None:
 def test_default_sizes() -> None:
     x = torch.randn(2, 1, N_MELS, 98)
     ntt = AudioNTT()
-    assert ntt.embed_dim == 2048 and ntt.exit_dims == [64, 64, 64]
+    # Exits are averaged over time only: 64 channels x 32, 16, 8 mel bins.
+    assert ntt.embed_dim == 2048 and ntt.exit_dims == [2048, 1024, 512]
     exits, final = ntt.forward_exits(x)
-    assert final.shape == (2, 2048) and all(e.shape == (2, 64) for e in exits)
+    assert final.shape == (2, 2048) and [e.shape for e in exits] == [(2, 2048), (2, 1024), (2, 512)]
+    pooled = AudioNTT(exit_pooling="freq_time")
+    assert pooled.exit_dims == [64, 64, 64]
+    assert [e.shape for e in pooled.forward_exits(x)[0]] == [(2, 64)] * 3
     tr = TransformerEncoder()
     assert tr.embed_dim == 192 and tr.exit_dims == [192] * 4
     exits, final = tr.forward_exits(x)
@@ -59,17 +63,32 @@ def test_forward_matches_forward_exits(name: str) -> None:
         torch.testing.assert_close(enc(x), enc.forward_exits(x)[1])
 
 
-def test_audiontt_exits_are_block_means() -> None:
+@pytest.mark.parametrize("pooling", ["time", "freq_time"])
+def test_audiontt_exits_are_block_means(pooling: str) -> None:
     torch.manual_seed(0)
-    enc = _small_ntt().eval()
+    enc = AudioNTT(n_mels=N_MELS, channels=8, dim=32, exit_pooling=pooling).eval()
     x = torch.randn(2, 1, N_MELS, 98)
     with torch.no_grad():
         exits, _ = enc.forward_exits(x)
         h = x
         for i in range(3):
             h = enc.features[4 * i : 4 * i + 4](h)
-            assert h.shape[1:] == (8, N_MELS // 2 ** (i + 1), 98 // 2 ** (i + 1))
-            torch.testing.assert_close(exits[i], h.mean(dim=(2, 3)))
+            bins = N_MELS // 2 ** (i + 1)
+            assert h.shape[1:] == (8, bins, 98 // 2 ** (i + 1))
+            if pooling == "time":  # (channel, mel bin) pairs, each averaged over frames
+                assert enc.exit_dims[i] == 8 * bins
+                expected = torch.stack(
+                    [h[:, c, f].mean(dim=-1) for c in range(8) for f in range(bins)], dim=1
+                )
+            else:
+                assert enc.exit_dims[i] == 8
+                expected = h.mean(dim=(2, 3))
+            torch.testing.assert_close(exits[i], expected)
+
+
+def test_audiontt_rejects_an_unknown_exit_pooling() -> None:
+    with pytest.raises(ValueError, match="exit_pooling must be one of"):
+        AudioNTT(exit_pooling="mean")
 
 
 def test_audiontt_embedding_is_max_plus_mean_over_time() -> None:

@@ -134,3 +134,33 @@ def test_embedding_layer_and_pooling(pooling: str, one_thread) -> None:
     assert layer1.architecture_config()["embedding_layer"] == 1
     with pytest.raises(ValueError, match="embedding_layer=3 outside"):
         SpeechEncoder(architecture=tiny_architecture("hubert"), embedding_layer=3)
+
+
+def _without_gradient(encoder: SpeechEncoder, outputs: list[torch.Tensor]) -> set[str]:
+    sum(o.sum() for o in outputs).backward()
+    return {n for n, p in encoder.named_parameters() if p.grad is None}
+
+
+def _declared(encoder: SpeechEncoder, submodules: tuple[str, ...]) -> set[str]:
+    return {f"{m}.{n}" for m in submodules for n, _ in encoder.get_submodule(m).named_parameters()}
+
+
+@pytest.mark.parametrize("embedding_layer", [0, 1, -1])
+@pytest.mark.parametrize("large", [False, True], ids=["base", "large"])
+@pytest.mark.parametrize("family", ["hubert", "wavlm"])
+def test_declared_unused_submodules_are_exactly_the_parameters_without_gradient(
+    family: str, large: bool, embedding_layer: int, one_thread
+) -> None:
+    """``outside_forward`` / ``outside_hidden_states`` (what the stages freeze, so DDP sees
+    no parameter without a gradient) are the parameters a backward pass leaves untouched:
+    no more (a frozen parameter the loss could train), no less."""
+    architecture = tiny_architecture(family, large)
+    audio, lengths = torch.randn(2, 4000), torch.tensor([4000, 2500])
+    encoder = SpeechEncoder(architecture=architecture, embedding_layer=embedding_layer)
+    exits, embedding = encoder.forward_exits(audio, lengths)
+    unused = _without_gradient(encoder, [*exits, embedding])
+    assert unused == _declared(encoder, encoder.outside_forward)
+    assert (encoder.model.encoder.transformer.layer_norm.weight.grad is None) == large
+    encoder = SpeechEncoder(architecture=architecture, embedding_layer=embedding_layer)
+    unused = _without_gradient(encoder, encoder.forward_hidden_states(audio, lengths))
+    assert unused == _declared(encoder, encoder.outside_hidden_states)

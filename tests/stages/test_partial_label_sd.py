@@ -16,7 +16,7 @@ from distillery.data.datamodule import AudioDataModule
 from distillery.data.label_noise import add_label_noise
 from distillery.eval.embed import embed
 from distillery.models.encoders import AudioNTT
-from distillery.models.io import load_encoder, save_encoder
+from distillery.models.io import build_encoder, load_encoder, save_encoder
 from distillery.pipeline.runner import Runner
 
 ENCODER = {
@@ -279,3 +279,30 @@ def test_two_processes_train_the_heads_of_one(
     assert heads[0].keys() == heads[1].keys() == {"ce", "sd1", "pll"}
     for name, head in heads[0].items():
         torch.testing.assert_close(heads[1][name], head)
+
+
+def test_probes_a_speech_encoder_on_its_padded_waveforms(tmp_path: Path, data_cache: Path) -> None:
+    """A waveform encoder (pooling layer 1 of 2) as the frozen encoder: its features are
+    cached by the shared embedding, from waveforms and each clip's valid length, then
+    probed as any encoder's (smoke size)."""
+    from tests.speech_models import tiny_architecture
+
+    config = {
+        "_target_": "distillery.models.speech.SpeechEncoder",
+        "architecture": tiny_architecture("hubert"),
+        "embedding_layer": 1,
+    }
+    torch.manual_seed(0)
+    path = tmp_path / "speech.pt"
+    save_encoder(path, build_encoder(config).eval(), config)
+    cfg = pll_only(
+        tmp_path,
+        data_cache,
+        path,
+        "pipeline.stages.pll.module.rounds=1",
+        "pipeline.stages.pll.module.epochs=2",
+    )
+    record = Runner(cfg).run()["pll"]
+    assert record.status == "done"
+    for name in ("ce", "sd1", "pll"):
+        assert 0.0 <= record.metrics[f"pll/test/acc_{name}"] <= 1.0

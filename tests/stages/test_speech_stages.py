@@ -30,6 +30,14 @@ from distillery.stages.self_distill import SelfDistillStage
 from distillery.stages.ssl import SSLStage
 
 LOGMEL = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 16, "channels": 4, "dim": 24}
+LOGMEL_TRANSFORMER = {
+    "_target_": "distillery.models.encoders.TransformerEncoder",
+    "n_mels": 16,
+    "dim": 16,
+    "depth": 1,
+    "heads": 2,
+    "ffn_dim": 32,
+}
 
 
 def speech_config(family: str = "hubert", **kwargs: object) -> dict:
@@ -220,6 +228,55 @@ def test_the_contract_refuses_a_waveform_encoder_for_ssl_and_accepts_it_elsewher
         SSLStage(encoder=speech_config())
 
 
+class WaveformTeacherWithoutMask(torch.nn.Module):
+    """A user's waveform teacher: hidden states of waveforms, but no ``frame_mask``."""
+
+    input_key = "audio"
+    embed_dim = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, self.embed_dim, kernel_size=400, stride=320)
+
+    def forward_hidden_states(self, audio: torch.Tensor, lengths=None) -> list[torch.Tensor]:
+        frames = self.conv(audio[:, None]).transpose(1, 2)
+        return [frames, frames]
+
+
+def test_a_waveform_teacher_without_frame_mask_is_refused_at_start_up(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """The layer loss of a padded waveform batch averages over the teacher's
+    ``frame_mask(lengths, T)``: a waveform teacher without one fails before training,
+    naming the key (both stages, as the recipe's final teacher is the prune teacher)."""
+    target = f"{__name__}.WaveformTeacherWithoutMask"
+    cfg = compose_config(
+        [
+            "experiment=dphubert_hubert",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={data_cache}",
+        ]
+    )
+    with open_dict(cfg):
+        cfg.pipeline.stages.prune_distill.module.teacher = {"_target_": target}
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    for stage, cls in (
+        ("prune_distill", "PruneDistillStage"),
+        ("final_distill", "FinalDistillStage"),
+    ):
+        assert (
+            f"pipeline.stages.{stage}.module.teacher: WaveformTeacherWithoutMask lacks "
+            f"frame_mask, which {cls} needs (required of an encoder reading 'audio': frame_mask)"
+        ) in str(refused.value)
+    with pytest.raises(
+        ValueError, match="module.teacher: WaveformTeacherWithoutMask lacks frame_mask"
+    ):
+        FinalDistillStage(teacher={"_target_": target}, student_encoder=speech_config())
+    # A log-mel teacher needs none (its frames are never padded), a speech encoder has one.
+    FinalDistillStage(teacher=LOGMEL_TRANSFORMER, student_encoder=LOGMEL_TRANSFORMER)
+
+
 def test_the_log_mel_dataset_distillation_stages_refuse_a_waveform_encoder(
     tmp_path: Path, data_cache: Path
 ) -> None:
@@ -260,3 +317,34 @@ def test_the_cli_refuses_a_speech_encoder_for_ssl_with_exit_2(
     assert result.returncode == 2
     assert "pipeline.stages.ssl.module.encoder: SpeechEncoder reads 'audio'" in result.stdout
     assert not (tmp_path / "run" / "pipeline.json").exists()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow  # 30-100 s each: two processes, four stages
+@pytest.mark.parametrize("layout", ["below_last_layer", "large"])
+def test_a_speech_encoder_trains_under_ddp_although_forward_skips_some_parameters(
+    tmp_path: Path, layout: str
+) -> None:
+    """2 processes (gloo), ``finetune``, ``self_distill``, a ``coss_kd`` student and a
+    ``final_distill`` student: the layers above ``embedding_layer`` (which the hidden states
+    of ``final_distill`` do use) and the Large layout's final LayerNorm get no gradient; each
+    stage freezes them (DDP would reject them at the second step), trains everything else,
+    and both ranks end with the same weights."""
+    from tests.helpers import spawn_two_ranks
+    from tests.stages.speech_ddp_worker import KINDS, STEPS, fit_worker
+
+    spawn_two_ranks(fit_worker, layout, str(tmp_path))
+    for kind in KINDS:
+        rank0, rank1 = (torch.load(tmp_path / f"{kind}-rank{r}.pt") for r in (0, 1))
+        assert rank0["steps"] == rank1["steps"] == STEPS, kind
+        for name, value in rank0["final"].items():
+            torch.testing.assert_close(value, rank1["final"][name], msg=f"{kind}: {name}")
+        trained = rank0["trained"]
+        if layout == "large":
+            assert not [n for n in trained if "transformer.layer_norm." in n], kind
+        else:  # layer 1 of 2: above embedding_layer, but one of final_distill's states
+            layer1 = [n for n in trained if "transformer.layers.1." in n]
+            assert bool(layer1) == (kind == "final_distill"), kind
+        assert any("transformer.layers.0.attention.k_proj.weight" in n for n in trained), kind
+        for name in trained:  # every trainable parameter got gradients: none kept its value
+            assert not torch.equal(rank0["final"][name], rank0["initial"][name]), (kind, name)

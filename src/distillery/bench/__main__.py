@@ -4,9 +4,11 @@ Benchmarks (one module each): ``clustering`` (k-means vs scikit-learn and FAISS)
 ``training`` (Lightning vs a plain loop), ``input_pipeline`` (log-mel on the fly vs
 precomputed; data wait with 0 and 2 workers), ``pseudo_labels`` (embed + cluster + write
 labels vs scikit-learn), ``end_to_end`` (a whole smoke pipeline in a subprocess),
-``pruned_inference`` (a DPHuBERT-pruned encoder vs its teacher) and ``speedups`` (each
-speed change of the framework vs the code it replaced).
-Every figure is a ratio against a baseline measured in the same run.
+``pruned_inference`` (a DPHuBERT-pruned encoder vs its teacher), ``speedups`` (each
+speed change of the framework vs the code it replaced) and ``data_scale`` (index build
+time, memory per rank at 1k/10k/100k clips, lazy loading and the embedding pass).
+Every figure is a ratio against a baseline measured in the same run. A ``--only`` run
+replaces its own sections of ``results.{json,md}`` and keeps the others.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from distillery.bench import (
     clustering,
+    data_scale,
     end_to_end,
     input_pipeline,
     pruned_inference,
@@ -39,6 +42,7 @@ NAMES = (
     "end_to_end",
     "pruned_inference",
     "speedups",
+    "data_scale",
 )
 
 
@@ -61,6 +65,7 @@ BENCHMARKS: dict[
     "end_to_end": lambda quick, cache, threads: end_to_end.run(quick, cache, threads),
     "pruned_inference": lambda quick, cache, threads: pruned_inference.run(quick, cache),
     "speedups": lambda quick, cache, threads: speedups.run(quick),
+    "data_scale": lambda quick, cache, threads: data_scale.run(quick, cache),
 }
 
 
@@ -92,7 +97,6 @@ def main(argv: list[str] | None = None) -> str:
     quiet()
     described = machine(threads)
     benchmarks: dict[str, dict[str, Any]] = {}
-    rows: list[Comparison] = []
     with thread_limit(threads):
         for name in args.only:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -103,7 +107,6 @@ def main(argv: list[str] | None = None) -> str:
                 "raw": raw,
                 "rows": [c.to_dict() for c in comparisons],
             }
-            rows += comparisons
             print(f"[bench] {name} done in {watch.seconds:.0f} s", file=sys.stderr, flush=True)
     described["load_average_1min_end"] = os.getloadavg()[0]
     settings = {
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> str:
     command = " ".join(
         ["python -m distillery.bench", *(argv if argv is not None else sys.argv[1:])]
     )
+    benchmarks, rows = report.merge_earlier(args.out, benchmarks, NAMES, command)
     text = report.write(
         args.out,
         command=command,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def merge_earlier(
+    out_dir: Path, benchmarks: dict[str, dict[str, Any]], order: Sequence[str], command: str
+) -> tuple[dict[str, dict[str, Any]], list[Comparison]]:
+    """This run's benchmarks plus those of the ``results.json`` already in ``out_dir`` that
+    this run did not measure (a ``--only`` run updates its sections and keeps the rest),
+    in ``order``, with the table rows. Each benchmark records the ``command`` that
+    measured it."""
+    for entry in benchmarks.values():
+        entry.setdefault("command", command)
+    earlier: dict[str, dict[str, Any]] = {}
+    try:
+        old = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        old = {}
+    for name, entry in old.get("benchmarks", {}).items():
+        if name not in benchmarks and name in order:
+            earlier[name] = entry | {"command": entry.get("command", old.get("command", "?"))}
+    merged = {name: (benchmarks | earlier)[name] for name in order if name in benchmarks | earlier}
+    rows = [Comparison.from_dict(row) for entry in merged.values() for row in entry["rows"]]
+    return merged, rows
+
+
 def write(
     out_dir: Path,
     *,
@@ -104,7 +127,16 @@ def write(
     benchmarks: dict[str, dict[str, Any]],
     rows: list[Comparison],
 ) -> str:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the markdown."""
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the markdown.
+    Benchmarks measured by another command (kept by :func:`merge_earlier`) are named."""
+    earlier = sorted(
+        {b["command"] for b in benchmarks.values() if b.get("command", command) != command}
+    )
+    sources = [
+        f"Rows of {', '.join(n for n, b in benchmarks.items() if b['command'] == other)} "
+        f"come from an earlier run: `{other}`."
+        for other in earlier
+    ]
     result = {
         "command": command,
         "machine": machine,
@@ -130,6 +162,7 @@ def write(
             markdown_table(rows),
             "",
             f"Benchmark wall times: {timing}.",
+            *sources,
             "",
         ]
     )

@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["Comparison", "Stopwatch", "interleaved", "median", "stopwatch"]
@@ -98,3 +98,8 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"goal_met": self.goal_met}
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Comparison:
+        """The comparison :meth:`to_dict` wrote (``ratio`` and ``goal_met`` recomputed)."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.init})

@@ -15,7 +15,7 @@ import numpy as np
 
 from distillery.artifact_kinds import PseudoLabels
 from distillery.clustering import KMeansResult, cluster_stats
-from distillery.clustering.distributed import DEFAULT_FIT_SAMPLE, label_dataset
+from distillery.clustering.distributed import DEFAULT_FIT_SAMPLE, ClusterModel, label_dataset
 from distillery.eval.embed import FEATURE_DTYPES
 from distillery.eval.plots import plot_cluster_sizes
 from distillery.pipeline.collectives import RankZeroWait
@@ -42,7 +42,10 @@ class PseudoLabeler(pl.Callback):
     teacher's embeddings, in each rank's shard order). Writes to
     ``out_dir/pseudo_labels/``: ``labels.npy`` (int64 per data-set record, -1 where not
     labeled), ``centroids.npy``, ``meta.json`` (k, seed, inertia, empty/tiny clusters,
-    imbalance, NMI/ARI against true labels where known) and ``cluster_sizes.png``.
+    imbalance, NMI/ARI against true labels where known, the preprocessing actually applied
+    and the k-means iterations actually run) and ``cluster_sizes.png``.
+    Whitening is skipped when the embeddings have ``pca_dim`` dims or fewer;
+    ``meta.json`` then says ``pca_dim: null`` (``pca_dim_requested`` keeps the setting).
     """
 
     produces: ClassVar[dict[str, type]] = {"pseudo_labels": PseudoLabels}
@@ -107,7 +110,7 @@ class PseudoLabeler(pl.Callback):
 
     def label(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         table = trainer.datamodule.table
-        labels, fit_idx, _, result = label_dataset(
+        labels, fit_idx, model, result = label_dataset(
             RankZeroWait(trainer.strategy, self.wait_timeout_min),  # while rank 0 clusters
             pl_module.encoder_for_eval(),
             trainer.datamodule,
@@ -128,7 +131,14 @@ class PseudoLabeler(pl.Callback):
             n_assigned = int((labels >= 0).sum()) - len(fit_idx)
             stage = pl_module.stage_name
             meta = self._write(
-                labels, result, fit_idx, n_assigned, table.true_labels, trainer.current_epoch, stage
+                labels,
+                result,
+                model,
+                fit_idx,
+                n_assigned,
+                table.true_labels,
+                trainer.current_epoch,
+                stage,
             )
             self.metrics = {
                 f"{stage}/pseudo/{k}": float(v)
@@ -148,10 +158,32 @@ class PseudoLabeler(pl.Callback):
         self.artifacts = {"pseudo_labels": str(self.out_dir / "labels.npy")}
         return meta
 
+    def _preprocessing(self, model: ClusterModel) -> dict[str, Any]:
+        """What was applied to the embeddings before k-means, which is not always what was
+        asked for: PCA is skipped when the embeddings have no more than ``pca_dim`` dims."""
+        whitening = model.whitening
+        embed_dim = model.centroids.shape[1] if whitening is None else whitening.components.shape[1]
+        steps = []
+        if whitening is not None:
+            steps.append(f"pca to {whitening.dim} dims (eig_power {self.eig_power:g})")
+        elif self.pca_dim:
+            steps.append(f"no pca ({embed_dim}-dim embeddings, pca_dim {self.pca_dim})")
+        if self.normalize:
+            steps.append("l2-normalize")
+        return {
+            "embed_dim": int(embed_dim),
+            "pca_dim_requested": self.pca_dim,
+            "pca_dim": None if whitening is None else whitening.dim,  # applied; null: no PCA
+            "eig_power": None if whitening is None else self.eig_power,
+            "normalize": self.normalize,
+            "preprocessing": ", ".join(steps) or "none",
+        }
+
     def _write(
         self,
         labels: np.ndarray,
         result: KMeansResult,
+        model: ClusterModel,
         fit_idx: np.ndarray,
         n_assigned: int,
         true_labels: np.ndarray,
@@ -167,7 +199,8 @@ class PseudoLabeler(pl.Callback):
         meta = {
             "k": self.k,
             "seed": self.seed,
-            "niter": self.niter,
+            "niter": self.niter,  # the most Lloyd iterations asked for
+            "n_iter": int(result.n_iter),  # those run: FAISS stops early once converged
             "epoch": epoch,
             "n_clustered": len(fit_idx),
             "n_assigned": n_assigned,
@@ -175,9 +208,7 @@ class PseudoLabeler(pl.Callback):
             "n_fit": len(result.labels),  # clips k-means was fitted on; inertia is over them
             "inertia": float(result.inertia),
             "n_reseeded": int(result.n_reseeded),
-            "pca_dim": self.pca_dim,
-            "eig_power": self.eig_power,
-            "normalize": self.normalize,
+            **self._preprocessing(model),
             **stats,
         }
         PseudoLabels(labels, self.k, result.centroids, meta).save(self.out_dir)

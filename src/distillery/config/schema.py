@@ -40,22 +40,49 @@ class SyntheticConfig:
     snr_db_max: float = 20.0
 
 
+#: The default words of the built-in speech set (Speech Commands' ten command words).
+SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+@dataclass
+class SpeechConfig:
+    """Built-in spoken words synthesised by espeak-ng (see distillery.data.speech)."""
+
+    words: list[str] = field(default_factory=lambda: list(SPEECH_WORDS))
+    speakers: int = 12
+    clips_per_word: int = 3  # per speaker
+    val_speakers: int = 2  # speaker-disjoint splits: data.val/test_fraction do not apply
+    test_speakers: int = 2
+    seed: int = 0
+    snr_db_min: float = 5.0
+    snr_db_max: float = 30.0
+    rate_wpm: list[float] = field(default_factory=lambda: [130.0, 220.0])
+    pitch: list[float] = field(default_factory=lambda: [25.0, 75.0])
+
+
 @dataclass
 class DataConfig:
-    #: synthetic | folder | manifest, or the import path of a user's function that returns a
-    #: ``distillery.data.sources.SourceTable``, called with ``source_args``.
+    #: synthetic | speech | folder | manifest, or the import path of a user's function that
+    #: returns a ``distillery.data.sources.SourceTable``, called with ``source_args``.
     source: str = "synthetic"
     source_args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None  # folder source: class-per-subfolder root
     path: str | None = None  # manifest source: CSV or JSONL file
     cache_dir: str = ".cache/distillery"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     sample_rate: int = 16000
     clip_seconds: float = 1.0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
     label_fraction: float = 1.0  # fraction of train labels kept (stratified, seeded)
+    #: Labelled validation clips kept per class (the rest become unlabelled training
+    #: clips), so that validation uses no more labels than a few-label user has; null: all.
+    val_labels_per_class: int | None = None
+    #: Seed of the labelled subsets (label_fraction, val_labels_per_class); null: split_seed,
+    #: the same subset for every run. ``${seed}`` draws one per seed.
+    label_subset_seed: int | None = None
     train_items: str = "all"  # all | labeled | pseudo_labeled
     #: The class list, in label-index order; a label outside it is a bad file. Default:
     #: the folder names, or a manifest's labels (only its train rows' when it has splits).
@@ -81,6 +108,20 @@ class DataConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which weights a stage hands on and is tested with: the best on a validation metric.
+
+    ``monitor`` is one of the stage's own validation metrics without the stage prefix
+    (``val/acc`` for ``<stage>/val/acc``); null keeps the last epoch's weights.
+    """
+
+    monitor: str | None = None
+    mode: str = "max"  # max | min
+    #: Validation epochs without improvement before the stage stops early; null: never.
+    patience: int | None = None
+
+
+@dataclass
 class StageConfig:
     """One stage of a pipeline.
 
@@ -98,6 +139,7 @@ class StageConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     evaluate: bool = True
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
 @dataclass
@@ -137,6 +179,10 @@ class Config:
     experiment_name: str | None = None
     #: ``<stage>/<split>/<name>`` returned to a Hydra sweeper (e.g. Optuna) after the run.
     optimized_metric: str | None = None
+    #: A directory of finished stages shared between runs (sweep trials): a stage whose
+    #: config (chained to the stages before it) and code match an entry is reused, not
+    #: computed (distillery.pipeline.stage_cache); null: off.
+    stage_cache: str | None = None
     #: Stages in ``run_dir`` made by another code version: error | rerun | reuse.
     on_code_change: str = "error"
     #: Minutes the other DDP ranks wait while rank 0 alone clusters, evaluates and exports

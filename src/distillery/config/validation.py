@@ -24,7 +24,7 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from distillery.config.schema import Config
+from distillery.config.schema import Config, DataConfig
 from distillery.config.weights import check_encoder_weights
 
 #: Trainer arguments the runner owns.
@@ -155,6 +155,8 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.test_fraction": (0, 1, True, True),
     "data.split_seed": (0, INF, False, True),
     "data.label_fraction": (0, 1, True, False),
+    "data.val_labels_per_class": (1, INF, False, True),  # or null: every validation label
+    "data.label_subset_seed": (0, INF, False, True),  # or null: split_seed
     "data.batch_size": (1, INF, False, True),
     "data.num_workers": (0, INF, False, True),
     "data.preload_max_mb": (0, INF, False, True),
@@ -167,6 +169,15 @@ SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.synthetic.seed": (0, INF, False, True),
     "data.synthetic.snr_db_min": (-INF, INF, True, True),  # finite, and min <= max
     "data.synthetic.snr_db_max": (-INF, INF, True, True),
+    "data.speech.speakers": (3, INF, False, True),  # and one train, val and test speaker each
+    "data.speech.clips_per_word": (1, INF, False, True),
+    "data.speech.val_speakers": (1, INF, False, True),
+    "data.speech.test_speakers": (1, INF, False, True),
+    "data.speech.seed": (0, INF, False, True),
+    "data.speech.snr_db_min": (-INF, INF, True, True),
+    "data.speech.snr_db_max": (-INF, INF, True, True),
+    "data.speech.rate_wpm": (80, 450, False, False),  # espeak-ng's range (words per minute)
+    "data.speech.pitch": (0, 99, False, False),  # espeak-ng's 0-99 scale
     "data.features.n_mels": (1, INF, False, True),
     "data.features.n_fft": (2, INF, False, True),
     "data.features.hop_length": (1, INF, False, True),
@@ -214,7 +225,7 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.source: cannot import {source!r} ({err})")
     choices = {
-        "source": ("synthetic", "folder", "manifest"),
+        "source": ("synthetic", "speech", "folder", "manifest", "shards"),
         "train_items": ("all", "labeled", "pseudo_labeled"),
         "on_bad_file": ("error", "skip"),
     }
@@ -247,8 +258,8 @@ def check_data(data: dict[str, Any], path: str, file_checks: DataCheck | None = 
         )
     if data["source"] == "folder" and not data.get("root"):
         problems.append(f"{path}.root: required with {path}.source=folder")
-    if data["source"] == "manifest" and not data.get("path"):
-        problems.append(f"{path}.path: required with {path}.source=manifest")
+    if data["source"] in ("manifest", "shards") and not data.get("path"):
+        problems.append(f"{path}.path: required with {path}.source={data['source']}")
     if not problems and file_checks is not None:
         problems += file_checks(data, path)
     return problems
@@ -457,8 +468,11 @@ def check_input_files(module: dict[str, Any], path: str) -> list[str]:
 
 
 def stage_data(cfg: DictConfig, name: str) -> DictConfig:
-    """The top-level data node with the stage's overrides merged in (schema-checked)."""
-    return OmegaConf.merge(cfg.data, cfg.pipeline.stages[name].data)
+    """The top-level data node with the stage's overrides merged in (schema-checked); the
+    top-level node's interpolations (``label_subset_seed: ${seed}``) resolved first, while
+    it is still part of the whole config."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), data, cfg.pipeline.stages[name].data)
 
 
 def stage_trainer(cfg: DictConfig, name: str) -> dict[str, Any]:
@@ -542,6 +556,7 @@ def config_problems(cfg: DictConfig, data_checks: DataCheck | None = None) -> li
         )
         problems += check_trainer_values(OmegaConf.to_container(stage.trainer), f"{path}.trainer")
         problems += check_stage_length(cfg, name)
+        problems += check_selection(OmegaConf.to_container(stage.selection), f"{path}.selection")
         try:  # report only what the stage's own data overrides add to the top-level problems
             stage_problems = check_data(
                 OmegaConf.to_container(stage_data(cfg, name)), f"{path}.data", data_checks
@@ -553,6 +568,26 @@ def config_problems(cfg: DictConfig, data_checks: DataCheck | None = None) -> li
             problems.append(f"{path}.data: {err}".splitlines()[0])
         problems += _check_cluster_counts(cfg, name, path)
     return list(dict.fromkeys(problems))  # shared nodes: reported once
+
+
+def check_selection(selection: dict[str, Any], path: str) -> list[str]:
+    """A stage selects its weights on its own validation split, never on the test split."""
+    problems = []
+    monitor, patience = selection.get("monitor"), selection.get("patience")
+    if monitor is not None and not str(monitor).startswith("val/"):
+        problems.append(
+            f"{path}.monitor: {monitor!r} is not a validation metric; select on one of the "
+            "stage's validation metrics, e.g. val/acc (the test split is evaluated once, on "
+            "the selected weights)"
+        )
+    if selection.get("mode") not in ("max", "min"):
+        problems.append(f"{path}.mode: must be 'max' or 'min', got {selection.get('mode')!r}")
+    if patience is not None and (monitor is None or patience < 1):
+        problems.append(
+            f"{path}.patience: {patience} needs a monitor and must be >= 1 "
+            "(validation epochs without improvement)"
+        )
+    return problems
 
 
 def _check_cluster_counts(cfg: DictConfig, name: str, path: str) -> list[str]:

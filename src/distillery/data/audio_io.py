@@ -28,6 +28,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -103,10 +104,52 @@ def _check_rate(sample_rate: int, name: str = "sample_rate") -> int:
     return int(sample_rate)
 
 
+#: Where a tar shard member's bytes are: ``(offset, size)`` in the tar file.
+Member = tuple[int, int]
+
+
+def _member_bytes(path: Path, member: Member) -> io.BytesIO:
+    """The bytes of the member of tar shard ``path.parent`` (``path`` is ``<tar>/<name>``).
+
+    Raises:
+        AudioFileError: naming the member, for a missing shard or one cut short.
+    """
+    offset, size = member
+    try:
+        with path.parent.open("rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as exc:
+        raise AudioFileError(path, f"cannot be opened ({exc.strerror or exc})") from exc
+    if len(data) < size:
+        raise AudioFileError(path, f"is truncated: the shard holds {len(data)} of its {size} bytes")
+    if size == 0:
+        raise AudioFileError(path, "is empty (0 bytes)")
+    return io.BytesIO(data)
+
+
+def _opened(path: Path, member: Member | None) -> str | io.BytesIO:
+    """What libsndfile reads: the file, or a member of a tar shard; checked complete."""
+    if member is None:
+        _check_complete(path)
+        return str(path)
+    data = _member_bytes(path, member)
+    declared, present = _wav_data_bytes(data, member[1])
+    _raise_if_truncated(path, declared, present)
+    data.seek(0)
+    return data
+
+
 def read_audio(
-    path: str | os.PathLike[str], sample_rate: int, limits: AudioLimits = AudioLimits()
+    path: str | os.PathLike[str],
+    sample_rate: int,
+    limits: AudioLimits = AudioLimits(),
+    member: Member | None = None,
 ) -> np.ndarray:
     """Read an audio file as a mono float32 waveform.
+
+    ``member``: the file is a member of the tar shard ``path.parent``, at this
+    ``(offset, size)`` (a sharded source: :func:`distillery.data.shards.scan_shards`).
 
     Channels are averaged, integer PCM of any width is scaled to [-1, 1], and the
     signal is resampled to ``sample_rate`` (Hz) when the file's rate differs. The
@@ -121,9 +164,9 @@ def read_audio(
     """
     sample_rate = _check_rate(sample_rate)
     path = Path(path)
-    _check_complete(path)
+    source = _opened(path, member)
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             file_rate = f.samplerate
             if f.frames > 0:
                 check_limits(path, file_rate, f.frames, limits)
@@ -184,8 +227,9 @@ def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sample_rate: int)
         raise
 
 
-def audio_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Header information of an audio file, without decoding the samples.
+def audio_info(path: str | os.PathLike[str], member: Member | None = None) -> dict[str, Any]:
+    """Header information of an audio file (or tar shard ``member``, see
+    :func:`read_audio`), without decoding the samples.
 
     Cheap enough to check every file of a large data set before training.
 
@@ -198,9 +242,9 @@ def audio_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             docstring): missing, empty, undecodable, zero frames, truncated WAV.
     """
     path = Path(path)
-    _check_complete(path)
+    source = _opened(path, member)
     try:
-        info = sf.info(str(path))
+        info = sf.info(source) if member is None else _member_info(source)
     except (sf.SoundFileError, RuntimeError, TypeError) as exc:
         raise AudioFileError(path, f"cannot be read as audio ({_reason(exc)})") from exc
     if info.frames == 0:
@@ -241,6 +285,18 @@ def _check_complete(path: Path) -> None:
         raise AudioFileError(path, f"cannot be opened ({exc.strerror or exc})") from exc
     if size == 0:
         raise AudioFileError(path, "is empty (0 bytes)")
+    _raise_if_truncated(path, declared, present)
+
+
+def _member_info(data: io.BytesIO) -> Any:
+    """``sf.info`` of in-memory bytes (it takes only file names)."""
+    with sf.SoundFile(data) as f:
+        return SimpleNamespace(
+            frames=f.frames, samplerate=f.samplerate, channels=f.channels, subtype=f.subtype
+        )
+
+
+def _raise_if_truncated(path: Path, declared: int, present: int) -> None:
     if present < declared:
         raise AudioFileError(
             path,

@@ -7,14 +7,18 @@ from typing import Any
 
 import numpy as np
 
+from distillery.data.shards import scan_shards
 from distillery.data.sources import folder_classes, manifest_labels
+from distillery.data.speech import SpeechSpec, require_espeak
 from distillery.data.splits import assign_splits
 from distillery.data.synthetic import CLASS_NAMES as SYNTHETIC_KINDS
 
 
 @functools.lru_cache(maxsize=8)
 def _source_classes(source: str, location: str) -> list[str]:
-    """Cached: every stage's data node usually names the same folder or manifest."""
+    """Cached: every stage's data node usually names the same folder, manifest or shards."""
+    if source == "shards":
+        return scan_shards(location).class_names
     return folder_classes(location) if source == "folder" else manifest_labels(location)
 
 
@@ -27,7 +31,7 @@ def check_data_files(data: dict[str, Any], path: str) -> list[str]:
     if classes is not None and len(classes) < 2:
         return [f"{path}.classes: lists {len(classes)} class(es) {classes}; at least 2 are needed"]
     found: list[str] | None = None
-    key = {"folder": "root", "manifest": "path"}.get(data["source"])
+    key = {"folder": "root", "manifest": "path", "shards": "path"}.get(data["source"])
     try:
         if key is not None:
             found = _source_classes(data["source"], str(data[key]))
@@ -38,6 +42,8 @@ def check_data_files(data: dict[str, Any], path: str) -> list[str]:
             f"{path}.{key}: {data[key]!r} has {len(found)} class(es) {found}; "
             "at least 2 are needed (or list them in data.classes)"
         ]
+    if data["source"] == "speech":
+        return _check_speech(data, path)
     if data["source"] == "synthetic":
         synthetic = data["synthetic"]
         if synthetic["num_classes"] > len(SYNTHETIC_KINDS):
@@ -54,4 +60,16 @@ def check_data_files(data: dict[str, Any], path: str) -> list[str]:
                     f"{synthetic['clips_per_class']} clips per class gives an empty {split} split; "
                     f"raise it or {path}.synthetic.clips_per_class"
                 ]
+    return []
+
+
+def _check_speech(data: dict[str, Any], path: str) -> list[str]:
+    """The spoken-word set: espeak-ng is installed and the speaker splits are possible."""
+    try:
+        SpeechSpec(
+            **data["speech"], sample_rate=data["sample_rate"], clip_seconds=data["clip_seconds"]
+        )
+        require_espeak()
+    except (ValueError, FileNotFoundError) as err:
+        return [f"{path}.speech: {err}"]
     return []

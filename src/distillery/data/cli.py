@@ -1,8 +1,9 @@
 """``distillery-data``: generate the synthetic data set, or inspect a data source.
 
 distillery-data synthetic --out DIR [--num-classes N] [--clips-per-class N] ...
-distillery-data info PATH        # a manifest, a class-per-folder tree, or a folder
-                                 # holding manifest.csv / manifest.jsonl
+distillery-data info PATH        # a manifest, a class-per-folder tree, a folder
+                                 # holding manifest.csv / manifest.jsonl, or tar shards
+distillery-data shards PATH --out DIR [--clips-per-shard N]   # write tar shards
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from distillery.data.audio_io import AudioFileError, AudioLimits
 from distillery.data.index import build_index
+from distillery.data.shards import scan_shards, write_shards
 from distillery.data.sources import SourceTable, read_manifest, scan_folder
 from distillery.data.synthetic import SyntheticSpec, generate_synthetic
 
@@ -45,11 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "path", type=Path, help="manifest file, class-per-folder root, or cache folder"
     )
+    shards = commands.add_parser(
+        "shards", help="write a manifest or folder as tar shards (data.source=shards)"
+    )
+    shards.add_argument("path", type=Path, help="manifest file or class-per-folder root")
+    shards.add_argument("--out", required=True, type=Path, help="folder of the shards")
+    shards.add_argument("--clips-per-shard", type=int, default=1000)
     return parser
 
 
 def _class_counts(table: SourceTable) -> list[tuple[str, int]]:
-    counts = Counter(record.label for record in table.records)
+    """Files per class (a multi-label file counts in each of its classes)."""
+    counts = Counter(
+        label
+        for record in table.records
+        for label in (record.labels or (-1,) if table.multi_label else (record.label,))
+    )
     rows = [(name, counts.get(i, 0)) for i, name in enumerate(table.class_names)]
     if counts.get(-1):
         rows.append(("(unlabelled)", counts[-1]))
@@ -66,6 +79,8 @@ def _print_table(rows: list[tuple[str, int]]) -> None:
 def _load_table(path: Path) -> SourceTable:
     if path.is_file():
         return read_manifest(path)
+    if path.is_dir() and any(path.glob("*.tar")):
+        return scan_shards(path)
     if path.is_dir():
         for name in _MANIFEST_NAMES:
             if (path / name).is_file():
@@ -96,6 +111,13 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shards(args: argparse.Namespace) -> int:
+    table = _load_table(args.path)
+    written = write_shards(table, args.out, args.clips_per_shard)
+    print(f"{len(table.records)} clips in {len(written)} shard(s) under {args.out}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     table = _load_table(args.path)
     rates: Counter[int] = Counter()
@@ -103,7 +125,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     total_s = 0.0
     bad: list[str] = []
     # Headers only, read in parallel: fast even for large sets.
-    entries = build_index([record.path for record in table.records], cache_dir=None)
+    entries = build_index(
+        [record.path for record in table.records],
+        cache_dir=None,
+        members=[record.member for record in table.records],
+    )
     for i, (record, entry) in enumerate(zip(table.records, entries, strict=True)):
         if i in table.problems:  # a missing file, or a label outside the class list
             bad.append(table.problems[i])
@@ -144,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "synthetic":
             return _cmd_synthetic(args)
+        if args.command == "shards":
+            return _cmd_shards(args)
         return _cmd_info(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"distillery-data: error: {exc}", file=sys.stderr)

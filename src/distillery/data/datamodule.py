@@ -20,7 +20,8 @@ from distillery.data.audio_io import AudioFileError, AudioLimits, read_audio
 from distillery.data.features import LogMel
 from distillery.data.index import FileEntry, build_index
 from distillery.data.sources import AudioRecord, SourceTable, limit_clips, load_source
-from distillery.data.splits import assign_splits, label_subset
+from distillery.data.speech import SpeechSpec
+from distillery.data.splits import assign_splits, label_subset, per_class_subset
 from distillery.data.synthetic import SyntheticSpec
 
 if TYPE_CHECKING:  # the artifact kinds build on the data layer, not the other way round
@@ -60,18 +61,51 @@ class TrainSampler(DistributedSampler):
 
     resume_at: tuple[int, int] | None = None
 
+    def epoch_items(self) -> list[int]:
+        """This rank's dataset positions for ``self.epoch``, in reading order."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        items = list(super().__iter__())
+        items = self.epoch_items()
         if self.resume_at is not None and self.resume_at[0] == self.epoch:
             items = items[self.resume_at[1] :]
             self.resume_at = None
         return ((self.seed, self.epoch, i) for i in items)
 
 
+class ShardTrainSampler(TrainSampler):
+    """:class:`TrainSampler` of a sharded source (``data.source=shards``): reads shard by
+    shard. Each epoch shuffles the order of the shards and of the clips within each shard
+    (from the seed and the epoch), and rank r takes the r-th of ``num_replicas`` equal
+    contiguous parts of that sequence: a rank reads whole shards (at most two of them in
+    part) and no clip is read by two ranks. When the clips do not split evenly, the
+    ``n mod num_replicas`` at the end of the sequence sit that epoch out (different ones
+    each epoch), as with ``DistributedSampler(drop_last=True)``: no clip is duplicated.
+
+    ``shards``: each dataset position's shard (any hashable name).
+    """
+
+    def __init__(
+        self, dataset: Dataset, shards: list[str], num_replicas: int, rank: int, seed: int
+    ) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        names, shard_of = np.unique(np.array(shards), return_inverse=True)
+        self.groups = [np.flatnonzero(shard_of == g) for g in range(len(names))]
+
+    def epoch_items(self) -> list[int]:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.groups))
+        sequence = np.concatenate([rng.permutation(self.groups[g]) for g in order])
+        start = self.rank * self.num_samples
+        return sequence[start : start + self.num_samples].tolist()
+
+
 class ClipDataset(Dataset):
     """Items are dicts: ``index`` (into the source table), ``audio`` (samples,), ``length``
     (its valid samples: fewer than ``num_samples`` for a zero-padded short clip), ``label``,
-    and ``pseudo_label`` when pseudo-labels are attached. Training crops are random (from
+    ``pseudo_label`` when pseudo-labels are attached, and with ``num_classes`` (a
+    multi-label source) ``targets``: the (num_classes,) multi-hot float vector of the
+    clip's classes, all zero when its label is hidden or unknown. Training crops are random (from
     the ``(seed, epoch, i)`` key of a :class:`TrainSampler`, else torch's global RNG),
     evaluation crops are the clip's centre, so evaluation is deterministic."""
 
@@ -87,6 +121,7 @@ class ClipDataset(Dataset):
         cache: dict[int, np.ndarray] | None,
         limits: AudioLimits,
         pseudo_labels: np.ndarray | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.indices = indices
         self.records = records
@@ -97,6 +132,7 @@ class ClipDataset(Dataset):
         self.cache = cache
         self.limits = limits
         self.pseudo_labels = pseudo_labels
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -105,7 +141,8 @@ class ClipDataset(Dataset):
         if self.cache is not None:
             return self.cache[index]
         try:
-            return read_audio(self.records[index].path, self.sample_rate, self.limits)
+            record = self.records[index]
+            return read_audio(record.path, self.sample_rate, self.limits, record.member)
         except AudioFileError as err:  # what a header check cannot see, e.g. NaN samples
             raise AudioFileError(
                 err.path,
@@ -143,7 +180,23 @@ class ClipDataset(Dataset):
         }
         if self.pseudo_labels is not None:
             item["pseudo_label"] = int(self.pseudo_labels[index])
+        if self.num_classes is not None:
+            item["targets"] = torch.from_numpy(
+                multi_hot(self.records, self.labels, np.array([index]), self.num_classes)[0]
+            )
         return item
+
+
+def multi_hot(
+    records: list[AudioRecord], labels: np.ndarray, indices: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """(len(indices), num_classes) float32 multi-hot targets of multi-label records; rows
+    whose ``labels`` entry is -1 (unknown, or hidden by ``data.label_fraction``) are zero."""
+    targets = np.zeros((len(indices), num_classes), dtype=np.float32)
+    for row, index in enumerate(indices):
+        if labels[index] >= 0:
+            targets[row, list(records[index].labels)] = 1.0
+    return targets
 
 
 @dataclass
@@ -163,23 +216,34 @@ def resolve_splits(source: SourceTable, cfg: DataConfig) -> SplitTable:
     true_labels = np.array([r.label for r in source.records], dtype=np.int64)
     given = [r.split for r in source.records]
     if all(s is not None for s in given):
-        splits = np.array(given)
+        splits = np.array(given, dtype="<U5")
     else:
         splits = assign_splits(true_labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     visible = true_labels.copy()
+    subset_seed = cfg.split_seed if cfg.label_subset_seed is None else cfg.label_subset_seed
     train = np.flatnonzero(splits == "train")
     labeled_train = train[true_labels[train] >= 0]
     if cfg.label_fraction < 1.0 and len(labeled_train):
         keep = labeled_train[
-            label_subset(true_labels[labeled_train], cfg.label_fraction, cfg.split_seed)
+            label_subset(true_labels[labeled_train], cfg.label_fraction, subset_seed)
         ]
         hidden = np.setdiff1d(labeled_train, keep)
         visible[hidden] = -1
+    if cfg.val_labels_per_class is not None:
+        # A few-label user has few labelled validation clips too: the rest of the
+        # validation split are unlabelled training clips.
+        val = np.flatnonzero(splits == "val")
+        labeled_val = val[true_labels[val] >= 0]
+        keep = labeled_val[
+            per_class_subset(true_labels[labeled_val], cfg.val_labels_per_class, subset_seed)
+        ]
+        moved = np.setdiff1d(labeled_val, keep)
+        splits[moved], visible[moved] = "train", -1
     return SplitTable(source, splits, true_labels, visible)
 
 
 class AudioDataModule(pl.LightningDataModule):
-    """Audio clips from one source (``synthetic``, ``folder`` or ``manifest``).
+    """Audio clips from one source (``synthetic``, ``speech``, ``folder`` or ``manifest``).
 
     ``train_items`` picks the training items: ``all`` (unlabeled use), ``labeled`` (the
     ``label_fraction`` subset) or ``pseudo_labeled`` (items with a label in
@@ -222,12 +286,20 @@ class AudioDataModule(pl.LightningDataModule):
             sample_rate=cfg.sample_rate,
             clip_seconds=cfg.clip_seconds,
         )
+        speech = None
+        if cfg.source == "speech":  # its spec checks its values, so only when used
+            speech = SpeechSpec(
+                **dataclasses.asdict(cfg.speech),
+                sample_rate=cfg.sample_rate,
+                clip_seconds=cfg.clip_seconds,
+            )
         table = load_source(
             cfg.source,
             root=cfg.root,
             path=cfg.path,
             cache_dir=cfg.cache_dir,
             synthetic=spec,
+            speech=speech,
             classes=cfg.classes,
             source_args=cfg.source_args,
         )
@@ -237,7 +309,9 @@ class AudioDataModule(pl.LightningDataModule):
         """Every record's header entry, from the shared index under ``data.cache_dir``."""
         if self._index is None:
             records = self._load_source().records
-            self._index = build_index([r.path for r in records], self.cfg.cache_dir)
+            self._index = build_index(
+                [r.path for r in records], self.cfg.cache_dir, [r.member for r in records]
+            )
         return self._index
 
     def prepare_data(self) -> None:
@@ -300,7 +374,9 @@ class AudioDataModule(pl.LightningDataModule):
             try:
                 index[i].check(records[i].path, self.limits)
                 if decode:
-                    audio = read_audio(records[i].path, cfg.sample_rate, self.limits)
+                    audio = read_audio(
+                        records[i].path, cfg.sample_rate, self.limits, records[i].member
+                    )
                     length = len(audio)
                 else:
                     length = round(index[i].frames / index[i].sample_rate * cfg.sample_rate)
@@ -385,6 +461,17 @@ class AudioDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     @property
+    def multi_label(self) -> bool:
+        """Whether clips have several classes (a manifest ``labels`` column): items carry
+        multi-hot ``targets`` and classifiers train with a sigmoid per class."""
+        return self.table.source.multi_label
+
+    def multi_hot(self, indices: np.ndarray) -> np.ndarray:
+        """The visible multi-hot targets of records ``indices`` (see :func:`multi_hot`)."""
+        table = self.table
+        return multi_hot(table.source.records, table.visible_labels, indices, self.num_classes)
+
+    @property
     def num_pseudo_classes(self) -> int:
         """k of the attached pseudo-labels."""
         if self.attached_pseudo_labels is None:
@@ -415,6 +502,7 @@ class AudioDataModule(pl.LightningDataModule):
             cache=self.cache,
             limits=self.limits,
             pseudo_labels=self.pseudo_labels,
+            num_classes=self.num_classes if self.multi_label else None,
         )
 
     def dataloader(
@@ -452,9 +540,13 @@ class AudioDataModule(pl.LightningDataModule):
         world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
         if train:
             # Same seed on every rank (all ranks are seeded alike), different per run seed.
-            sampler = TrainSampler(
-                dataset, world, rank, shuffle=True, seed=torch.initial_seed() % 2**31
-            )
+            seed = torch.initial_seed() % 2**31
+            if self.cfg.source == "shards":
+                records = self.table.source.records
+                shards = [str(records[i].path.parent) for i in dataset.indices]
+                sampler = ShardTrainSampler(dataset, shards, world, rank, seed)
+            else:
+                sampler = TrainSampler(dataset, world, rank, shuffle=True, seed=seed)
             sampler.resume_at = self._train_resume_at
             return sampler
         if len(dataset) < world:  # a process without a batch would wait forever in the metric sync

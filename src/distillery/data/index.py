@@ -1,7 +1,8 @@
 """The header index of a data set: every file's frames and rate, or why it is bad.
 
 Built once, by a thread pool (header reads wait on the file system, not the CPU), and
-kept under ``data.cache_dir/index``: one small JSON file per audio folder, each entry
+kept under ``data.cache_dir/index``: one small JSON file per audio folder (or tar shard:
+its members are ``<tar>/<name>`` paths with an ``(offset, size)``), each entry
 keyed by the file's path, size, modification and status-change time (the last catches a
 ``chmod`` that makes an unreadable file readable). Every stage and every rank that
 uses the same files reads it instead of opening each file again, and a changed file
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from distillery import artifacts
 from distillery.data import audio_io
-from distillery.data.audio_io import AudioFileError, AudioLimits, check_limits
+from distillery.data.audio_io import AudioFileError, AudioLimits, Member, check_limits
 
 __all__ = ["FileEntry", "build_index"]
 
@@ -58,17 +59,18 @@ class FileEntry:
         check_limits(path, self.sample_rate, self.frames, limits)
 
 
-def _stat_key(path: Path) -> list[int] | None:
+def _stat_key(path: Path, member: Member | None) -> list[int] | None:
+    """The file's size and times; a shard member's are its tar's, plus its offset."""
     try:
-        st = path.stat()
+        st = (path if member is None else path.parent).stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, *(member or ())]
 
 
-def _read_entry(path: Path) -> FileEntry:
+def _read_entry(path: Path, member: Member | None) -> FileEntry:
     try:
-        info = audio_io.audio_info(path)
+        info = audio_io.audio_info(path, member)
     except AudioFileError as err:
         return FileEntry(error=str(err))
     return FileEntry(info["frames"], info["sample_rate"], info["channels"])
@@ -123,31 +125,40 @@ def _lookup(
     return entries, stored
 
 
-def _read_missing(paths: list[Path], entries: list[FileEntry | None]) -> list[int]:
+def _read_missing(
+    paths: list[Path], members: list[Member | None], entries: list[FileEntry | None]
+) -> list[int]:
     """Read the headers of the files without an entry; returns their positions."""
     todo = [i for i, entry in enumerate(entries) if entry is None]
+    read = [paths[i] for i in todo], [members[i] for i in todo]
     with ThreadPoolExecutor(_THREADS) as pool:
-        for i, entry in zip(todo, pool.map(_read_entry, [paths[i] for i in todo]), strict=True):
+        for i, entry in zip(todo, pool.map(_read_entry, *read), strict=True):
             entries[i] = entry
     return todo
 
 
-def build_index(paths: Sequence[Path], cache_dir: str | os.PathLike[str] | None) -> list[FileEntry]:
+def build_index(
+    paths: Sequence[Path],
+    cache_dir: str | os.PathLike[str] | None,
+    members: Sequence[Member | None] | None = None,
+) -> list[FileEntry]:
     """The header entry of every file in ``paths`` (in order), reading only those that
     are not cached under ``cache_dir`` with their current size and times (all of them
-    when ``cache_dir`` is None)."""
+    when ``cache_dir`` is None). ``members``: each path's place in its tar shard, or None
+    for a plain file."""
     paths = [Path(p) for p in paths]
+    members = list(members) if members is not None else [None] * len(paths)
     cache = None if cache_dir is None else Path(cache_dir)
     with ThreadPoolExecutor(_THREADS) as pool:
-        keys = list(pool.map(_stat_key, paths))
+        keys = list(pool.map(_stat_key, paths, members))
     entries, stored = _lookup(paths, keys, cache)
     todo: list[int] = []
     if cache is None:
-        todo = _read_missing(paths, entries)
+        todo = _read_missing(paths, members, entries)
     elif None in entries:
         with _exclusive(cache):
             entries, stored = _lookup(paths, keys, cache)  # what a waited-for process wrote
-            todo = _read_missing(paths, entries)
+            todo = _read_missing(paths, members, entries)
             changed = {paths[i].parent for i in todo}
             for i, path in enumerate(paths):
                 if path.parent in changed and keys[i] is not None:  # missing: never cached

@@ -1,7 +1,10 @@
-"""Where audio comes from: a manifest file, a class-per-folder tree, or the synthetic set.
+"""Where audio comes from: a manifest file, a class-per-folder tree, or a built-in set
+(synthetic sounds, or spoken words).
 
 Every source resolves to a :class:`SourceTable`: a list of absolute file paths with an
-integer label (``-1`` = unknown) and, when the source defines one, a split name.
+integer label (``-1`` = unknown) and, when the source defines one, a split name. A
+multi-label manifest (a ``labels`` column: class names separated by ``;``) also gives
+each record the indices of all its classes.
 
 A row that cannot be used (a missing file, a label outside the class list) does not
 raise here: it stays in the table, so record indices follow the source, and its reason
@@ -23,10 +26,12 @@ from typing import Any
 
 from hydra.utils import get_method
 
+from distillery.data.speech import SpeechSpec, generate_speech
 from distillery.data.synthetic import SyntheticSpec, generate_synthetic
 
 __all__ = [
     "AUDIO_EXTENSIONS",
+    "LABEL_SEPARATOR",
     "SOURCES",
     "SPLIT_NAMES",
     "AudioRecord",
@@ -40,9 +45,11 @@ __all__ = [
 log = logging.getLogger("distillery.data")
 
 SPLIT_NAMES = ("train", "val", "test")
-SOURCES = ("synthetic", "folder", "manifest")
+SOURCES = ("synthetic", "speech", "folder", "manifest", "shards")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 UNKNOWN_LABEL = -1
+#: Separates the class names of a multi-label manifest's ``labels`` value (``dog;bark``).
+LABEL_SEPARATOR = ";"
 
 # Speech Commands style split lists (paths relative to the root, one per line).
 _SPLIT_LISTS = {"val": "validation_list.txt", "test": "testing_list.txt"}
@@ -50,11 +57,19 @@ _SPLIT_LISTS = {"val": "validation_list.txt", "test": "testing_list.txt"}
 
 @dataclass(frozen=True)
 class AudioRecord:
-    """One audio file: absolute ``path``, ``label`` index (-1 = unknown), optional ``split``."""
+    """One audio file: absolute ``path``, ``label`` index (-1 = unknown), optional ``split``.
+
+    Multi-label sources also set ``labels``, the indices of every class of the clip;
+    ``label`` is then its first listed class (-1 when it has none), which stratifies
+    splits and label subsets like a single label does. A clip in a tar shard has
+    ``path`` ``<tar>/<member name>`` and its ``member`` bytes' ``(offset, size)``.
+    """
 
     path: Path
     label: int
     split: str | None
+    labels: tuple[int, ...] | None = None
+    member: tuple[int, int] | None = None  # (offset, size) in the tar shard path.parent
 
 
 @dataclass
@@ -68,6 +83,7 @@ class SourceTable:
     records: list[AudioRecord]
     class_names: list[str]
     problems: dict[int, str] = field(default_factory=dict)
+    multi_label: bool = False  # records carry ``labels``; targets are multi-hot
 
     def __len__(self) -> int:
         return len(self.records)
@@ -145,11 +161,52 @@ def _lines(numbers: Sequence[int], limit: int = 10) -> str:
     return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > limit else "")
 
 
-def read_manifest_rows(path: str | os.PathLike[str]) -> list[tuple[int, Path, str, str | None]]:
-    """``(line, absolute file path, label, split)`` of every manifest row, checked without
-    opening the audio: every row has a ``path``; splits are known names and given for all
-    rows or for none (a partial column would silently re-split everything); no file is in
-    two splits. Labels that differ only by case or inner whitespace get a warning.
+#: A manifest row: (line, absolute file path, class names, split).
+ManifestRow = tuple[int, Path, tuple[str, ...], str | None]
+
+
+def row_labels(where: str, row: dict[str, Any], multi_label: bool) -> tuple[str, ...]:
+    """The class names of one manifest row (or shard clip, found at ``where``): ``label``
+    (one name) or ``labels`` (names separated by :data:`LABEL_SEPARATOR`, or a JSON list);
+    empty = unlabelled."""
+    if "label" in row and "labels" in row:
+        raise ValueError(
+            f"{where}: has both 'label' and 'labels'; a manifest uses one: "
+            f"'label' (one class) or 'labels' (classes separated by {LABEL_SEPARATOR!r})"
+        )
+    if not multi_label:
+        label = _text(row.get("label"))
+        return (label,) if label else ()
+    if "labels" not in row:
+        raise ValueError(
+            f"{where}: key 'labels' is missing while other rows have it; "
+            "give every row 'labels' (empty = unlabelled)"
+        )
+    value = row["labels"]
+    if isinstance(value, list):
+        names = [_text(name) for name in value]
+    else:
+        text = _text(value)
+        names = [name.strip() for name in text.split(LABEL_SEPARATOR)] if text else []
+    if not all(names):
+        raise ValueError(
+            f"{where}: key 'labels': an empty class name in {value!r} "
+            f"(separate classes with {LABEL_SEPARATOR!r}, no empty items)"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{where}: key 'labels': {', '.join(map(repr, repeated))} listed twice")
+    return tuple(names)
+
+
+def read_manifest_rows(path: str | os.PathLike[str]) -> tuple[list[ManifestRow], bool]:
+    """Every manifest row, checked without opening the audio, and whether the manifest
+    is multi-label (it has a ``labels`` key: :func:`_row_labels`).
+
+    Checked: every row has a ``path``; splits are known names and given for all rows or
+    for none (a partial column would silently re-split everything); no file is in two
+    splits; ``labels`` items are non-empty and distinct. Labels that differ only by case
+    or inner whitespace get a warning.
 
     Raises:
         ValueError: naming the file and the lines.
@@ -158,8 +215,10 @@ def read_manifest_rows(path: str | os.PathLike[str]) -> list[tuple[int, Path, st
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
     base = path.resolve().parent
-    rows: list[tuple[int, Path, str, str | None]] = []
-    for line, row in _manifest_rows(path):
+    raw = list(_manifest_rows(path))
+    multi_label = any("labels" in row for _, row in raw)
+    rows: list[ManifestRow] = []
+    for line, row in raw:
         file_text = _text(row.get("path"))
         if not file_text:
             raise ValueError(f"{path}: line {line}: key 'path' is missing or empty")
@@ -172,7 +231,8 @@ def read_manifest_rows(path: str | os.PathLike[str]) -> list[tuple[int, Path, st
         file_path = Path(file_text).expanduser()
         if not file_path.is_absolute():
             file_path = base / file_path
-        rows.append((line, file_path, _text(row.get("label")), split))
+        labels = row_labels(f"{path}: line {line}", row, multi_label)
+        rows.append((line, file_path, labels, split))
     if not rows:
         raise ValueError(f"{path}: the manifest lists no files")
 
@@ -191,13 +251,13 @@ def read_manifest_rows(path: str | os.PathLike[str]) -> list[tuple[int, Path, st
                 f"two splits ({seen[1]} and {split}); a clip may be in one only"
             )
     _warn_near_duplicate_labels(path, rows)
-    return rows
+    return rows, multi_label
 
 
-def _warn_near_duplicate_labels(path: Path, rows: list[tuple[int, Path, str, str | None]]) -> None:
+def _warn_near_duplicate_labels(path: Path, rows: list[ManifestRow]) -> None:
     spellings: dict[str, dict[str, int]] = {}
-    for line, _, label, _ in rows:
-        if label:
+    for line, _, labels, _ in rows:
+        for label in labels:
             spellings.setdefault(" ".join(label.split()).casefold(), {}).setdefault(label, line)
     for variants in spellings.values():
         if len(variants) > 1:
@@ -213,7 +273,7 @@ def _warn_near_duplicate_labels(path: Path, rows: list[tuple[int, Path, str, str
 
 def manifest_labels(path: str | os.PathLike[str]) -> list[str]:
     """The distinct labels of a manifest, sorted, after :func:`read_manifest_rows`' checks."""
-    return sorted({label for _, _, label, _ in read_manifest_rows(path) if label})
+    return sorted({label for _, _, labels, _ in read_manifest_rows(path)[0] for label in labels})
 
 
 def _text(value: Any) -> str:
@@ -249,30 +309,53 @@ def read_manifest(
 
     ``label`` is a class name (empty or missing = unknown, -1); ``split`` is one of
     train/val/test or empty. Relative paths are resolved against the manifest's folder.
+    A multi-label manifest has ``labels`` instead of ``label``: class names separated by
+    ``;`` (:data:`LABEL_SEPARATOR`; in JSON lines also a list), empty = unknown.
 
     The class list is ``classes`` (``data.classes``; label indices follow its order)
     when given; otherwise, when every row names its split, the sorted labels of the
     train rows (a val/test label no train row has cannot be learned: a typo, or a
     class missing from train); otherwise all distinct labels, sorted.
 
-    Rows whose file does not exist or whose label is outside the class list are kept
-    (label -1) and listed in ``problems``, naming the manifest line.
+    Rows whose file does not exist or with a label outside the class list are kept
+    (label -1) and listed in ``problems``, naming the manifest line and the label.
 
     Raises:
         ValueError: naming the file, line and key, for a missing ``path``, an unknown
             split, a split column given for only some rows, a file in two splits,
-            undecodable text, invalid JSON, or a manifest with no rows.
+            a malformed ``labels`` list, undecodable text, invalid JSON, or a manifest
+            with no rows.
     """
     path = Path(path)
-    rows = read_manifest_rows(path)
+    rows, multi_label = read_manifest_rows(path)
+    located = [
+        (f"{path}: line {line}", file, names, split, None) for line, file, names, split in rows
+    ]
+    return labelled_table(located, multi_label, classes)
 
-    labels = {label for _, _, label, _ in rows if label}
+
+#: A labelled clip before its labels are numbered: (where, for messages: the manifest line
+#: or the shard member), file path, class names, split, tar ``member`` (or None).
+LabelledClip = tuple[str, Path, tuple[str, ...], str | None, tuple[int, int] | None]
+
+
+def labelled_table(
+    clips: list[LabelledClip], multi_label: bool, classes: Sequence[str] | None
+) -> SourceTable:
+    """Number the clips' labels: the class list is ``classes`` when given, else the sorted
+    labels of the train clips when every clip has a split, else all labels, sorted. A clip
+    whose file does not exist or with a label outside the class list is kept (label -1)
+    and listed in ``problems``, naming where it is and the label."""
+    key = "labels" if multi_label else "label"
+    labels = {label for _, _, names, _, _ in clips for label in names}
     if classes is not None:
         class_names = _class_list(classes)
         _warn_classes_without_files(class_names, labels)
         outside = f"is not in data.classes ({_preview(class_names)})"
-    elif all(split is not None for *_, split in rows):
-        class_names = sorted({label for *_, label, split in rows if label and split == "train"})
+    elif all(split is not None for *_, split, _ in clips):
+        class_names = sorted(
+            {name for *_, names, split, _ in clips if split == "train" for name in names}
+        )
         outside = "occurs in no train row, so no model can learn it (fix the label, or list it in data.classes)"
     else:
         class_names = sorted(labels)
@@ -281,16 +364,20 @@ def read_manifest(
 
     records: list[AudioRecord] = []
     problems: dict[int, str] = {}
-    for line, file_path, label, split in rows:
-        if not file_path.is_file():
+    for where, file_path, names, split, member in clips:
+        unknown = [name for name in names if name not in index]
+        if member is None and not file_path.is_file():
             reason = "file does not exist" if not file_path.exists() else "is not a regular file"
-            problems[len(records)] = f"{path}: line {line}: audio file {str(file_path)!r}: {reason}"
-        elif label and label not in index:
+            problems[len(records)] = f"{where}: audio file {str(file_path)!r}: {reason}"
+        elif unknown:
             problems[len(records)] = (
-                f"{path}: line {line}: audio file {str(file_path)!r}: key 'label': {label!r} {outside}"
+                f"{where}: audio file {str(file_path)!r}: key {key!r}: "
+                f"{', '.join(map(repr, unknown))} {outside}"
             )
-        records.append(AudioRecord(file_path, index.get(label, UNKNOWN_LABEL), split))
-    return SourceTable(records, class_names, problems)
+        ids = tuple(index[name] for name in names) if not unknown else ()
+        label = ids[0] if ids else UNKNOWN_LABEL
+        records.append(AudioRecord(file_path, label, split, ids if multi_label else None, member))
+    return SourceTable(records, class_names, problems, multi_label)
 
 
 # --------------------------------------------------------------------------- folder
@@ -420,6 +507,7 @@ def limit_clips(table: SourceTable, max_clips: int) -> SourceTable:
         [table.records[i] for i in kept],
         table.class_names,
         {new: table.problems[old] for new, old in enumerate(kept) if old in table.problems},
+        table.multi_label,
     )
 
 
@@ -433,24 +521,30 @@ def load_source(
     path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     synthetic: SyntheticSpec | None = None,
+    speech: SpeechSpec | None = None,
     classes: Sequence[str] | None = None,
     source_args: dict[str, Any] | None = None,
 ) -> SourceTable:
     """Resolve the configured data source (``data.source``) to a :class:`SourceTable`.
 
     - ``synthetic``: generate (or reuse) the synthetic set under ``cache_dir``.
+    - ``speech``: generate (or reuse) the espeak-ng spoken-word set under ``cache_dir``;
+      its manifest gives speaker-disjoint splits.
     - ``folder``: :func:`scan_folder` of ``root``.
     - ``manifest``: :func:`read_manifest` of ``path``.
+    - ``shards``: :func:`~distillery.data.shards.scan_shards` of ``path`` (tar shards).
     - a dotted import path (``my_pkg.sources.my_source``): a user's function, called with
       ``source_args`` (``data.source_args``), that returns a :class:`SourceTable`.
 
     ``classes`` (``data.classes``) fixes the class list and its order, when given.
     """
-    if source == "synthetic":
+    if source in ("synthetic", "speech"):
         if cache_dir is None:
             raise ValueError(
-                "data.source=synthetic needs data.cache_dir (where to write the audio)"
+                f"data.source={source} needs data.cache_dir (where to write the audio)"
             )
+        if source == "speech":
+            return read_manifest(generate_speech(speech or SpeechSpec(), cache_dir), classes)
         return read_manifest(generate_synthetic(synthetic or SyntheticSpec(), cache_dir), classes)
     if source == "folder":
         if root is None or str(root) == "":
@@ -460,6 +554,12 @@ def load_source(
         if path is None or str(path) == "":
             raise ValueError("data.source=manifest needs data.path (a .csv or .jsonl manifest)")
         return read_manifest(path, classes)
+    if source == "shards":
+        from distillery.data.shards import scan_shards  # it builds on this module
+
+        if path is None or str(path) == "":
+            raise ValueError("data.source=shards needs data.path (a folder of .tar shards)")
+        return scan_shards(path, classes)
     if "." in source:
         table = get_method(source)(**(source_args or {}))
         if not isinstance(table, SourceTable):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-__all__ = ["assign_splits", "label_subset"]
+__all__ = ["assign_splits", "label_subset", "per_class_subset"]
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:
@@ -79,6 +81,19 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    return _stratified(labels, lambda n: max(1, _round_half_up(n * fraction)), seed)
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of at most ``per_class`` items of each known class (-1 never), seeded like
+    :func:`label_subset`; sorted int64 indices into ``labels``."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    return _stratified(labels, lambda n: min(n, per_class), seed)
+
+
+def _stratified(labels: np.ndarray, count: Callable[[int], int], seed: int) -> np.ndarray:
+    """``count(n)`` items of each known class of ``n`` members, drawn with ``seed``."""
     labels = _as_labels(labels)
     rng = np.random.default_rng(seed)
     keep: list[np.ndarray] = []
@@ -86,8 +101,7 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         if label < 0:
             continue
         members = rng.permutation(np.flatnonzero(labels == label))
-        count = max(1, _round_half_up(members.shape[0] * fraction))
-        keep.append(members[:count])
+        keep.append(members[: count(members.shape[0])])
     if not keep:
         return np.zeros(0, dtype=np.int64)
     return np.sort(np.concatenate(keep)).astype(np.int64)

@@ -27,7 +27,14 @@ from rich.progress import track
 from distillery import artifacts
 from distillery.data.audio_io import write_wav
 
-__all__ = ["CLASS_NAMES", "SyntheticSpec", "generate_clip", "generate_synthetic", "spec_hash"]
+__all__ = [
+    "CLASS_NAMES",
+    "SyntheticSpec",
+    "generate_clip",
+    "generate_synthetic",
+    "manifest_is_complete",
+    "spec_hash",
+]
 
 log = logging.getLogger("distillery.data")
 
@@ -95,10 +102,12 @@ def _harmonic_tone(
     return (amps[:, None] * np.sin(harmonics[:, None] * base[None, :] + phases[:, None])).sum(0)
 
 
-def _sweep(rng: np.random.Generator, n: int, sr: int, up: bool) -> np.ndarray:
-    """Exponential frequency sweep over 1.5-2.5 octaves, with a random 2nd harmonic."""
+def _sweep(
+    rng: np.random.Generator, n: int, sr: int, up: bool, octaves: tuple[float, float] = (1.5, 2.5)
+) -> np.ndarray:
+    """Exponential frequency sweep over ``octaves`` octaves, with a random 2nd harmonic."""
     f_low = _log_uniform(rng, 200.0, 600.0)
-    f_high = min(f_low * 2.0 ** rng.uniform(1.5, 2.5), 0.4 * sr)
+    f_high = min(f_low * 2.0 ** rng.uniform(*octaves), 0.4 * sr)
     start, end = (f_low, f_high) if up else (f_high, f_low)
     track_hz = start * (end / start) ** (np.arange(n) / max(n - 1, 1))
     phase = _phase(track_hz, n, sr)
@@ -137,12 +146,14 @@ def _vowel(
     return _formant_filter(source, sr, formants)
 
 
-def _am_tone(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
-    """Sinusoid with slow sinusoidal amplitude modulation (tremolo)."""
+def _am_tone(
+    rng: np.random.Generator, n: int, sr: int, rate_hz: tuple[float, float] = (4.0, 16.0)
+) -> np.ndarray:
+    """Sinusoid with sinusoidal amplitude modulation (tremolo) at ``rate_hz`` Hz."""
     t = np.arange(n) / sr
     carrier = np.sin(_phase(_log_uniform(rng, 300.0, 1500.0), n, sr))
     depth = rng.uniform(0.6, 1.0)
-    modulator = 1.0 + depth * np.sin(_TWO_PI * rng.uniform(4.0, 16.0) * t + rng.uniform(0, _TWO_PI))
+    modulator = 1.0 + depth * np.sin(_TWO_PI * rng.uniform(*rate_hz) * t + rng.uniform(0, _TWO_PI))
     return carrier * modulator
 
 
@@ -177,6 +188,16 @@ _KINDS: list[tuple[str, Callable[[np.random.Generator, int, int], np.ndarray]]] 
     ("am_tone", _am_tone),
     ("fm_tone", _fm_tone),
     ("vowel_u", lambda rng, n, sr: _vowel(rng, n, sr, [(280, 380), (750, 950), (2200, 2600)])),
+    # Kinds 12-19 (data=synthetic_hard) each sit next to one above and differ from it in
+    # one parameter only, with ranges that meet: a confusable pair each.
+    ("vowel_o", lambda rng, n, sr: _vowel(rng, n, sr, [(380, 500), (800, 1000), (2300, 2700)])),
+    ("vowel_e", lambda rng, n, sr: _vowel(rng, n, sr, [(350, 500), (1800, 2200), (2600, 3000)])),
+    ("tone_mid", lambda rng, n, sr: _harmonic_tone(rng, n, sr, _log_uniform(rng, 200, 520), 9)),
+    ("chirp_up_short", lambda rng, n, sr: _sweep(rng, n, sr, up=True, octaves=(0.6, 1.5))),
+    ("chirp_down_short", lambda rng, n, sr: _sweep(rng, n, sr, up=False, octaves=(0.6, 1.5))),
+    ("clicks_mid", lambda rng, n, sr: _click_train(rng, n, sr, rng.uniform(7.0, 16.0))),
+    ("am_tone_fast", lambda rng, n, sr: _am_tone(rng, n, sr, rate_hz=(14.0, 30.0))),
+    ("noise_pink", lambda rng, n, sr: _coloured_noise(rng, n, alpha=rng.uniform(0.4, 1.2))),
 ]
 
 CLASS_NAMES: list[str] = [name for name, _ in _KINDS]
@@ -288,7 +309,7 @@ def generate_clip(kind_index: int, rng: np.random.Generator, spec: SyntheticSpec
     return clip.astype(np.float32)
 
 
-def _manifest_is_complete(manifest: Path, expected_rows: int) -> bool:
+def manifest_is_complete(manifest: Path, expected_rows: int) -> bool:
     """True when ``manifest`` lists ``expected_rows`` files that all exist."""
     if not manifest.is_file():
         return False
@@ -317,7 +338,7 @@ def generate_synthetic(
     manifest = root / "manifest.csv"
     names = spec.class_names
     expected = spec.num_classes * spec.clips_per_class
-    if _manifest_is_complete(manifest, expected):
+    if manifest_is_complete(manifest, expected):
         log.info("Reusing synthetic data (%d clips) at %s", expected, root)
         return manifest
 

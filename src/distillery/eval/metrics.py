@@ -1,4 +1,5 @@
-"""Metrics of a frozen encoder's embeddings: kNN, linear probe, k-means clustering.
+"""Metrics of a frozen encoder's embeddings: kNN, linear probe, k-means clustering, and
+mean average precision (mAP) for multi-label targets.
 
 Every function takes embeddings ``x`` of shape ``(n, d)`` and integer labels ``y`` of
 shape ``(n,)`` as numpy arrays or torch tensors (any device; copied to CPU). Label ``-1``
@@ -7,7 +8,7 @@ means "unlabeled": such rows are ignored wherever labels are needed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -15,14 +16,20 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "UNLABELED",
+    "MeanAveragePrecision",
+    "average_precision",
     "cluster_and_score",
     "clustering_scores",
     "kmeans_labels",
     "knn_accuracy",
     "linear_probe_accuracy",
+    "linear_probe_map",
+    "mean_average_precision",
 ]
 
 #: Label value of rows without a label.
@@ -148,6 +155,66 @@ def knn_accuracy(
     return float((predicted == yte).mean())
 
 
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    """Arrays standardised with the mean and std of ``train`` (every train row)."""
+    # float64 statistics: float32 sums over many rows lose precision.
+    mean = train.mean(axis=0, dtype=np.float64)
+    std = train.std(axis=0, dtype=np.float64)
+    std[std < 1e-8] = 1.0  # constant dims: leave them at 0 rather than dividing by ~0
+    return [torch.from_numpy(((a - mean) / std).astype(np.float32)) for a in others]
+
+
+def _fit_linear(
+    x: Tensor,
+    targets: Tensor,
+    n_out: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    batch_size: int,
+) -> tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of a zero-initialised linear layer trained with Adam (L2
+    ``weight_decay``) and a cosine learning-rate decay for ``epochs`` passes over
+    ``(x, targets)`` in shuffled mini-batches of at most ``batch_size`` rows. Small sets
+    get smaller batches (about 10 per epoch, at least 32 rows each) so the probe still
+    takes enough steps to converge. Deterministic for a given ``seed`` (the shuffling)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    n, d = x.shape
+    # Full-batch training would take only `epochs` steps on a small labeled set, far
+    # from converged at lr 1e-2 (low-label probes came out several points too low).
+    batch = min(batch_size, n, max(_PROBE_MIN_BATCH, -(-n // _PROBE_BATCHES_PER_EPOCH)))
+    steps_per_epoch = -(-n // batch)
+    # Tiny matmuls gain nothing from threads, and on a busy machine every threaded call
+    # waits for descheduled workers: small probes ran 50x slower with 2 threads.
+    threads = 1 if batch * d * n_out < _PROBE_SINGLE_THREAD_MACS else torch.get_num_threads()
+
+    # Fresh tensors with grad enabled, so this also works when called under
+    # torch.inference_mode() / no_grad() (e.g. from a Lightning test loop).
+    with _at_most_threads(threads), torch.inference_mode(False), torch.enable_grad():
+        x, targets = x.clone(), targets.clone()
+        weight = torch.zeros(n_out, d, requires_grad=True)
+        bias = torch.zeros(n_out, requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=epochs * steps_per_epoch
+        )
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator) if batch < n else None
+            for start in range(0, n, batch):
+                idx = order[start : start + batch] if order is not None else slice(None)
+                loss = loss_fn(F.linear(x[idx], weight, bias), targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    return weight.detach(), bias.detach()
+
+
 def linear_probe_accuracy(
     train_x: ArrayLike,
     train_y: ArrayLike,
@@ -163,11 +230,8 @@ def linear_probe_accuracy(
     """Test accuracy of a linear softmax classifier trained on frozen embeddings.
 
     Features are standardised with the mean and std of all train rows (labeled or not),
-    then a zero-initialised linear layer is trained with Adam (L2 ``weight_decay``) and a
-    cosine learning-rate decay for ``epochs`` passes over the labeled train rows, in
-    shuffled mini-batches of at most ``batch_size`` rows. Small sets get smaller batches
-    (about 10 per epoch, at least 32 rows each) so the probe still takes enough steps to
-    converge. Deterministic for a given ``seed`` (it only drives the shuffling).
+    then a linear layer is trained with cross-entropy on the labeled train rows
+    (:func:`_fit_linear`: Adam, cosine decay, ``epochs`` shuffled passes).
 
     Args:
         train_x: (n_train, d) train embeddings.
@@ -180,8 +244,6 @@ def linear_probe_accuracy(
         int64 predicted labels of *every* test row, aligned with ``test_y`` (mask
         ``test_y != -1`` before building a confusion matrix).
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
     all_train = _features(train_x, "train")
     _labels(train_y, all_train.shape[0], "train")
     xtr, ytr = _labeled(train_x, train_y, "train")
@@ -193,48 +255,132 @@ def linear_probe_accuracy(
     if not scored.any():
         raise ValueError(f"test: no labeled rows (every label is {UNLABELED})")
 
-    # float64 statistics: float32 sums over many rows lose precision.
-    mean = all_train.mean(axis=0, dtype=np.float64)
-    std = all_train.std(axis=0, dtype=np.float64)
-    std[std < 1e-8] = 1.0  # constant dims: leave them at 0 rather than dividing by ~0
     classes, ytr_idx = np.unique(ytr, return_inverse=True)
-    n, d, n_classes = len(ytr), xtr.shape[1], len(classes)
-
-    # Full-batch training would take only `epochs` steps on a small labeled set, far
-    # from converged at lr 1e-2 (low-label probes came out several points too low).
-    batch = min(batch_size, n, max(_PROBE_MIN_BATCH, -(-n // _PROBE_BATCHES_PER_EPOCH)))
-    steps_per_epoch = -(-n // batch)
-    # Tiny matmuls gain nothing from threads, and on a busy machine every threaded call
-    # waits for descheduled workers: small probes ran 50x slower with 2 threads.
-    threads = 1 if batch * d * n_classes < _PROBE_SINGLE_THREAD_MACS else torch.get_num_threads()
-
-    # Fresh tensors with grad enabled, so this also works when called under
-    # torch.inference_mode() / no_grad() (e.g. from a Lightning test loop).
-    with _at_most_threads(threads), torch.inference_mode(False), torch.enable_grad():
-        x = torch.from_numpy(((xtr - mean) / std).astype(np.float32))
-        y = torch.from_numpy(ytr_idx.reshape(-1).astype(np.int64))
-        weight = torch.zeros(n_classes, d, requires_grad=True)
-        bias = torch.zeros(n_classes, requires_grad=True)
-        optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=epochs * steps_per_epoch
-        )
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator) if batch < n else None
-            for start in range(0, n, batch):
-                idx = order[start : start + batch] if order is not None else slice(None)
-                loss = F.cross_entropy(F.linear(x[idx], weight, bias), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-
-        with torch.no_grad():
-            xt = torch.from_numpy(((xte - mean) / std).astype(np.float32))
-            pred_idx = F.linear(xt, weight, bias).argmax(dim=1).numpy()
+    x, xt = _standardise(all_train, xtr, xte)
+    y = torch.from_numpy(ytr_idx.reshape(-1).astype(np.int64))
+    weight, bias = _fit_linear(
+        x,
+        y,
+        len(classes),
+        F.cross_entropy,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    pred_idx = F.linear(xt, weight, bias).argmax(dim=1).numpy()
     predictions = classes[pred_idx].astype(np.int64)
     return float((predictions[scored] == yte[scored]).mean()), predictions
+
+
+def _targets(t: ArrayLike, n: int, name: str) -> np.ndarray:
+    t = np.asarray(_to_numpy(t))
+    if t.ndim != 2 or t.shape[0] != n:
+        raise ValueError(f"{name}: expected ({n}, classes) multi-hot targets, got shape {t.shape}")
+    if not np.isin(t, (0, 1)).all():
+        raise ValueError(f"{name}: multi-hot targets must be 0 or 1")
+    return t.astype(np.float32)
+
+
+def average_precision(targets: ArrayLike, scores: ArrayLike) -> float:
+    """Average precision of one class: ``sum_i (R_i - R_{i-1}) P_i`` over the distinct
+    score thresholds, highest first (tied scores form one threshold), as scikit-learn's
+    ``average_precision_score``. ``targets``: (n,) 0/1; needs at least one positive."""
+    y = np.asarray(_to_numpy(targets), dtype=np.float64).reshape(-1)
+    s = np.asarray(_to_numpy(scores), dtype=np.float64).reshape(-1)
+    if not y.any():
+        raise ValueError("average precision needs at least one positive")
+    order = np.argsort(-s, kind="stable")
+    y, s = y[order], s[order]
+    last_of_threshold = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    true_pos = np.cumsum(y)[last_of_threshold]
+    precision = true_pos / (last_of_threshold + 1)
+    recall = true_pos / true_pos[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def mean_average_precision(targets: ArrayLike, scores: ArrayLike) -> float:
+    """mAP: the macro average of :func:`average_precision` over the classes (columns) with
+    at least one positive row (a class absent from the scored split has no precision).
+
+    Args:
+        targets: (n, classes) multi-hot 0/1.
+        scores: (n, classes) any monotone score per class (logits or probabilities).
+    """
+    scores = _features(scores, "scores")
+    targets = _targets(targets, scores.shape[0], "targets")
+    if targets.shape != scores.shape:
+        raise ValueError(f"targets {targets.shape} and scores {scores.shape} differ in shape")
+    present = np.flatnonzero(targets.any(axis=0))
+    if not len(present):
+        raise ValueError("mean average precision: no class has a positive row")
+    return float(np.mean([average_precision(targets[:, c], scores[:, c]) for c in present]))
+
+
+class MeanAveragePrecision(Metric):
+    """:func:`mean_average_precision` as a torchmetrics metric: scores and targets are
+    gathered from every process before it is computed, so DDP gives the global value."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: Tensor, targets: Tensor) -> None:
+        self.scores.append(scores.detach().float())
+        self.targets.append(targets.detach().float())
+
+    def compute(self) -> Tensor:
+        scores, targets = dim_zero_cat(self.scores), dim_zero_cat(self.targets)
+        return torch.tensor(mean_average_precision(targets.cpu(), scores.cpu()))
+
+
+def linear_probe_map(
+    train_x: ArrayLike,
+    train_t: ArrayLike,
+    test_x: ArrayLike,
+    test_t: ArrayLike,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = 4096,
+) -> float:
+    """Test mAP (:func:`mean_average_precision`) of a multi-label linear classifier (one
+    sigmoid per class, binary cross-entropy) trained on frozen embeddings, as
+    :func:`linear_probe_accuracy` trains its softmax one. Rows whose targets are all zero
+    (unlabelled) are not trained on or scored.
+
+    Args:
+        train_x: (n_train, d) train embeddings; train_t: (n_train, classes) multi-hot.
+        test_x: (n_test, d) test embeddings; test_t: (n_test, classes) multi-hot.
+    """
+    all_train = _features(train_x, "train")
+    ttr = _targets(train_t, all_train.shape[0], "train")
+    xte = _features(test_x, "test")
+    tte = _targets(test_t, xte.shape[0], "test")
+    if all_train.shape[1] != xte.shape[1]:
+        raise ValueError(f"train and test dims differ: {all_train.shape[1]} vs {xte.shape[1]}")
+    train_rows, test_rows = ttr.any(axis=1), tte.any(axis=1)
+    if not train_rows.any() or not test_rows.any():
+        raise ValueError("linear probe mAP: no labeled train or test rows")
+    x, xt = _standardise(all_train, all_train[train_rows], xte[test_rows])
+    weight, bias = _fit_linear(
+        x,
+        torch.from_numpy(ttr[train_rows]),
+        ttr.shape[1],
+        F.binary_cross_entropy_with_logits,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return mean_average_precision(tte[test_rows], F.linear(xt, weight, bias).numpy())
 
 
 def kmeans_labels(x: ArrayLike, k: int, *, seed: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +17,7 @@ from distillery.eval.metrics import (
     cluster_and_score,
     knn_accuracy,
     linear_probe_accuracy,
+    linear_probe_map,
 )
 
 __all__ = ["evaluate_encoder"]
@@ -46,6 +48,7 @@ def evaluate_encoder(
     device: torch.device | str = "cpu",
     seed: int = 0,
     name: str = "encoder",
+    multi_hot: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Embed both splits with the frozen encoder and compute the standard metrics.
 
@@ -53,7 +56,13 @@ def evaluate_encoder(
       both splits, otherwise they are left out (e.g. a fully unlabeled train split);
     - ``nmi`` / ``ari``: k-means (k = number of classes) on the labeled test rows;
       left out when the test split has no labels;
-    - ``params``: parameter count of the encoder; ``embed_dim``: embedding size.
+    - ``params``: parameter count of the encoder; ``embed_dim``: embedding size;
+    - ``throughput_clips_s``: test clips the frozen encoder embeds per second on ``device``
+      (featurize + forward in the test loader's batches, data loading excluded).
+
+    Multi-label data (``multi_hot`` given: item indices -> (n, classes) multi-hot
+    targets) is scored by ``linear_map`` alone, the test mAP of a linear probe with one
+    sigmoid per class; the single-label metrics and plots above are left out.
 
     Plots (when ``plots``) go under ``out_dir``: ``embedding_map`` (t-SNE of the test
     split), ``confusion`` (linear probe on the test split) and ``cluster_sizes`` (k-means
@@ -72,15 +81,23 @@ def evaluate_encoder(
         ``(metrics, plot_paths)``: floats by metric name, and PNG paths by plot name.
     """
     out_dir = Path(out_dir)
-    _, train_x, train_y = embed(encoder, train_loader, featurize, device)
-    _, test_x, test_y = embed(encoder, test_loader, featurize, device)
+    train_i, train_x, train_y = embed(encoder, train_loader, featurize, device)
+    timing: dict[str, float] = {}
+    test_i, test_x, test_y = embed(encoder, test_loader, featurize, device, timing=timing)
     if len(test_x) == 0:
         raise ValueError("the test loader yielded no items")
 
     metrics: dict[str, float] = {
         "params": float(sum(p.numel() for p in encoder.parameters())),
         "embed_dim": float(test_x.shape[1]),
+        "throughput_clips_s": len(test_x) / max(timing["seconds"], 1e-9),
     }
+    if multi_hot is not None:
+        metrics["linear_map"] = linear_probe_map(
+            train_x, multi_hot(train_i), test_x, multi_hot(test_i), epochs=probe_epochs, seed=seed
+        )
+        log.info("encoder eval: linear_map=%.4f", metrics["linear_map"])
+        return metrics, {}
     paths: dict[str, str | None] = {}
     train_labeled = bool((train_y != UNLABELED).any())
     test_labeled = bool((test_y != UNLABELED).any())
@@ -145,12 +162,13 @@ def evaluate_encoder(
     names = [*(f"knn{k}_acc" for k in knn_k), "linear_acc", "nmi", "ari"]
     shown = [f"{name}={metrics[name]:.4f}" for name in names if name in metrics]
     log.info(
-        "encoder eval: %s params=%s dim=%d (train n=%d, test n=%d)",
+        "encoder eval: %s params=%s dim=%d %.0f clips/s (train n=%d, test n=%d)",
         " ".join(shown) or "(no labels)",
         f"{metrics['params'] / 1e6:.2f}M"
         if metrics["params"] >= 1e5
         else f"{metrics['params']:.0f}",
         int(metrics["embed_dim"]),
+        metrics["throughput_clips_s"],
         len(train_x),
         len(test_x),
     )

@@ -54,6 +54,11 @@ class AudioNTT(nn.Module):
     Linear -> ReLU -> Dropout -> Linear -> ReLU to ``dim``; the clip embedding is
     max-over-time + mean-over-time.
 
+    Exits (UnFuSeD's multi-exit student): block ``i``'s (B, channels, F_i, T_i) output
+    averaged over time and flattened, ``channels * n_mels / 2**(i+1)`` values, as the
+    method states (``exit_pooling="time"``); ``"freq_time"`` averages over frequency too
+    (``channels`` values per exit: smaller exit heads, less frequency detail).
+
     Module names and order (``features.*``, ``fc.*``) follow the BYOL-A release, so its
     pretrained state dicts load key for key (with ``channels=64``).
 
@@ -62,24 +67,41 @@ class AudioNTT(nn.Module):
         channels: conv channels of every block.
         dim: embedding size.
         dropout: dropout inside the frame-wise FC.
+        exit_pooling: ``"time"`` or ``"freq_time"``: what the exits average over.
 
     Shapes:
         x: (B, 1, n_mels, T) with T >= 8.
         forward: (B, dim).
-        forward_exits: ([(B, channels)] * 3, (B, dim)).
+        forward_exits: ([(B, exit_dims[i]) for i in 0..2], (B, dim)); ``exit_dims`` is
+            ``[channels * (n_mels // 2**(i+1))]`` with ``"time"``, ``[channels] * 3`` with
+            ``"freq_time"``.
     """
 
     num_blocks = 3
+    EXIT_POOLINGS = ("time", "freq_time")
 
     def __init__(
-        self, n_mels: int = 64, channels: int = 64, dim: int = 2048, dropout: float = 0.3
+        self,
+        n_mels: int = 64,
+        channels: int = 64,
+        dim: int = 2048,
+        dropout: float = 0.3,
+        exit_pooling: str = "time",
     ) -> None:
         super().__init__()
         if n_mels < 2**self.num_blocks:
             raise ValueError(f"n_mels must be >= {2**self.num_blocks}, got {n_mels}")
+        if exit_pooling not in self.EXIT_POOLINGS:
+            raise ValueError(
+                f"exit_pooling must be one of {list(self.EXIT_POOLINGS)}, got {exit_pooling!r}"
+            )
         self.n_mels = n_mels
         self.embed_dim = dim
-        self.exit_dims = [channels] * self.num_blocks
+        self.exit_pooling = exit_pooling
+        self.exit_dims = [
+            channels * (n_mels // 2 ** (i + 1)) if exit_pooling == "time" else channels
+            for i in range(self.num_blocks)
+        ]
 
         layers: list[nn.Module] = []
         in_ch = 1
@@ -126,16 +148,22 @@ class AudioNTT(nn.Module):
         self._check(x)
         return self._pool_time(self._frames(self.features(x)))
 
+    def _exit(self, fmap: Tensor) -> Tensor:
+        """(B, C, F, T) block output -> (B, exit_dim): mean over time (and frequency)."""
+        if self.exit_pooling == "freq_time":
+            return fmap.mean(dim=(2, 3))
+        return fmap.mean(dim=3).flatten(1)
+
     def forward_exits(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """One pass returning the 3 block outputs (mean over freq and time, (B, channels)
-        each) and the final embedding (B, dim)."""
+        """One pass returning the 3 block outputs pooled by ``exit_pooling`` ((B,
+        exit_dims[i]) each) and the final embedding (B, dim)."""
         self._check(x)
         exits: list[Tensor] = []
         h = x
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i % 4 == 3:  # after the pooling that closes a block
-                exits.append(h.mean(dim=(2, 3)))
+                exits.append(self._exit(h))
         return exits, self._pool_time(self._frames(h))
 
 

@@ -305,6 +305,24 @@ class SpeechEncoder(nn.Module):
         """Widths of the exits of :meth:`forward_exits`: one per computed transformer layer."""
         return [self.embed_dim] * self.embedding_layer
 
+    @property
+    def outside_hidden_states(self) -> tuple[str, ...]:
+        """Submodules :meth:`forward_hidden_states` does not run: the transformer's final
+        LayerNorm in the Large (pre-LN) layout, which torchaudio applies after the last layer
+        only. A stage that trains on the hidden states freezes them
+        (:func:`~distillery.stages.base.freeze_unused`)."""
+        final_norm_last = not self.model.encoder.transformer.layer_norm_first  # torchaudio's flag
+        return ("model.encoder.transformer.layer_norm",) if final_norm_last else ()
+
+    @property
+    def outside_forward(self) -> tuple[str, ...]:
+        """Submodules :meth:`forward` and :meth:`forward_exits` do not run: those outside the
+        hidden states, and the transformer layers above ``embedding_layer``."""
+        above = range(self.embedding_layer, len(self.model.encoder.transformer.layers))
+        return self.outside_hidden_states + tuple(
+            f"model.encoder.transformer.layers.{i}" for i in above
+        )
+
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         return frame_lengths(self.model, lengths)
 

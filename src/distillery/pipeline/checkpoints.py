@@ -85,6 +85,24 @@ def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:
     )
 
 
+#: The selected (best validation) checkpoint, apart from the ones a stage resumes from.
+BEST_DIR = "best"
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The checkpoint with the best ``monitor`` value (a validation metric), kept in
+    ``checkpoints/best/``: :func:`latest_checkpoint` never resumes from it."""
+
+    def __init__(self, stage_dir: Path, monitor: str, mode: str) -> None:
+        super().__init__(
+            dirpath=stage_dir / CHECKPOINT_DIR / BEST_DIR,
+            filename="{epoch}-{step}",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+        )
+
+
 def is_intact(path: Path) -> bool:
     """Whether a checkpoint reads back completely: ``torch.save`` writes a zip archive
     with a CRC per entry, so truncation and flipped bits are found without unpickling."""

@@ -14,13 +14,15 @@ defaults, so it runs as a stage as it is):
 - ``configure_data(data: AudioDataModule) -> LightningDataModule``: the data it trains on
   (default: the shared ``AudioDataModule``, which is also what it is evaluated on);
 - ``encoder_requirements: dict[str, tuple[str, ...]]``: attributes an encoder config
-  argument must give (e.g. ``exit_dims`` for a multi-exit student);
+  argument must give (e.g. ``exit_dims`` for a multi-exit student), or, by the encoder's
+  ``input_key``, a dict of them (``{"audio": ("frame_mask",)}``: waveform encoders only);
 - ``refused_encoder_inputs: dict[str, dict[str, str]]``: per encoder config argument, the
   inputs (the encoder's ``input_key``: ``features`` = log-mel, ``audio`` = waveforms) the
   stage cannot feed, each with the reason (e.g. ``ssl``'s log-mel augmentations);
 - constructor arguments the runner fills in when the signature names them: ``stage_name``,
-  ``num_classes`` (of the data) and ``num_pseudo_classes`` (k of the ``data.pseudo_labels``
-  input);
+  ``num_classes`` (of the data), ``multi_label`` (the data has several classes per clip:
+  a stage that takes ``num_classes`` but not ``multi_label`` is refused on such data)
+  and ``num_pseudo_classes`` (k of the ``data.pseudo_labels`` input);
 - constructor arguments annotated with an artifact kind (``pretrained: EncoderArtifact |
   None``): ``inputs`` hands them an earlier stage's artifact, or the config a file path;
   the runner loads either into that kind.
@@ -54,13 +56,13 @@ from distillery.config.validation import (
     config_problems,
 )
 from distillery.data.checks import check_data_files
-from distillery.stages.base import refused_input
+from distillery.stages.base import lacking_attributes, refused_input
 from distillery.stages.registry import stage_class, stage_kinds
 
 __all__ = ["ConfigError", "StageContract", "validate"]
 
 #: Constructor arguments the runner fills in itself; a config may not set them.
-INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes")
+INJECTED_MODULE_ARGS = ("stage_name", "num_classes", "num_pseudo_classes", "multi_label")
 #: ``data.<key>`` inputs the shared data module takes, and the kind each expects.
 DATA_INPUTS: dict[str, type[Artifact]] = {"pseudo_labels": PseudoLabels}
 
@@ -117,6 +119,15 @@ class StageContract:
         for name in INJECTED_MODULE_ARGS:
             if name in self.params:
                 values[name] = getattr(data, name, None)
+        if (
+            getattr(data, "multi_label", False)
+            and "num_classes" in values
+            and "multi_label" not in values
+        ):
+            raise ValueError(
+                f"{self.name} trains on one class per clip, but the data is multi-label (a "
+                "manifest 'labels' column); use a stage that takes multi_label, e.g. finetune"
+            )
         return values
 
     def problems(self, path: str) -> list[str]:
@@ -161,7 +172,6 @@ def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) 
     requirements = getattr(contract.cls, "encoder_requirements", {})
     refused = getattr(contract.cls, "refused_encoder_inputs", {})
     for arg in dict.fromkeys([*requirements, *refused]):
-        needed = requirements.get(arg, ())
         encoder_cfg = module.get(arg)
         if not isinstance(encoder_cfg, dict) or "_target_" not in encoder_cfg:
             continue
@@ -173,11 +183,8 @@ def _check_encoders(contract: StageContract, module: dict[str, Any], path: str) 
         except Exception as err:  # noqa: BLE001
             problems.append(f"{path}.module.{arg}: cannot build {encoder_cfg['_target_']} ({err})")
             continue
-        if lacking := [a for a in needed if not hasattr(encoder, a)]:
-            problems.append(
-                f"{path}.module.{arg}: {type(encoder).__name__} lacks {', '.join(lacking)}, "
-                f"which {contract.cls.__name__} needs (required: {', '.join(needed)})"
-            )
+        if lacking := lacking_attributes(contract.cls, arg, encoder):
+            problems.append(f"{path}.module.{arg}: {lacking}")
         if why := refused_input(contract.cls, arg, encoder):
             problems.append(f"{path}.module.{arg}: {why}")
     return problems

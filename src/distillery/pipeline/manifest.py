@@ -123,6 +123,12 @@ class StageRecord:
     error: str | None = None
     #: Optimizer steps each rank took in the stage (all ranks of a DDP run alike).
     optimizer_steps: list[int] = field(default_factory=list)
+    #: The checkpoint the stage was tested with and hands on when it selects on validation
+    #: (``selection.monitor``): its path (relative to the run dir), epoch, step and value.
+    selected: dict[str, Any] | None = None
+    #: Set when the stage was taken from the stage cache: the run dir that computed it and
+    #: the cache entry (see distillery.pipeline.stage_cache).
+    reused_from: dict[str, str] | None = None
 
     def artifact_path(self, name: str) -> Path | None:
         """Where artifact ``name`` of this stage lies, or None if the stage did not write it."""

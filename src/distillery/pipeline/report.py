@@ -18,12 +18,17 @@ COLUMNS = (
     "eval/ari",
     "pseudo/nmi",
     "eval/params",
+    "eval/throughput_clips_s",
+    "data/labeled_train",
+    "data/labeled_val",
 )
 
 
 def format_value(column: str, value: float) -> str:
     if column.endswith("params"):
         return f"{value / 1e6:.2f}M"
+    if column.endswith("clips_s") or "/data/" in f"/{column}":  # clips/s, clip counts
+        return f"{value:.0f}"
     return f"{value:.4f}"
 
 

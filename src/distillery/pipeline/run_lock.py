@@ -5,6 +5,7 @@ Two runs on one run dir would move each other's stages aside and interleave
 its host, pid, start time and SLURM job; another run finds it and is refused with that
 message. A lock whose holder is gone is taken over: same host and its pid no longer runs
 this process, or the same SLURM job (a requeued job restarts, possibly on another node).
+:func:`take` is the same lock on any file (the stage cache locks its entries with it).
 """
 
 from __future__ import annotations
@@ -55,7 +56,33 @@ def _is_stale(holder: dict) -> bool:
     return alive is None or alive != holder.get("process_start")
 
 
-def _describe(holder: dict) -> str:
+def take(path: Path) -> dict | None:
+    """Create the lock file ``path`` for this process, taking over a stale one.
+
+    Returns None once this process holds it, or the record of the live process that does.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # a stale lock removed, then created again
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}  # being written right now, or removed: look again
+            if holder and not _is_stale(holder):
+                return holder
+            if holder:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_this_process(), f)
+        return None
+    raise RunDirLocked(f"could not take the lock {path}; try again")
+
+
+def describe(holder: dict) -> str:
     job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return (
         f"pid {holder.get('pid')} on host {holder.get('host')}{job}, "
@@ -69,28 +96,12 @@ def acquire(run_dir: Path) -> Path:
     Raises :class:`RunDirLocked` naming the holder when another live run has it.
     """
     path = Path(run_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):  # a stale lock removed, then created again
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}  # being written right now, or removed: look again
-            if holder and not _is_stale(holder):
-                raise RunDirLocked(
-                    f"run_dir {run_dir} is in use by another run ({_describe(holder)}): wait "
-                    f"for it to finish or choose another run_dir; if that run is gone, delete {path}"
-                ) from None
-            if holder:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(_this_process(), f)
-        return path
-    raise RunDirLocked(f"run_dir {run_dir}: could not take the lock {path}; try again")
+    if (holder := take(path)) is not None:
+        raise RunDirLocked(
+            f"run_dir {run_dir} is in use by another run ({describe(holder)}): wait "
+            f"for it to finish or choose another run_dir; if that run is gone, delete {path}"
+        )
+    return path
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -17,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
@@ -29,6 +31,7 @@ from distillery.pipeline import launch
 from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
+    BestCheckpoint,
     CheckpointedMetrics,
     epoch_checkpointing,
     latest_checkpoint,
@@ -60,6 +63,7 @@ from distillery.pipeline.manifest import (
 )
 from distillery.pipeline.progress import EpochSummary, PipelineProgress, StageProgressBar
 from distillery.pipeline.report import write_results
+from distillery.pipeline.stage_cache import StageCache, started_alone
 from distillery.pipeline.tracking import (
     build_loggers,
     finish_loggers,
@@ -140,6 +144,11 @@ class Runner:
         self.run_dir = Path(cfg.run_dir).resolve()
         self.is_rank_zero = rank_zero_only.rank == 0
         self.manifest = RunManifest.load_or_create(self.run_dir, cfg.pipeline.name)
+        # Rank 0 of a run whose other ranks (if any) Lightning starts: they start after the
+        # cache lookups and read the reused stages from pipeline.json.
+        self.cache = StageCache(cfg.stage_cache) if cfg.stage_cache and started_alone() else None
+        if cfg.stage_cache and self.cache is None and self.is_rank_zero:
+            log.info("stage cache %s: not used by ranks started together", cfg.stage_cache)
 
     # -- planning -------------------------------------------------------------------------
     def plan(self) -> list[StagePlan]:
@@ -216,17 +225,48 @@ class Runner:
         for p in plans:
             log.info("  %-16s %-6s %s", p.name, p.action, p.reason)
         progress = PipelineProgress([p.name for p in plans])
+        reusable = self.cache is not None  # the leading stages: none computed before them
         for plan in plans:
             if plan.action == "skip":
                 continue
             progress.stage_started(plan.name, plan.kind, plan.action)
-            self._run_stage(plan)
+            reusable &= plan.action == "fresh"
+            if self.cache is None:
+                self._run_stage(plan)
+            else:
+                entry = self.cache.entry(plan.name, plan.config_hash)
+                # Reusable: wait while another run computes it, then reuse it.
+                with self.cache.computing(entry) if reusable else contextlib.nullcontext():
+                    if not (reusable and self._reuse(plan, entry)):
+                        reusable = False
+                        self._run_stage(plan)
+                        self.cache.store(
+                            entry, self.run_dir, plan.name, self.manifest.stages[plan.name]
+                        )
             progress.stage_finished(plan.name, self.manifest.stages[plan.name].wall_time_s)
         if self.is_rank_zero:
             table = write_results(self.run_dir, self.manifest)
             log.info("results (also in %s):\n%s", self.run_dir / "results.md", table)
             log_pipeline_summary(self.cfg, self.manifest)
         return self.manifest.stages
+
+    def _reuse(self, plan: StagePlan, entry: Path) -> bool:
+        """Take a stage from the stage cache into the run dir, if ``entry`` holds it."""
+        start = time.perf_counter()
+        previous = self.manifest.stages.get(plan.name)
+        if not (entry / "record.json").exists():
+            return False
+        if previous is not None and previous.config_hash and (self.run_dir / plan.name).exists():
+            self._supersede(plan.name, previous)
+        record = self.cache.restore(entry, self.run_dir, plan.name)
+        record.wall_time_s = round(time.perf_counter() - start, 2)
+        self.manifest.stages[plan.name] = record
+        self._save_manifest()
+        log.info(
+            "stage %s reused from cache %s (computed in %s)",
+            plan.name, entry, record.reused_from["run_dir"],
+        )  # fmt: skip
+        return True
 
     def _save_manifest(self) -> None:
         if self.is_rank_zero:
@@ -337,6 +377,12 @@ class Runner:
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
             metrics = checkpointed.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
+            if audio.cfg.train_items == "labeled":  # the labels it learns and selects with
+                metrics |= _label_counts(name, audio)
+            if (selected := self._load_selected(name, trainer, module)) is not None:
+                record.selected = selected  # val metrics below: those of the selected weights
+                for result in trainer.validate(module, datamodule=datamodule, verbose=False):
+                    metrics.update(_floats(result))
             if stage_cfg.evaluate and _overrides(module, "test_step"):
                 for result in trainer.test(module, datamodule=datamodule, verbose=False):
                     metrics.update(_floats(result))
@@ -375,6 +421,30 @@ class Runner:
             "stage %s done in %.1f s; artifacts: %s", name, record.wall_time_s, record.artifacts
         )
 
+    def _load_selected(
+        self, name: str, trainer: pl.Trainer, module: pl.LightningModule
+    ) -> dict[str, Any] | None:
+        """With ``selection.monitor``: load the best-validation checkpoint's weights into
+        ``module`` (what the stage is tested with and hands on) and describe it."""
+        best = _best_checkpoint(trainer)
+        if best is None:
+            return None
+        if not best.best_model_path:
+            raise RuntimeError(
+                f"stage {name!r}: no validation value of {best.monitor!r} was logged, so no "
+                f"checkpoint could be selected (pipeline.stages.{name}.selection)"
+            )
+        checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(checkpoint["state_dict"])
+        return {
+            "checkpoint": str(Path(best.best_model_path).resolve().relative_to(self.run_dir)),
+            "epoch": int(checkpoint["epoch"]),
+            "step": int(checkpoint["global_step"]),
+            "monitor": best.monitor,
+            "mode": best.mode,
+            "value": round(float(best.best_model_score), 6),
+        }
+
     def _build_module(
         self, name: str, data: AudioDataModule, inputs: dict[str, Artifact]
     ) -> pl.LightningModule:
@@ -398,6 +468,14 @@ class Runner:
             SignalCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
         ]
+        selection = stage_cfg.selection
+        if selection.monitor:
+            monitor = f"{name}/{selection.monitor}"
+            callbacks.append(BestCheckpoint(stage_dir, monitor, selection.mode))
+            if selection.patience:
+                callbacks.append(
+                    EarlyStopping(monitor, patience=selection.patience, mode=selection.mode)
+                )
         for callback_cfg in OmegaConf.to_container(stage_cfg.callbacks, resolve=True).values():
             if callback_cfg:
                 callbacks.append(_instantiate_callback(callback_cfg, stage_dir))
@@ -446,6 +524,7 @@ class Runner:
             device=trainer.strategy.root_device,
             seed=self.cfg.seed,
             name=name,
+            multi_hot=datamodule.multi_hot if datamodule.multi_label else None,
         )
         metrics = {f"{name}/eval/{k}": float(v) for k, v in scores.items()}
         images = {f"{name}/eval/{k}": v for k, v in plots.items()}
@@ -456,7 +535,10 @@ class Runner:
         self, module: pl.LightningModule, trainer: pl.Trainer, stage_dir: Path
     ) -> dict[str, str]:
         """Save what the stage returns; record every artifact's path relative to the run dir."""
-        written = {"checkpoint": latest_checkpoint(stage_dir)}
+        best = _best_checkpoint(trainer)  # the selected weights, when the stage selects
+        written = {
+            "checkpoint": Path(best.best_model_path) if best else latest_checkpoint(stage_dir)
+        }
         export = getattr(module, "export_artifacts", None)
         for name, artifact in (export() if export else {}).items():
             suffix = Path(type(artifact).filename).suffix
@@ -486,6 +568,20 @@ def _finish_artifact_callbacks(trainer: pl.Trainer, module: pl.LightningModule) 
     for callback in trainer.callbacks:
         if getattr(callback, "produces", None) and not getattr(callback, "artifacts", True):
             callback.on_train_end(trainer, module)
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> BestCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
+
+
+def _label_counts(name: str, audio: AudioDataModule) -> dict[str, float]:
+    """How many labelled clips a stage trains on and validates with (the few-label protocol)."""
+    table = audio.table
+    train, val = table.indices("train"), table.indices("val")
+    return {
+        f"{name}/data/labeled_train": float((table.visible_labels[train] >= 0).sum()),
+        f"{name}/data/labeled_val": float((table.visible_labels[val] >= 0).sum()),
+    }
 
 
 def _encoder_for_eval(module: pl.LightningModule) -> torch.nn.Module | None:

@@ -5,7 +5,7 @@ The contract every stage (ours or a user's) follows is in :mod:`distillery.pipel
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,6 +25,38 @@ def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]
     if key == "audio" and "length" in batch:
         return batch["audio"], batch["length"]
     return (batch[key],)
+
+
+def freeze_unused(encoder: nn.Module, uses: Literal["forward", "hidden_states"]) -> None:
+    """Freeze the submodules of ``encoder`` that the stage's use of it never runs, as the
+    encoder declares them: ``outside_forward`` (not run by ``forward``/``forward_exits``,
+    e.g. a speech encoder's layers above its ``embedding_layer``) or
+    ``outside_hidden_states`` (not run by ``forward_hidden_states``, e.g. a final
+    LayerNorm). No loss can train them, and under DDP a trainable parameter without a
+    gradient stops training (so no ``find_unused_parameters`` and its extra graph
+    traversal every step). They keep their values, and the exported encoder keeps them."""
+    for name in getattr(encoder, f"outside_{uses}", ()):
+        encoder.get_submodule(name).requires_grad_(False)
+
+
+def lacking_attributes(stage_cls: type, arg: str, encoder: nn.Module) -> str | None:
+    """What ``encoder`` (constructor argument ``arg`` of ``stage_cls``) lacks of the
+    attributes the stage's ``encoder_requirements`` name for it, as a sentence; or ``None``.
+
+    A requirement is a tuple of attribute names, every encoder's, or a dict of such tuples
+    by the encoder's ``input_key``, for what only encoders of that input need (e.g.
+    ``{"audio": ("frame_mask",)}``: a waveform encoder's padded frames)."""
+    key = getattr(encoder, "input_key", "features")
+    needed = getattr(stage_cls, "encoder_requirements", {}).get(arg, ())
+    of = ""
+    if isinstance(needed, dict):
+        needed, of = needed.get(key, ()), f" of an encoder reading {key!r}"
+    if not (lacking := [a for a in needed if not hasattr(encoder, a)]):
+        return None
+    return (
+        f"{type(encoder).__name__} lacks {', '.join(lacking)}, which {stage_cls.__name__} "
+        f"needs (required{of}: {', '.join(needed)})"
+    )
 
 
 def refused_input(stage_cls: type, arg: str, encoder: nn.Module) -> str | None:
@@ -58,8 +90,10 @@ class StageModule(pl.LightningModule):
     #: Artifacts :meth:`export_artifacts` returns, by name and kind; checked against other
     #: stages' ``inputs`` at start-up (the runner adds the ``checkpoint``).
     produces: ClassVar[dict[str, type[Artifact]]] = {}
-    #: Attributes an encoder config argument must give, checked at start-up.
-    encoder_requirements: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Attributes an encoder config argument must give, checked at start-up: by argument,
+    #: a tuple of names, or a dict of tuples by the encoder's ``input_key`` (see
+    #: :func:`lacking_attributes`).
+    encoder_requirements: ClassVar[dict[str, tuple[str, ...] | dict[str, tuple[str, ...]]]] = {}
     #: Encoder inputs (``input_key`` values) the stage cannot feed, by encoder argument,
     #: each with the reason; checked at start-up (see :func:`refused_input`).
     refused_encoder_inputs: ClassVar[dict[str, dict[str, str]]] = {}
@@ -94,9 +128,12 @@ class StageModule(pl.LightningModule):
 
     def check_encoder_input(self, arg: str, encoder: nn.Module) -> None:
         """Raise naming ``module.<arg>`` if this stage cannot feed ``encoder`` the input it
-        declares (``refused_encoder_inputs``): for an encoder the start-up check cannot
-        build, e.g. an artifact given as a file."""
-        if why := refused_input(type(self), arg, encoder):
+        declares (``refused_encoder_inputs``) or the encoder lacks what the stage needs of
+        it (``encoder_requirements``): for an encoder the start-up check cannot build, e.g.
+        an artifact given as a file, or a stage built outside a pipeline."""
+        if why := refused_input(type(self), arg, encoder) or lacking_attributes(
+            type(self), arg, encoder
+        ):
             raise ValueError(f"module.{arg}: {why}")
 
     def trainable_parameters(self) -> list[nn.Parameter]:

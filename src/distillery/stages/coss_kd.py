@@ -13,7 +13,7 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.data.knn_batches import NeighbourBatchDataModule
 from distillery.losses import coss_loss
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule, encoder_inputs
+from distillery.stages.base import StageModule, encoder_inputs, freeze_unused
 
 
 class CoSSDistillStage(StageModule):
@@ -72,6 +72,7 @@ class CoSSDistillStage(StageModule):
             )
         self.save_hyperparameters(ignore=["teacher"])
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
+        freeze_unused(self.encoder, "forward")
         self.teacher = teacher.module.requires_grad_(False).eval()
         student_dim, teacher_dim = self.encoder.embed_dim, self.teacher.embed_dim
         self.projection: nn.Module = nn.Identity()

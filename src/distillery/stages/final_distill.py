@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from distillery.artifact_kinds import EncoderArtifact
 from distillery.models.io import build_encoder
+from distillery.stages.base import freeze_unused
 from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
@@ -52,7 +53,7 @@ class FinalDistillStage(TeacherDistillStage):
             self.student, self.encoder_cfg = student.module, student.config
         else:
             self.student, self.encoder_cfg = build_encoder(student_encoder), student_encoder
-        self.freeze_outside_hidden_states(self.student)
+        freeze_unused(self.student, "hidden_states")
         self.distill_loss = LayerDistillLoss(
             self.student.embed_dim, self.teacher.embed_dim, distill_layers, student_layers
         )

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from distillery.artifact_kinds import Artifact, JsonReport, Plot
 from distillery.models.encoders import count_parameters
 from distillery.models.pruning import GatedModel
+from distillery.stages.base import freeze_unused
 from distillery.stages.teacher_student import LayerDistillLoss, TeacherDistillStage
 
 
@@ -93,7 +94,7 @@ class PruneDistillStage(TeacherDistillStage):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         student = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.freeze_outside_hidden_states(student)
+        freeze_unused(student, "hidden_states")
         self.gated = GatedModel(student, list(prune), teacher)
         dim = self.teacher.embed_dim
         self.distill_loss = LayerDistillLoss(dim, dim, distill_layers)

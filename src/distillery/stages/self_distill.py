@@ -12,7 +12,7 @@ from distillery.artifact_kinds import EncoderArtifact
 from distillery.losses import multi_exit_loss
 from distillery.models.heads import MLPHead
 from distillery.models.io import build_encoder
-from distillery.stages.base import StageModule, encoder_inputs
+from distillery.stages.base import StageModule, encoder_inputs, freeze_unused
 
 
 class SelfDistillStage(StageModule):
@@ -23,7 +23,9 @@ class SelfDistillStage(StageModule):
     widths are the number of pseudo-classes, read from the pseudo-label artifact
     (``num_pseudo_classes``, filled in by the runner), never typed by hand.
     ``detach_teacher`` stops the KL/cosine gradients into the final classifier; the
-    reference implementation does not detach (default False).
+    reference implementation does not detach (default False). Validation logs each exit
+    head's accuracy against the pseudo-labels (``val/exit<i>_pseudo_acc``, i = 1, 2, ...)
+    next to the final classifier's (``val/pseudo_acc``).
 
     The encoder reads what it declares (log-mel, or waveforms and lengths); its exits are
     its blocks (a speech encoder's transformer layers up to ``embedding_layer``, each
@@ -49,6 +51,7 @@ class SelfDistillStage(StageModule):
         super().__init__(stage_name, optimizer, scheduler)
         self.save_hyperparameters()
         self.encoder, self.encoder_cfg = build_encoder(encoder), encoder
+        freeze_unused(self.encoder, "forward")
         k = num_pseudo_classes
         self.exit_heads = nn.ModuleList(
             MLPHead(dim, head_hidden_dim, k) for dim in self.encoder.exit_dims
@@ -63,6 +66,10 @@ class SelfDistillStage(StageModule):
         self.accuracy = nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(k, average="micro") for s in ("train", "val")}
         )
+        # Each exit head's agreement with the pseudo-labels on the validation split.
+        self.exit_accuracy = nn.ModuleList(
+            MulticlassAccuracy(k, average="micro") for _ in self.encoder.exit_dims
+        )
 
     def encoder_for_eval(self) -> nn.Module:
         return self.encoder
@@ -74,9 +81,19 @@ class SelfDistillStage(StageModule):
         targets = batch["pseudo_label"]
         loss, terms = multi_exit_loss(exit_logits, final_logits, targets, **self.loss_weights)
         labeled = targets >= 0
+        train = split == "train"
         if labeled.any():
             self.accuracy[f"{split}_acc"](final_logits[labeled], targets[labeled])
-        train = split == "train"
+            if not train:
+                for metric, logits in zip(self.exit_accuracy, exit_logits, strict=True):
+                    metric(logits[labeled], targets[labeled])
+        if not train:
+            self.log_split(
+                split,
+                {f"exit{i}_pseudo_acc": m for i, m in enumerate(self.exit_accuracy, start=1)},
+                on_step=False,
+                on_epoch=True,
+            )
         self.log_split(split, {"loss": loss}, on_step=train, on_epoch=True, prog_bar=True)
         self.log_split(
             split, {k: v for k, v in terms.items() if k != "total"}, on_step=False, on_epoch=True

@@ -135,6 +135,9 @@ class TeacherDistillStage(StageModule):
         "standalone": StandaloneEncoder,
         "huggingface": HuggingFaceEncoder,
     }
+    #: A waveform teacher's ``frame_mask(lengths, T)`` marks the valid frames of a padded
+    #: batch, which the layer loss averages over.
+    encoder_requirements = {"teacher": {"audio": ("frame_mask",)}}
 
     def __init__(
         self,
@@ -146,18 +149,10 @@ class TeacherDistillStage(StageModule):
     ) -> None:
         super().__init__(stage_name, optimizer, scheduler)
         self.teacher = load_teacher(teacher, teacher_weights)
+        self.check_encoder_input("teacher", self.teacher)
 
     def student_hidden_states(self, x: Tensor, *lengths: Tensor) -> list[Tensor]:
         raise NotImplementedError
-
-    @staticmethod
-    def freeze_outside_hidden_states(student: nn.Module) -> None:
-        """Freeze the student's submodules its ``forward_hidden_states`` does not run (the
-        encoder's ``outside_hidden_states``, e.g. the transformer's ``final_norm``): the layer
-        loss cannot train them, and under DDP a trainable parameter without a gradient
-        stops training. They keep their initial (for a copied teacher: the teacher's) values."""
-        for name in getattr(student, "outside_hidden_states", ()):
-            student.get_submodule(name).requires_grad_(False)
 
     def distill_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         inputs = encoder_inputs(self.teacher, batch)  # the student reads what the teacher does

@@ -1,0 +1,85 @@
+"""The few-label protocol: validation labels limited like the training labels, label
+subsets drawn per seed, finetuning by a step budget with early stopping on validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distillery.data.datamodule import AudioDataModule
+from distillery.pipeline.runner import Runner
+from tests.helpers import compose_config
+
+
+def table(cache: Path, *overrides: str):
+    cfg = compose_config(["experiment=supervised", f"data.cache_dir={cache}", *overrides])
+    data = AudioDataModule(cfg.data)
+    data.setup()
+    return data.table
+
+
+@pytest.mark.slow  # four data modules over the 800-clip set
+def test_validation_labels_are_limited_per_class_and_subsets_follow_their_seed(
+    data_cache: Path,
+) -> None:
+    # The built-in set: 8 classes of 100 clips, 15% of each class in validation.
+    full = table(data_cache, "data.label_fraction=0.05")
+    few = table(data_cache, "data.label_fraction=0.05", "data.val_labels_per_class=3")
+    val, few_val = full.indices("val"), few.indices("val")
+    assert len(val) == 8 * 15 and len(few_val) == 8 * 3
+    assert np.bincount(few.visible_labels[few_val]).tolist() == [3] * 8
+    assert set(few_val) < set(val)
+    # The other validation clips are unlabelled training clips; test is untouched.
+    moved = np.setdiff1d(val, few_val)
+    assert (few.splits[moved] == "train").all() and (few.visible_labels[moved] == -1).all()
+    assert np.array_equal(few.indices("test"), full.indices("test"))
+    labeled = few.indices("train")[few.visible_labels[few.indices("train")] >= 0]
+    assert len(labeled) == 8 * 4  # round(0.05 * 70) per class, as without the option
+
+    # The labelled subsets: the same for every run by default (split_seed), drawn anew
+    # with label_subset_seed; the splits themselves do not move.
+    def labelled(t) -> set[int]:
+        return set(np.flatnonzero(t.visible_labels >= 0).tolist()) - set(t.indices("test"))
+
+    again = table(data_cache, "data.label_fraction=0.05", "data.val_labels_per_class=3")
+    other = table(
+        data_cache, "data.label_fraction=0.05", "data.val_labels_per_class=3",
+        "data.label_subset_seed=1",
+    )  # fmt: skip
+    assert labelled(again) == labelled(few) != labelled(other)
+    assert len(labelled(other)) == len(labelled(few))
+    assert np.array_equal(full.splits == "test", other.splits == "test")
+
+
+def test_few_label_protocol_finetunes_by_steps_and_stops_early(
+    tmp_path: Path, data_cache: Path, one_thread: None
+) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        [
+            "experiment=supervised", "logger=csv", "trainer.enable_progress_bar=false",
+            "protocol=few_label", "data.synthetic.num_classes=4",
+            "data.synthetic.clips_per_class=30", "data.batch_size=8", "data.label_fraction=0.1",
+            "pipeline.stages.finetune.trainer.max_steps=12",
+            "pipeline.stages.finetune.selection.patience=2",
+            # A linear probe (frozen encoder) at a tiny learning rate does not improve on
+            # validation: it stops `patience` validations after its first.
+            "pipeline.stages.finetune.module.mode=linear",
+            "pipeline.stages.finetune.module.optimizer.lr=1e-6",
+            "pipeline.stages.finetune.evaluate=false",
+            f"run_dir={run_dir}", f"data.cache_dir={data_cache}",
+        ]
+    )  # fmt: skip
+    record = Runner(cfg).run()["finetune"]
+    # 4 classes x 30 clips: 20 train clips per class, 10% labelled -> 2 each; 3 val labels each.
+    assert record.metrics["finetune/data/labeled_train"] == 8
+    assert record.metrics["finetune/data/labeled_val"] == 12
+    steps = record.optimizer_steps[0]
+    assert steps < 12  # stopped early: patience 2 after the best validation epoch
+    assert record.selected["step"] <= steps - 2
+    results = (run_dir / "results.md").read_text()
+    assert "labeled_train" in results and "| 8 | 12 |" in results
+    assert json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]["selected"]
