@@ -536,9 +536,9 @@ class Runner:
     ) -> dict[str, str]:
         """Save what the stage returns; record every artifact's path relative to the run dir."""
         best = _best_checkpoint(trainer)  # the selected weights, when the stage selects
-        written = {
-            "checkpoint": Path(best.best_model_path) if best else latest_checkpoint(stage_dir)
-        }
+        checkpoint = Path(best.best_model_path) if best else latest_checkpoint(stage_dir)
+        # A stage that takes no optimizer step by design has no checkpoint (never "None").
+        written = {} if checkpoint is None else {"checkpoint": checkpoint}
         export = getattr(module, "export_artifacts", None)
         for name, artifact in (export() if export else {}).items():
             suffix = Path(type(artifact).filename).suffix
