@@ -105,6 +105,16 @@ reproduce-krr-st: install
 	  run_dir=experiments/krr_st/runs/timing/n28
 	$(BIN)/python experiments/krr_st/report.py experiments/krr_st/runs
 
+# Every recipe x {1, 2 CPU processes} x accumulate_grad_batches {1, 2} x precision {32,
+# bf16-mixed} at smoke size, through the CLI -> bench/ddp_matrix.md (slow: hours on 2 cores).
+DDP_MATRIX_LOG ?= bench/ddp_matrix.jsonl
+.PHONY: ddp-matrix
+ddp-matrix: install
+	rm -f $(DDP_MATRIX_LOG)
+	DDP_MATRIX_LOG=$(DDP_MATRIX_LOG) $(BIN)/pytest -q -m slow tests/test_ddp_matrix.py; \
+	  status=$$?; $(BIN)/python -m tests.ddp_matrix_report $(DDP_MATRIX_LOG) bench/ddp_matrix.md; \
+	  exit $$status
+
 # Benchmarks (each figure a ratio against a baseline of the same run) -> bench/results.{json,md}
 bench: install
 	$(BIN)/python -m distillery.bench

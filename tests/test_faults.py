@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -316,3 +317,23 @@ def test_more_clusters_than_clips_fails_at_start_up(tmp_path: Path, data_cache: 
         ConfigError, match=r"pipeline\.stages\.ssl\.callbacks\.pseudo_labeler\.k: 500 clusters"
     ):
         Runner(cfg)
+
+
+def test_an_epoch_without_validation_is_checkpointed(tmp_path: Path) -> None:
+    """check_val_every_n_epoch=5 and 1 epoch (KRR-ST's distill at smoke size): the stage
+    still keeps the checkpoint of its last epoch."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from distillery.pipeline.checkpoints import epoch_checkpointing
+
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        check_val_every_n_epoch=5,
+        callbacks=[epoch_checkpointing(tmp_path)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(BoringModel())
+    assert latest_checkpoint(tmp_path).name == "epoch=0-step=2.ckpt"

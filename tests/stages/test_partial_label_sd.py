@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from tests.helpers import FAST, compose_config
 
+from distillery.artifact_kinds import Tensors
 from distillery.data.datamodule import AudioDataModule
 from distillery.data.label_noise import add_label_noise
 from distillery.eval.embed import embed
@@ -246,6 +247,38 @@ def test_the_teacher_head_equals_a_plain_training_loop(
             best, weight = acc, head.weight.detach().clone()
     assert torch.equal(trained["heads"]["ce"]["weight"], weight)
     assert record.metrics["pll/val/acc_ce"] == pytest.approx(best)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow  # ~40 s: 3 pipeline runs' start-up
+def test_two_processes_train_the_heads_of_one(
+    tmp_path: Path, data_cache: Path, encoder_path: Path
+) -> None:
+    """Under DDP each round's head trains while the others take no gradient, and the
+    stage cannot accumulate: 2 ranks (top-level accumulate_grad_batches=2, which other
+    stages would use) train the heads a 1-process run does, one step per batch on each."""
+    from tests.helpers import spawn_two_ranks
+    from tests.stages.pll_ddp_worker import pll_rank_worker
+
+    extra = [
+        "pipeline.stages.pll.module.rounds=1",
+        "pipeline.stages.pll.module.epochs=3",
+        "++trainer.accumulate_grad_batches=2",
+    ]
+    one = Runner(pll_only(tmp_path / "one", data_cache, encoder_path, *extra)).run()["pll"]
+    spawn_two_ranks(
+        pll_rank_worker, str(tmp_path / "two"), str(data_cache), str(encoder_path), extra
+    )
+    two = json.loads((tmp_path / "two" / "run" / "pipeline.json").read_text())["stages"]["pll"]
+    assert two["status"] == "done"
+    assert two["optimizer_steps"] == one.optimizer_steps * 2
+    heads = [
+        Tensors.load(tmp_path / run / "run" / artifacts["heads"]).data["heads"]
+        for run, artifacts in (("one", one.artifacts), ("two", two["artifacts"]))
+    ]
+    assert heads[0].keys() == heads[1].keys() == {"ce", "sd1", "pll"}
+    for name, head in heads[0].items():
+        torch.testing.assert_close(heads[1][name], head)
 
 
 def test_probes_a_speech_encoder_on_its_padded_waveforms(tmp_path: Path, data_cache: Path) -> None:

@@ -79,6 +79,9 @@ def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:
         save_top_k=2,
         save_last="link",
         every_n_epochs=1,
+        # Also when the epoch ran no validation (check_val_every_n_epoch > 1): otherwise the
+        # last epochs after the last validation, or a whole short stage, keep no checkpoint.
+        save_on_train_epoch_end=True,
     )
 
 

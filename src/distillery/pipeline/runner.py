@@ -370,7 +370,9 @@ class Runner:
         try:
             ckpt = str(latest_checkpoint(stage_dir)) if plan.action == "resume" else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-            record.optimizer_steps = _optimizer_steps_per_rank(name, trainer)
+            record.optimizer_steps = _optimizer_steps_per_rank(
+                name, trainer, required=getattr(module, "takes_optimizer_steps", True)
+            )
             _finish_artifact_callbacks(trainer, module)
             stop_if_requested(trainer.strategy, "after training")  # e.g. during k-means
             checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
@@ -541,9 +543,9 @@ class Runner:
     ) -> dict[str, str]:
         """Save what the stage returns; record every artifact's path relative to the run dir."""
         best = _best_checkpoint(trainer)  # the selected weights, when the stage selects
-        written = {
-            "checkpoint": Path(best.best_model_path) if best else latest_checkpoint(stage_dir)
-        }
+        checkpoint = Path(best.best_model_path) if best else latest_checkpoint(stage_dir)
+        # A stage that takes no optimizer step by design has no checkpoint (never "None").
+        written = {} if checkpoint is None else {"checkpoint": checkpoint}
         export = getattr(module, "export_artifacts", None)
         for name, artifact in (export() if export else {}).items():
             suffix = Path(type(artifact).filename).suffix
@@ -614,12 +616,13 @@ class NoTrainingError(RuntimeError):
     """A stage took no optimizer step on some rank: its result would be untrained."""
 
 
-def _optimizer_steps_per_rank(name: str, trainer: pl.Trainer) -> list[int]:
-    """Every rank's optimizer steps (``global_step``); raise :class:`NoTrainingError` if any
-    rank took none, naming what decides the batch count: split size, batch size, world size."""
+def _optimizer_steps_per_rank(name: str, trainer: pl.Trainer, required: bool) -> list[int]:
+    """Every rank's optimizer steps (``global_step``); unless the stage takes none by design
+    (not ``required``), raise :class:`NoTrainingError` if any rank took none, naming what
+    decides the batch count: split size, batch size, world size."""
     steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step))
     per_rank = [int(s) for s in steps.reshape(-1)]
-    if min(per_rank) > 0:
+    if min(per_rank) > 0 or not required:
         return per_rank
     loader = trainer.train_dataloader  # what fit iterated
     dataset = getattr(loader, "dataset", None)

@@ -100,6 +100,9 @@ class StageModule(pl.LightningModule):
     #: (C, C) counts of the stage's own classifier on the test split (rows: true class), set
     #: after ``trainer.test`` by stages that classify; plotted as the stage's confusion matrix.
     test_confusion: np.ndarray | None = None
+    #: False where the stage, as configured, learns nothing by gradient steps (a baseline
+    #: that only builds its artifact): the runner then accepts zero optimizer steps.
+    takes_optimizer_steps: bool = True
 
     def __init__(
         self,

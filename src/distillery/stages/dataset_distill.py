@@ -44,7 +44,8 @@ class DatasetDistillStage(StageModule):
     batch to one random view), or null for none.
 
     ``init_only``: keep the initial random real subset with its teacher targets and skip
-    every outer step (the "random real subset" baseline at equal N).
+    every outer step (the "random real subset" baseline at equal N): the fit ends at its first
+    batch, on every rank alike, so the stage takes no optimizer step by design.
 
     Logged: ``<stage>/train/loss`` (outer loss), ``<stage>/train/pool_steps`` (mean member
     counter), ``<stage>/val/loss`` (outer loss on validation clips, no augmentation, mean over
@@ -89,6 +90,7 @@ class DatasetDistillStage(StageModule):
         self.ridge = ridge
         self.final_lr_factor = final_lr_factor
         self.init_only = init_only
+        self.takes_optimizer_steps = not init_only
         self.encoder_cfg = encoder
         target_dim = self.teacher.embed_dim
         self.pool = (
@@ -172,9 +174,15 @@ class DatasetDistillStage(StageModule):
             features[n:], features[:n], self.synthetic_targets, real_targets, ridge=self.ridge
         )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        if self.init_only:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if not self.init_only:
             return None
+        # Nothing to learn: end the epoch before training_step (a step returning None fails
+        # under DDP) and the fit after it, whatever max_epochs or max_steps say.
+        self.trainer.should_stop = True
+        return -1
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         real = batch["features"]
         if self.augment is not None:
             real = self.augment(real)

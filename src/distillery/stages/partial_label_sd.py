@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
 from distillery.artifact_kinds import EncoderArtifact, Tensors
@@ -57,6 +59,11 @@ class PartialLabelSDStage(StageModule):
     on the validation split (never the test split). A checkpoint after each round resumes
     at the next one. Test accuracy of every head (and the teacher's top-2 accuracy) comes
     from ``test_step`` on the cached test features, synced over ranks under DDP.
+
+    Under DDP every rank holds all the features and draws the same batches, so the ranks
+    train identical heads without a gradient all-reduce (in which DDP would also reject the
+    heads of the other rounds, unused in this one). Each head takes one optimizer step
+    per batch: the stage config pins ``accumulate_grad_batches`` to 1.
     """
 
     produces = {"heads": Tensors}
@@ -205,7 +212,10 @@ class PartialLabelSDStage(StageModule):
         head = self.heads[self.head_names[position]]
         loss = self._loss_fn(head(batch["features"]), self._targets[batch["row"]])
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        ddp = self.trainer.strategy.model
+        # Ranks replicate the training (see the class docstring): no gradient all-reduce.
+        with ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else nullcontext():
+            self.manual_backward(loss)
         optimizer.step()
         if (batch_idx + 1) % self.trainer.train_dataloader.batch_sampler.batches_per_pass == 0:
             self._end_pass(position)
