@@ -45,6 +45,7 @@ def test_comparison_ratio_and_goal() -> None:
 FAST_NAMES = [name for name in NAMES if name != "data_scale"]
 
 
+@pytest.mark.slow  # about a minute; `make test` stays within its time budget
 def test_quick_bench_writes_results(tmp_path: Path, data_cache: Path) -> None:
     out = tmp_path / "bench"
     table = main(

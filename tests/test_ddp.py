@@ -131,6 +131,7 @@ def test_multirun_of_ddp_jobs(tmp_path: Path, data_cache: Path) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # about a minute; `make test` stays within its time budget
 def test_interrupted_ddp_stage_resumes_with_its_wandb_run(tmp_path: Path, data_cache: Path) -> None:
     run_dir = tmp_path / "run"
     args = [
