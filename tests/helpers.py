@@ -32,6 +32,18 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 #: Small, fast settings every pipeline test starts from.
+#: A two-layer log-mel transformer: the teacher-student stages' smallest real encoder.
+TINY_TRANSFORMER = {
+    "_target_": "distillery.models.encoders.TransformerEncoder",
+    "n_mels": 16,
+    "dim": 32,
+    "depth": 2,
+    "heads": 4,
+    "ffn_dim": 64,
+    "dropout": 0.0,
+}
+
+
 FAST = ["debug=smoke", "logger=csv", "trainer.enable_progress_bar=false"]
 
 

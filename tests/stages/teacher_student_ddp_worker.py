@@ -10,21 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tests.helpers import ddp_trainer, join_as_rank
+from tests.helpers import TINY_TRANSFORMER, ddp_trainer, join_as_rank
 from torch.utils.data import DataLoader
 
 from distillery.stages.final_distill import FinalDistillStage
 from distillery.stages.prune_distill import PruneDistillStage
 
-ENCODER = {
-    "_target_": "distillery.models.encoders.TransformerEncoder",
-    "n_mels": 16,
-    "dim": 32,
-    "depth": 2,
-    "heads": 4,
-    "ffn_dim": 64,
-    "dropout": 0.0,
-}
 STEPS = 3
 
 
@@ -33,9 +24,11 @@ def fit_worker(rank: int, port: int, kind: str, out_dir: str) -> None:
     join_as_rank(rank, port)
     torch.manual_seed(0)  # the same initial student on both ranks
     if kind == "prune_distill":
-        stage = PruneDistillStage(ENCODER, distill_layers=[0, 1, 2])
+        stage = PruneDistillStage(TINY_TRANSFORMER, distill_layers=[0, 1, 2])
     else:
-        stage = FinalDistillStage(ENCODER, student_encoder=ENCODER, distill_layers=[0, 1, 2])
+        stage = FinalDistillStage(
+            TINY_TRANSFORMER, student_encoder=TINY_TRANSFORMER, distill_layers=[0, 1, 2]
+        )
     clips = [{"features": torch.randn(1, 16, 16)} for _ in range(4 * STEPS)]
     trainer = ddp_trainer(max_steps=STEPS)
     trainer.fit(stage, DataLoader(clips, batch_size=2))

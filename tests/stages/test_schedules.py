@@ -7,20 +7,11 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from tests.helpers import TINY_TRANSFORMER
 from torch.utils.data import DataLoader
 
 from distillery.stages.prune_distill import PruneDistillStage
 from distillery.stages.schedules import warmup_decay_factor
-
-TINY = {
-    "_target_": "distillery.models.encoders.TransformerEncoder",
-    "n_mels": 16,
-    "dim": 32,
-    "depth": 2,
-    "heads": 4,
-    "ffn_dim": 64,
-    "dropout": 0.0,
-}
 
 
 class LearningRates(pl.Callback):
@@ -49,7 +40,7 @@ def test_prune_distill_lr_follows_the_schedule_per_optimizer_step(decay: str) ->
     torch.set_num_threads(1)
     torch.manual_seed(0)
     stage = PruneDistillStage(
-        TINY,
+        TINY_TRANSFORMER,
         distill_layers=[0, 1, 2],
         gate_lr=0.02,
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},

@@ -14,7 +14,6 @@ plus a ``manifest.csv`` (``path,label,split,speaker,voice``), reused while compl
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -31,7 +30,7 @@ import soundfile as sf
 from distillery import artifacts
 from distillery.config.schema import SPEECH_WORDS
 from distillery.data.audio_io import resample, write_wav
-from distillery.data.synthetic import _coloured_noise, _rms, manifest_is_complete
+from distillery.data.synthetic import _coloured_noise, _rms, manifest_is_complete, spec_hash
 
 __all__ = ["ESPEAK", "SpeechSpec", "generate_speech", "require_espeak", "speaker_voices"]
 
@@ -135,11 +134,6 @@ class SpeechSpec:
         return "val" if speaker < self.train_speakers + self.val_speakers else "test"
 
 
-def spec_hash(spec: SpeechSpec) -> str:
-    payload = json.dumps({**asdict(spec), "generator_version": GENERATOR_VERSION}, sort_keys=True)
-    return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:10]
-
-
 @dataclass(frozen=True)
 class Voice:
     """One speaker: espeak-ng voice name (accent+variant), base rate (wpm) and pitch."""
@@ -237,7 +231,7 @@ def generate_speech(
     Raises:
         FileNotFoundError: when espeak-ng is not installed.
     """
-    root = Path(cache_dir) / f"speech-{spec_hash(spec)}"
+    root = Path(cache_dir) / f"speech-{spec_hash(spec, GENERATOR_VERSION)}"
     manifest = root / "manifest.csv"
     expected = len(spec.words) * spec.speakers * spec.clips_per_word
     if manifest_is_complete(manifest, expected):

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.progress import track
@@ -263,9 +264,10 @@ class SyntheticSpec:
         return CLASS_NAMES[: self.num_classes]
 
 
-def spec_hash(spec: SyntheticSpec) -> str:
-    """Short stable hash of the spec (and generator version), used as cache folder name."""
-    payload = json.dumps({**asdict(spec), "generator_version": GENERATOR_VERSION}, sort_keys=True)
+def spec_hash(spec: Any, generator_version: int = GENERATOR_VERSION) -> str:
+    """Short stable hash of a generated set's spec (a dataclass) and its generator's version,
+    used as cache folder name (the synthetic set's by default; the speech set passes its own)."""
+    payload = json.dumps({**asdict(spec), "generator_version": generator_version}, sort_keys=True)
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:10]
 
 
