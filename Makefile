@@ -45,6 +45,31 @@ reproduce-unfused: install
 	done
 	$(BIN)/python experiments/unfused/report.py
 
+# The UnFuSeD pseudo-label study (experiments/unfused/README.md): every k x preprocessing,
+# the student finetuned with 5% of the labels over SEEDS, the pseudo-label NMI alone over
+# NMI_SEEDS too. Each seed's teacher is trained once and reused from the stage cache
+# (clear it with rm -r $(LABEL_RUNS)/stage_cache). Resumable (re-run to continue).
+LABEL_KS ?= 16 32 64
+LABEL_PREPS ?= whiten pca l2
+NMI_SEEDS ?= 3 4
+LABEL_RUNS := experiments/unfused/runs/labels
+PSEUDO := pipeline.stages.pseudo_label.callbacks.pseudo_labeler
+.PHONY: reproduce-unfused-labels
+reproduce-unfused-labels: install
+	for seed in $(SEEDS) $(NMI_SEEDS); do \
+	  case " $(SEEDS) " in *" $$seed "*) nmi_only="";; \
+	    *) nmi_only="pipeline.order=[ssl,pseudo_label] ~pipeline.stages.self_distill ~pipeline.stages.student_few";; esac; \
+	  for k in $(LABEL_KS); do for prep in $(LABEL_PREPS); do \
+	    case $$prep in whiten) p="pca_dim=128 $(PSEUDO).eig_power=-0.5";; \
+	      pca) p="pca_dim=128 $(PSEUDO).eig_power=0";; l2) p="pca_dim=null";; \
+	      *) echo "unknown preprocessing $$prep (whiten, pca or l2)"; exit 1;; esac; \
+	    set -f; $(BIN)/distillery experiment=unfused_labels seed=$$seed logger=csv $$nmi_only \
+	      trainer.enable_progress_bar=false stage_cache=$(LABEL_RUNS)/stage_cache \
+	      $(PSEUDO).k=$$k $(PSEUDO).$$p run_dir=$(LABEL_RUNS)/k$$k-$$prep/seed$$seed || exit 1; \
+	  done; done; \
+	done
+	$(BIN)/python experiments/unfused/report_labels.py
+
 # DPHuBERT claim on the built-in data, 3 seeds; resumable (re-run to continue).
 .PHONY: reproduce-dphubert
 reproduce-dphubert: install

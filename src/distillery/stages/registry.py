@@ -14,6 +14,7 @@ _STAGE_KINDS: dict[str, str] = {
     "final_distill": "distillery.stages.final_distill.FinalDistillStage",
     "dataset_distill": "distillery.stages.dataset_distill.DatasetDistillStage",
     "pretrain_synthetic": "distillery.stages.pretrain_synthetic.PretrainSyntheticStage",
+    "pseudo_label": "distillery.stages.pseudo_label.PseudoLabelStage",
 }
 
 
