@@ -1,14 +1,13 @@
 """What every reproduction report (``experiments/*/report.py``) shares: finished runs read
 from their ``pipeline.json``, ``mean ± std`` cells, and the results written next to the
-report (``results.json``) and into its README between two markers."""
+report (``results.json``) and into its README between two markers (a report with a second
+table uses a second pair of markers and json file, named by ``block``)."""
 
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
-
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def mean_std(values: list[float], digits: int = 3) -> str:
@@ -38,11 +37,15 @@ def finished_runs(
     return [(path, finished_stages(path)) for path in paths]
 
 
-def publish(here: Path, results: dict, table: str) -> None:
-    """Write ``results.json`` and put ``table`` between the README's result markers."""
-    (here / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def publish(here: Path, results: dict, table: str, block: str = "results") -> None:
+    """Write ``<block>.json`` and put ``table`` between the README's markers
+    ``<!-- <block>:begin -->`` and ``<!-- <block>:end -->``."""
+    (here / f"{block}.json").write_text(json.dumps(results, indent=2) + "\n")
     readme = here / "README.md"
     body = readme.read_text()
-    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
-    readme.write_text(body[:start] + "\n" + table + "\n" + body[end:])
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    if begin not in body or end not in body:
+        raise SystemExit(f"{readme}: no {begin} ... {end} markers to put the table between")
+    start, stop = body.index(begin) + len(begin), body.index(end)
+    readme.write_text(body[:start] + "\n" + table + "\n" + body[stop:])
     print(table)
