@@ -310,3 +310,38 @@ def test_ranks_started_by_torchrun_share_the_default_run_dir(
     assert run_dir.name.startswith("torchrun-")
     record = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
     assert record["status"] == "done"
+
+
+@pytest.mark.ddp
+@pytest.mark.slow  # about 50 s
+def test_pseudo_label_stage_on_two_processes(tmp_path: Path, data_cache: Path) -> None:
+    """The no-training stage under DDP (a module with nothing to train): the labels of the
+    teacher's own PseudoLabeler, every training clip labelled once."""
+    run_dir = tmp_path / "run"
+    same = ["k=6", "pca_dim=8"]
+    result = distillery(
+        "experiment=unfused_labels",
+        "debug=smoke",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        "pipeline.order=[ssl,pseudo_label]",
+        "~pipeline.stages.self_distill",
+        "~pipeline.stages.student_few",
+        "+callback@pipeline.stages.ssl.callbacks.pseudo_labeler=pseudo_labeler",
+        *(
+            f"pipeline.stages.{s}.callbacks.pseudo_labeler.{v}"
+            for s in ("ssl", "pseudo_label")
+            for v in same
+        ),
+        f"run_dir={run_dir}",
+        cache=data_cache,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((run_dir / "pipeline.json").read_text())
+    assert manifest["stages"]["pseudo_label"]["optimizer_steps"] == [0, 0]
+    labels = np.load(run_dir / manifest["stages"]["pseudo_label"]["artifacts"]["pseudo_labels"])
+    on_ssl = np.load(run_dir / manifest["stages"]["ssl"]["artifacts"]["pseudo_labels"])
+    np.testing.assert_array_equal(labels, on_ssl)
+    assert (labels >= 0).sum() > 0 and set(np.unique(labels[labels >= 0])) == set(range(6))

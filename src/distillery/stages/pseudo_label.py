@@ -22,8 +22,8 @@ class PseudoLabelStage(StageModule):
     (``callbacks.pseudo_labeler``; its artifact ``pseudo_labels`` and ``<stage>/pseudo/*``
     metrics, e.g. ``nmi``).
 
-    ``encoder``: an ``encoder.pt`` artifact (usually wired through ``inputs``), frozen and in
-    eval mode. The fit ends at its first batch, before any step: the stage takes no
+    ``encoder``: an ``encoder.pt`` artifact (usually wired through ``inputs``), kept in eval
+    mode. The fit ends at its first batch, before any step: the stage takes no
     optimizer step by design, and the clustering runs when training ends, as on ``ssl``.
     """
 
@@ -31,12 +31,14 @@ class PseudoLabelStage(StageModule):
 
     def __init__(self, encoder: EncoderArtifact, stage_name: str = "pseudo_label") -> None:
         super().__init__(stage_name)
-        self.encoder = encoder.module.requires_grad_(False).eval()
+        # Parameters left as loaded (requiring grad): DDP refuses to wrap a module with
+        # none; no optimizer exists and no step runs, so nothing changes them.
+        self.encoder = encoder.module.eval()
         self.encoder_cfg = encoder.config
 
     def train(self, mode: bool = True) -> PseudoLabelStage:
         super().train(mode)
-        self.encoder.eval()  # frozen: its BatchNorm statistics and dropout stay as trained
+        self.encoder.eval()  # its BatchNorm statistics and dropout stay as trained
         return self
 
     def setup(self, stage: str) -> None:
