@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.losses.precision import at_least_float32
+from distillery.precision import at_least_float32
 
 __all__ = ["coss_loss", "l1_cosine_distill_loss"]
 

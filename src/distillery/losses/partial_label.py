@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.losses.precision import at_least_float32
+from distillery.precision import at_least_float32
 
 __all__ = ["candidate_gce_loss", "soft_cross_entropy", "top_k_candidates"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.losses.precision import at_least_float32
+from distillery.precision import at_least_float32
 
 __all__ = ["barlow_twins_loss", "byol_loss", "nt_xent"]
 
