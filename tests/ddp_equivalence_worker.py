@@ -59,11 +59,11 @@ def run_pipelines_worker(rank: int, port: int, configs: list[DictConfig]) -> Non
         dist.destroy_process_group()
 
 
-def global_batchnorm_worker(rank: int, port: int, out_dir: str) -> None:
+def global_batchnorm_worker(rank: int, port: int, out_dir: str, dtype: str) -> None:
     """One forward and backward of a BatchNorm2d converted by ``GlobalBatchNormSync`` on every
-    second item of a fixed batch (float64); save the output, the input gradient, the
-    rank-summed parameter gradients, the running statistics and whether ``revert`` restores
-    the plain class."""
+    second item of a fixed batch (float64, or bfloat16 inputs to float32 parameters as under
+    bf16-mixed autocast); save the output, the input gradient, the rank-summed parameter
+    gradients, the running statistics and whether ``revert`` restores the plain class."""
     from distillery.pipeline.batchnorm import GlobalBatchNormSync
 
     join_as_rank(rank, port)
@@ -73,6 +73,8 @@ def global_batchnorm_worker(rank: int, port: int, out_dir: str) -> None:
     target = torch.randn_like(x)
     bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).double()
     torch.nn.init.uniform_(bn[0].weight)
+    if dtype == "bfloat16":
+        x, target, bn = x.bfloat16(), target.bfloat16(), bn.float()
     GlobalBatchNormSync().apply(bn).train()
     mine = x[rank::2].clone().requires_grad_()
     output = bn(mine)
@@ -86,6 +88,6 @@ def global_batchnorm_worker(rank: int, port: int, out_dir: str) -> None:
         "running": torch.cat([bn[0].running_mean, bn[0].running_var]),
         "reverted": type(GlobalBatchNormSync().revert(bn)[0]) is torch.nn.BatchNorm2d,
     }
-    torch.save(record, Path(out_dir) / f"bn-rank{rank}.pt")
+    torch.save(record, Path(out_dir) / f"bn-{dtype}-rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

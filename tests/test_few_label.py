@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distillery.config.validation import ConfigError, stage_trainer, with_stage_kind_settings
 from distillery.data.datamodule import AudioDataModule
 from distillery.pipeline.runner import Runner
 from tests.helpers import compose_config
@@ -63,8 +64,8 @@ def test_few_label_protocol_finetunes_by_steps_and_stops_early(
             "experiment=supervised", "logger=csv", "trainer.enable_progress_bar=false",
             "protocol=few_label", "data.synthetic.num_classes=4",
             "data.synthetic.clips_per_class=30", "data.batch_size=8", "data.label_fraction=0.1",
-            "pipeline.stages.finetune.trainer.max_steps=12",
-            "pipeline.stages.finetune.selection.patience=2",
+            "stage_kind_settings.finetune.trainer.max_steps=12",
+            "stage_kind_settings.finetune.selection.patience=2",
             # A linear probe (frozen encoder) at a tiny learning rate does not improve on
             # validation: it stops `patience` validations after its first.
             "pipeline.stages.finetune.module.mode=linear",
@@ -83,3 +84,42 @@ def test_few_label_protocol_finetunes_by_steps_and_stops_early(
     results = (run_dir / "results.md").read_text()
     assert "labeled_train" in results and "| 8 | 12 |" in results
     assert json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]["selected"]
+
+
+def test_the_protocol_budgets_every_finetune_stage_of_any_pipeline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = compose_config(
+        [
+            "experiment=unfused_compare", "protocol=few_label",
+            "+pipeline.stages.teacher_few.trainer.max_epochs=7",
+        ]
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        applied = with_stage_kind_settings(cfg)
+    finetunes = [n for n, s in cfg.pipeline.stages.items() if s.kind == "finetune"]
+    assert len(finetunes) == 6
+    for name in cfg.pipeline.order:
+        trainer = stage_trainer(applied, name)
+        if name in finetunes:
+            assert (trainer["max_epochs"], trainer["max_steps"]) == (-1, 300), name
+            assert applied.pipeline.stages[name].selection.patience == 20
+        else:  # the SSL teacher and the student keep the experiment's epochs
+            assert trainer["max_epochs"] == stage_trainer(cfg, name)["max_epochs"] != -1
+            assert "max_steps" not in trainer
+    assert "pipeline.stages.teacher_few.trainer.max_epochs=7 replaced by " in caplog.text
+    assert "stage_kind_settings.finetune.trainer.max_epochs=-1" in caplog.text
+    assert cfg.pipeline.stages.teacher_few.selection.patience is None  # cfg itself unchanged
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+stage_kind_settings.finetun.trainer.max_steps=3", "stage_kind_settings.finetun: no stage kind"),
+        ("+stage_kind_settings.finetune.epochs=3", "stage_kind_settings.finetune.epochs: not a stage setting"),
+    ],
+)  # fmt: skip
+def test_settings_for_a_kind_that_does_not_exist_are_refused(override: str, message: str) -> None:
+    cfg = compose_config(["experiment=supervised", override])
+    with pytest.raises(ConfigError, match=message):
+        with_stage_kind_settings(cfg)

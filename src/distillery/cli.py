@@ -51,7 +51,7 @@ def _main(cfg: DictConfig) -> float | None:
             # One writer per run dir: a second run is refused before it writes anything.
             with (
                 run_lock.hold(Path(cfg.run_dir), writer=rank_zero_only.rank == 0),
-                accepted_run_records(cfg, write_config=rank_zero_only.rank == 0),
+                accepted_run_records(runner.cfg, write_config=rank_zero_only.rank == 0),
             ):
                 stages = runner.run()
     except (

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import TINY_TRANSFORMER
 from tests.speech_models import FAMILIES, hf_model, tiny_architecture, write, write_huggingface
 
 from distillery.data.padding import pad_waveforms
+from distillery.models.io import build_encoder
 from distillery.models.speech import SpeechEncoder
 from distillery.models.speech_weights import WeightsError, check_weights, detect_format
 
@@ -164,3 +166,28 @@ def test_declared_unused_submodules_are_exactly_the_parameters_without_gradient(
     encoder = SpeechEncoder(architecture=architecture, embedding_layer=embedding_layer)
     unused = _without_gradient(encoder, encoder.forward_hidden_states(audio, lengths))
     assert unused == _declared(encoder, encoder.outside_hidden_states)
+
+
+def _hidden_states_to(encoder, index: int) -> list[torch.Tensor]:
+    args = (torch.randn(2, 4000), torch.tensor([4000, 2500]))
+    if not isinstance(encoder, SpeechEncoder):
+        args = (torch.randn(2, 1, 16, 20),)
+    return encoder.forward_hidden_states(*args)[: index + 1]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["transformer", "hubert", "wavlm-large"])
+def test_declared_submodules_after_a_hidden_state_are_exactly_those_without_gradient(
+    kind: str, index: int, one_thread
+) -> None:
+    """A layer-wise loss on hidden states 0..index leaves the layers after ``index``
+    without a gradient: ``outside_hidden_states_to(index)`` (what prune_distill and
+    final_distill freeze for their highest distilled layer) names exactly those."""
+    torch.manual_seed(0)
+    if kind == "transformer":
+        encoder = build_encoder(TINY_TRANSFORMER)
+    else:
+        family, _, size = kind.partition("-")
+        encoder = SpeechEncoder(architecture=tiny_architecture(family, size == "large"))
+    unused = _without_gradient(encoder, _hidden_states_to(encoder, index))
+    assert unused == _declared(encoder, encoder.outside_hidden_states_to(index))

@@ -19,15 +19,16 @@ from distillery.stages.prune_distill import PruneDistillStage
 STEPS = 3
 
 
-def fit_worker(rank: int, port: int, kind: str, out_dir: str) -> None:
-    """Train ``STEPS`` steps as rank ``rank`` of 2; save the student's weights."""
+def fit_worker(rank: int, port: int, kind: str, out_dir: str, layers: list[int]) -> None:
+    """Train ``STEPS`` steps as rank ``rank`` of 2, distilling hidden states ``layers``;
+    save the student's weights."""
     join_as_rank(rank, port)
     torch.manual_seed(0)  # the same initial student on both ranks
     if kind == "prune_distill":
-        stage = PruneDistillStage(TINY_TRANSFORMER, distill_layers=[0, 1, 2])
+        stage = PruneDistillStage(TINY_TRANSFORMER, distill_layers=layers)
     else:
         stage = FinalDistillStage(
-            TINY_TRANSFORMER, student_encoder=TINY_TRANSFORMER, distill_layers=[0, 1, 2]
+            TINY_TRANSFORMER, student_encoder=TINY_TRANSFORMER, distill_layers=layers
         )
     clips = [{"features": torch.randn(1, 16, 16)} for _ in range(4 * STEPS)]
     trainer = ddp_trainer(max_steps=STEPS)

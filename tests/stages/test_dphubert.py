@@ -285,14 +285,16 @@ def test_multipliers_ascend_under_gradient_accumulation(one_thread, accumulate: 
 
 @pytest.mark.ddp
 @pytest.mark.slow
+@pytest.mark.parametrize("layers", [[0, 1, 2], [0, 1]], ids=["to_last", "below_last"])
 @pytest.mark.parametrize("kind", ["prune_distill", "final_distill"])
-def test_teacher_student_stages_train_under_ddp(tmp_path: Path, kind: str) -> None:
+def test_teacher_student_stages_train_under_ddp(tmp_path: Path, kind: str, layers: list) -> None:
     """2 processes (gloo) on the transformer: no student parameter is left without a
-    gradient (DDP rejects those at the second step), and both ranks end with equal weights."""
+    gradient (DDP rejects those at the second step), also when the distilled layers stop
+    below the last block, and both ranks end with equal weights."""
     from tests.helpers import spawn_two_ranks
     from tests.stages.teacher_student_ddp_worker import STEPS, fit_worker
 
-    spawn_two_ranks(fit_worker, kind, str(tmp_path))
+    spawn_two_ranks(fit_worker, kind, str(tmp_path), layers)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["steps"] == rank1["steps"] == STEPS
     for key, value in rank0["state"].items():

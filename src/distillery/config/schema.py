@@ -179,6 +179,10 @@ class Config:
     experiment_name: str | None = None
     #: ``<stage>/<split>/<name>`` returned to a Hydra sweeper (e.g. Optuna) after the run.
     optimized_metric: str | None = None
+    #: Settings merged over every stage of a kind, winning over the stage's own: kind ->
+    #: a partial stage node (e.g. ``finetune: {trainer: {max_steps: 300}}``). Protocols
+    #: (``protocol=few_label``) set it, so they apply to any pipeline's stages of that kind.
+    stage_kind_settings: dict[str, Any] = field(default_factory=dict)
     #: A directory of finished stages shared between runs (sweep trials): a stage whose
     #: config (chained to the stages before it) and code match an entry is reused, not
     #: computed (distillery.pipeline.stage_cache); null: off.

@@ -9,7 +9,10 @@ must provide (the stage contract, its ``inputs``) is checked one layer up, in
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import inspect
+import logging
 import math
 import re
 import types
@@ -21,10 +24,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import get_class, get_method, get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from distillery.config.schema import Config, DataConfig
+from distillery.config.schema import Config, DataConfig, StageConfig
 from distillery.config.weights import check_encoder_weights
 
 #: Trainer arguments the runner owns.
@@ -39,6 +42,8 @@ INJECTED_TRAINER_ARGS = (
 
 #: A check of one data node's files: ``(data, key path) -> problems``.
 DataCheck = Callable[[dict[str, Any], str], list[str]]
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -475,6 +480,63 @@ def stage_data(cfg: DictConfig, name: str) -> DictConfig:
     it is still part of the whole config."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return OmegaConf.merge(OmegaConf.structured(DataConfig), data, cfg.pipeline.stages[name].data)
+
+
+def with_stage_kind_settings(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with ``stage_kind_settings.<kind>`` merged over every stage of that
+    kind. A protocol (``protocol=few_label``) sets the finetune budget of every finetune stage
+    of any pipeline this way; its values win over the stage's own, and each value it replaces
+    is logged (change it through ``stage_kind_settings``)."""
+    from distillery.stages.registry import stage_kinds  # the registry imports stage modules
+
+    if not cfg.get("stage_kind_settings"):
+        return cfg
+    settings = OmegaConf.to_container(cfg.stage_kind_settings, resolve=True)
+    if unknown := sorted(set(settings) - set(stage_kinds())):
+        raise ConfigError(
+            [f"stage_kind_settings.{kind}: no stage kind {kind!r} (known: {stage_kinds()})"
+             for kind in unknown]
+        )  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(StageConfig)}
+    if bad := [
+        f"{kind}.{key}" for kind, node in settings.items() for key in node if key not in fields
+    ]:
+        raise ConfigError(
+            [
+                f"stage_kind_settings.{key}: not a stage setting (one of {sorted(fields)})"
+                for key in bad
+            ]
+        )
+    cfg = copy.deepcopy(cfg)
+    for name, stage in cfg.pipeline.stages.items():
+        if stage.kind not in settings:
+            continue
+        own = OmegaConf.to_container(stage, resolve=True)
+        for key, value in _leaves(settings[stage.kind]):
+            old = _get_path(own, key)
+            if old is not None and old != value:
+                log.info(
+                    "pipeline.stages.%s.%s=%s replaced by stage_kind_settings.%s.%s=%s",
+                    name, key, old, stage.kind, key, value,
+                )  # fmt: skip
+        with open_dict(cfg):  # a stage's trainer and module take any key
+            cfg.pipeline.stages[name] = OmegaConf.merge(stage, settings[stage.kind])
+    return cfg
+
+
+def _leaves(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Dotted key paths and values of a nested dict's leaves."""
+    out = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out += _leaves(value, f"{path}.") if isinstance(value, dict) else [(path, value)]
+    return out
+
+
+def _get_path(node: Any, path: str) -> Any:
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def stage_trainer(cfg: DictConfig, name: str) -> dict[str, Any]:

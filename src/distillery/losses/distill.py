@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.precision import at_least_float32
+
 __all__ = ["coss_loss", "l1_cosine_distill_loss"]
 
 
@@ -39,8 +41,8 @@ def coss_loss(
             f"expected two (B, D) tensors of equal shape, got {tuple(student.shape)} and "
             f"{tuple(teacher.shape)}"
         )
-    s = F.normalize(student.float(), dim=1)
-    t = F.normalize(teacher.float(), dim=1)
+    s = F.normalize(at_least_float32(student), dim=1)
+    t = F.normalize(at_least_float32(teacher), dim=1)
     cos = (1.0 - (s * t).sum(dim=1)).mean()
     # Columns of the row-normalised matrices, normalised over the batch axis.
     s_cols = F.normalize(s, dim=0)
@@ -74,7 +76,7 @@ def l1_cosine_distill_loss(
             f"expected two (B, T, D) or (B, D) tensors of equal shape, got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}"
         )
-    s, t = student.float(), teacher.float()
+    s, t = at_least_float32(student), at_least_float32(teacher)
     abs_diff = (s - t).abs().mean(dim=-1)  # (B, T) or (B,): mean over D
     cos = F.cosine_similarity(s, t, dim=-1)
     if mask is None:

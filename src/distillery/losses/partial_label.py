@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.precision import at_least_float32
+
 __all__ = ["candidate_gce_loss", "soft_cross_entropy", "top_k_candidates"]
 
 
@@ -29,7 +31,7 @@ def top_k_candidates(teacher_logits: Tensor, k: int = 2) -> Tensor:
     if not 1 <= k <= teacher_logits.shape[1]:
         raise ValueError(f"k must be in [1, C={teacher_logits.shape[1]}], got {k}")
     # Stable sort of the negated scores keeps the first index among equal scores.
-    top = torch.sort(-teacher_logits.float(), dim=1, stable=True).indices[:, :k]
+    top = torch.sort(-at_least_float32(teacher_logits), dim=1, stable=True).indices[:, :k]
     targets = torch.zeros_like(teacher_logits, dtype=torch.float32)
     return targets.scatter_(1, top, 1.0 / k)
 
@@ -44,7 +46,7 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
         raise ValueError(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape"
         )
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    return -(targets * F.log_softmax(at_least_float32(logits), dim=1)).sum(dim=1).mean()
 
 
 def candidate_gce_loss(logits: Tensor, candidates: Tensor, q: float = 0.7) -> Tensor:
@@ -60,5 +62,5 @@ def candidate_gce_loss(logits: Tensor, candidates: Tensor, q: float = 0.7) -> Te
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q must be in (0, 1], got {q}")
     mask = (candidates > 0).float()
-    per_class = (1.0 - F.softmax(logits.float(), dim=1).pow(q)) / q
+    per_class = (1.0 - F.softmax(at_least_float32(logits), dim=1).pow(q)) / q
     return ((per_class * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()

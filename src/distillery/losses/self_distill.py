@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.precision import at_least_float32
+
 __all__ = ["multi_exit_loss"]
 
 
@@ -65,18 +67,22 @@ def multi_exit_loss(
         raise ValueError(f"targets must be ({final_logits.shape[0]},), got {tuple(targets.shape)}")
 
     teacher = final_logits.detach() if detach_teacher else final_logits
-    log_p_c = F.log_softmax(teacher.float(), dim=1)
+    log_p_c = F.log_softmax(at_least_float32(teacher), dim=1)
 
     zero = final_logits.new_zeros((), dtype=torch.float32)
     ce_exits, kl, cos_dist = zero, zero, zero
     for h in exit_logits:
-        ce_exits = ce_exits + _masked_ce(h.float(), targets, ignore_index)
-        log_p_h = F.log_softmax(h.float(), dim=1)
+        ce_exits = ce_exits + _masked_ce(at_least_float32(h), targets, ignore_index)
+        log_p_h = F.log_softmax(at_least_float32(h), dim=1)
         kl = kl + F.kl_div(log_p_h, log_p_c, reduction="batchmean", log_target=True)
         cos_dist = (
-            cos_dist + (2.0 - 2.0 * F.cosine_similarity(h.float(), teacher.float(), dim=1)).mean()
+            cos_dist
+            + (
+                2.0
+                - 2.0 * F.cosine_similarity(at_least_float32(h), at_least_float32(teacher), dim=1)
+            ).mean()
         )
-    ce_final = _masked_ce(final_logits.float(), targets, ignore_index)
+    ce_final = _masked_ce(at_least_float32(final_logits), targets, ignore_index)
 
     total = exit_ce_weight * ce_exits + ce_final + exit_kl_weight * kl + exit_cos_weight * cos_dist
     terms = {

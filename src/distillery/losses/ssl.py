@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.precision import at_least_float32
+
 __all__ = ["barlow_twins_loss", "byol_loss", "nt_xent"]
 
 
@@ -38,7 +40,7 @@ def byol_loss(online_pred: Tensor, target_proj: Tensor) -> Tensor:
         raise ValueError(
             f"shape mismatch: {tuple(online_pred.shape)} vs {tuple(target_proj.shape)}"
         )
-    cos = F.cosine_similarity(online_pred.float(), target_proj.float(), dim=-1)
+    cos = F.cosine_similarity(at_least_float32(online_pred), at_least_float32(target_proj), dim=-1)
     return (2.0 - 2.0 * cos).mean()
 
 
@@ -58,7 +60,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """
     _check_pair(z1, z2)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)  # (2B, D)
+    z = F.normalize(at_least_float32(torch.cat([z1, z2], dim=0)), dim=1)  # (2B, D)
     logits = z @ z.t() / temperature  # (2B, 2B)
     # An anchor must not be its own candidate.
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -90,7 +92,7 @@ def barlow_twins_loss(
         raise ValueError("barlow_twins_loss needs a batch of at least 2 to standardise features")
 
     def standardise(z: Tensor) -> Tensor:
-        z = z.float()
+        z = at_least_float32(z)
         return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
 
     c = standardise(z1).t() @ standardise(z2) / n  # (D, D)

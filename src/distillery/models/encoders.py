@@ -336,6 +336,14 @@ class TransformerEncoder(nn.Module):
     #: cannot train them (and DDP rejects parameters without a gradient).
     outside_hidden_states: ClassVar[tuple[str, ...]] = ("final_norm",)
 
+    def outside_hidden_states_to(self, index: int) -> tuple[str, ...]:
+        """Submodules that hidden states 0..``index`` do not depend on: those outside every
+        hidden state and the blocks after block ``index``."""
+        return (
+            *self.outside_hidden_states,
+            *(f"blocks.{i}" for i in range(index, len(self.blocks))),
+        )
+
     def __init__(
         self,
         n_mels: int = 64,

@@ -314,6 +314,14 @@ class SpeechEncoder(nn.Module):
         final_norm_last = not self.model.encoder.transformer.layer_norm_first  # torchaudio's flag
         return ("model.encoder.transformer.layer_norm",) if final_norm_last else ()
 
+    def outside_hidden_states_to(self, index: int) -> tuple[str, ...]:
+        """Submodules that hidden states 0..``index`` do not depend on: those outside every
+        hidden state and the transformer layers after layer ``index``."""
+        layers = range(index, len(self.model.encoder.transformer.layers))
+        return self.outside_hidden_states + tuple(
+            f"model.encoder.transformer.layers.{i}" for i in layers
+        )
+
     @property
     def outside_forward(self) -> tuple[str, ...]:
         """Submodules :meth:`forward` and :meth:`forward_exits` do not run: those outside the

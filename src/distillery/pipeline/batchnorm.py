@@ -26,6 +26,8 @@ import torch.distributed.nn.functional as dist_fn
 from lightning.pytorch.plugins import LayerSync
 from torch import Tensor, nn
 
+from distillery.precision import at_least_float32
+
 
 def data_parallel_batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm in ``module`` outside subtrees marked ``batchnorm_sync = False``."""
@@ -90,6 +92,8 @@ class _GlobalBatchNorm:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         self._check_input_dim(x)
+        out_dtype = x.dtype
+        x = at_least_float32(x)  # autocast's bfloat16: statistics in the running stats' float32
         dims = [0, *range(2, x.dim())]
         count = x.new_tensor([x.numel() / x.shape[1]])
         mean = x.mean(dims)
@@ -117,7 +121,7 @@ class _GlobalBatchNorm:
         y = (x - global_mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(out_dtype)
 
 
 class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):

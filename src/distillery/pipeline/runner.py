@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
 from distillery.artifact_kinds import Artifact
-from distillery.config.validation import stage_data, stage_trainer
+from distillery.config.validation import stage_data, stage_trainer, with_stage_kind_settings
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
 from distillery.models.safe_load import trust_config_targets
@@ -139,6 +139,7 @@ class Runner:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        cfg = with_stage_kind_settings(cfg)  # e.g. a protocol's finetune budget
         validate(cfg)
         trust_config_targets(cfg)  # artifacts may build what the user's config names
         self.cfg = cfg

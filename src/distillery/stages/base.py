@@ -27,15 +27,24 @@ def encoder_inputs(encoder: nn.Module, batch: dict[str, Any]) -> tuple[Any, ...]
     return (batch[key],)
 
 
-def freeze_unused(encoder: nn.Module, uses: Literal["forward", "hidden_states"]) -> None:
+def freeze_unused(
+    encoder: nn.Module,
+    uses: Literal["forward", "hidden_states"],
+    highest_state: int | None = None,
+) -> None:
     """Freeze the submodules of ``encoder`` that the stage's use of it never runs, as the
     encoder declares them: ``outside_forward`` (not run by ``forward``/``forward_exits``,
     e.g. a speech encoder's layers above its ``embedding_layer``) or
     ``outside_hidden_states`` (not run by ``forward_hidden_states``, e.g. a final
-    LayerNorm). No loss can train them, and under DDP a trainable parameter without a
-    gradient stops training (so no ``find_unused_parameters`` and its extra graph
-    traversal every step). They keep their values, and the exported encoder keeps them."""
-    for name in getattr(encoder, f"outside_{uses}", ()):
+    LayerNorm); a stage that reads hidden states up to ``highest_state`` only also freezes
+    the layers after it, by the encoder's ``outside_hidden_states_to(highest_state)``. No
+    loss can train them, and under DDP a trainable parameter without a gradient stops
+    training (so no ``find_unused_parameters`` and its extra graph traversal every step).
+    They keep their values, and the exported encoder keeps them."""
+    names = getattr(encoder, f"outside_{uses}", ())
+    if uses == "hidden_states" and highest_state is not None:
+        names = getattr(encoder, "outside_hidden_states_to", lambda _: names)(highest_state)
+    for name in names:
         encoder.get_submodule(name).requires_grad_(False)
 
 

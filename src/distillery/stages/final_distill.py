@@ -53,10 +53,10 @@ class FinalDistillStage(TeacherDistillStage):
             self.student, self.encoder_cfg = student.module, student.config
         else:
             self.student, self.encoder_cfg = build_encoder(student_encoder), student_encoder
-        freeze_unused(self.student, "hidden_states")
         self.distill_loss = LayerDistillLoss(
             self.student.embed_dim, self.teacher.embed_dim, distill_layers, student_layers
         )
+        freeze_unused(self.student, "hidden_states", max(self.distill_loss.student_layers))
 
     def encoder_for_eval(self) -> nn.Module:
         return self.student

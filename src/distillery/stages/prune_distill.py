@@ -105,7 +105,7 @@ class PruneDistillStage(TeacherDistillStage):
         self.gate_noise = gate_noise
         self.noise_seed = 0  # the run's seed, read when training starts (same on every rank)
         student = copy.deepcopy(self.teacher).requires_grad_(True)
-        freeze_unused(student, "hidden_states")
+        freeze_unused(student, "hidden_states", max(distill_layers, default=None))
         self.gated = GatedModel(student, list(prune), teacher)
         dim = self.teacher.embed_dim
         self.distill_loss = LayerDistillLoss(dim, dim, distill_layers)
