@@ -41,7 +41,11 @@ def collect(runs_dir: Path) -> dict:
                 "seed": path.parent.name,
                 "applied": meta["preprocessing"],  # what ran (PCA is skipped <= pca_dim dims)
                 "nmi": stages["pseudo_label"]["metrics"]["pseudo_label/pseudo/nmi"],
-                "teacher_entry": (stages["ssl"].get("reused_from") or {}).get("entry"),
+                # The teacher's stage-cache entry (one per seed); null in the run that trained it.
+                "teacher_reused": Path(
+                    (stages["ssl"].get("reused_from") or {}).get("entry", "")
+                ).name
+                or None,
             }
             if "student_few" in stages:
                 metrics = stages["student_few"]["metrics"]
