@@ -49,8 +49,9 @@ SPEECH = {
     ),
 }
 
-#: Stages that take no optimizer step by design: KRR-ST's random-real-subset baseline.
-NO_STEPS = {"krr_st_compare": {"random_subset"}}
+#: Stages that take no optimizer step by design: KRR-ST's random-real-subset baseline, the
+#: clustering of a trained encoder.
+NO_STEPS = {"krr_st_compare": {"random_subset"}, "unfused_labels": {"pseudo_label"}}
 
 
 def cell_id(cell: tuple[int, int, str]) -> str:
