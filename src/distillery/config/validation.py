@@ -511,32 +511,29 @@ def with_stage_kind_settings(cfg: DictConfig) -> DictConfig:
     for name, stage in cfg.pipeline.stages.items():
         if stage.kind not in settings:
             continue
-        own = OmegaConf.to_container(stage, resolve=True)
-        for key, value in _leaves(settings[stage.kind]):
-            old = _get_path(own, key)
-            if old is not None and old != value:
-                log.info(
-                    "pipeline.stages.%s.%s=%s replaced by stage_kind_settings.%s.%s=%s",
-                    name, key, old, stage.kind, key, value,
-                )  # fmt: skip
         with open_dict(cfg):  # a stage's trainer and module take any key
-            cfg.pipeline.stages[name] = OmegaConf.merge(stage, settings[stage.kind])
+            merged = OmegaConf.merge(stage, settings[stage.kind])
+            own, new = (OmegaConf.to_container(c) for c in (stage, merged))
+            for key in changed_keys(own, new):
+                if (old := OmegaConf.select(stage, key)) is not None:  # not newly added
+                    log.info(
+                        "pipeline.stages.%s.%s=%s replaced by stage_kind_settings.%s.%s=%s",
+                        name, key, old, stage.kind, key, OmegaConf.select(merged, key),
+                    )  # fmt: skip
+            cfg.pipeline.stages[name] = merged
     return cfg
 
 
-def _leaves(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """Dotted key paths and values of a nested dict's leaves."""
-    out = []
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        out += _leaves(value, f"{path}.") if isinstance(value, dict) else [(path, value)]
-    return out
-
-
-def _get_path(node: Any, path: str) -> Any:
-    for key in path.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def stage_trainer(cfg: DictConfig, name: str) -> dict[str, Any]:

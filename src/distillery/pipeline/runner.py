@@ -23,7 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillery import artifacts
 from distillery.artifact_kinds import Artifact
-from distillery.config.validation import stage_data, stage_trainer, with_stage_kind_settings
+from distillery.config.validation import (
+    changed_keys,
+    stage_data,
+    stage_trainer,
+    with_stage_kind_settings,
+)
 from distillery.data.datamodule import AudioDataModule
 from distillery.eval.report import evaluate_encoder
 from distillery.models.safe_load import trust_config_targets
@@ -107,18 +112,6 @@ def stage_config_hash(settings: dict[str, Any], upstream_hash: str) -> str:
     """Hash of a stage's settings, chained to the stages before it."""
     text = json.dumps(settings | {"upstream": upstream_hash}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 @dataclass
