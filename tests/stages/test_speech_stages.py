@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import open_dict
-from tests.helpers import FAST, compose_config
+from tests.helpers import FAST, TINY_TRANSFORMER, compose_config
 from tests.speech_models import tiny_architecture
 from tests.stages.test_coss_kd import coss_only
 from tests.test_cli import distillery
@@ -30,14 +30,6 @@ from distillery.stages.self_distill import SelfDistillStage
 from distillery.stages.ssl import SSLStage
 
 LOGMEL = {"_target_": "distillery.models.encoders.AudioNTT", "n_mels": 16, "channels": 4, "dim": 24}
-LOGMEL_TRANSFORMER = {
-    "_target_": "distillery.models.encoders.TransformerEncoder",
-    "n_mels": 16,
-    "dim": 16,
-    "depth": 1,
-    "heads": 2,
-    "ffn_dim": 32,
-}
 
 
 def speech_config(family: str = "hubert", **kwargs: object) -> dict:
@@ -274,7 +266,7 @@ def test_a_waveform_teacher_without_frame_mask_is_refused_at_start_up(
     ):
         FinalDistillStage(teacher={"_target_": target}, student_encoder=speech_config())
     # A log-mel teacher needs none (its frames are never padded), a speech encoder has one.
-    FinalDistillStage(teacher=LOGMEL_TRANSFORMER, student_encoder=LOGMEL_TRANSFORMER)
+    FinalDistillStage(teacher=TINY_TRANSFORMER, student_encoder=TINY_TRANSFORMER)
 
 
 def test_the_log_mel_dataset_distillation_stages_refuse_a_waveform_encoder(
