@@ -66,6 +66,7 @@ def test_few_label_protocol_finetunes_by_steps_and_stops_early(
             "data.synthetic.clips_per_class=30", "data.batch_size=8", "data.label_fraction=0.1",
             "stage_kind_settings.finetune.trainer.max_steps=12",
             "stage_kind_settings.finetune.selection.patience=2",
+            "stage_kind_settings.finetune.trainer.val_check_interval=2",
             # A linear probe (frozen encoder) at a tiny learning rate does not improve on
             # validation: it stops `patience` validations after its first.
             "pipeline.stages.finetune.module.mode=linear",
@@ -78,9 +79,11 @@ def test_few_label_protocol_finetunes_by_steps_and_stops_early(
     # 4 classes x 30 clips: 20 train clips per class, 10% labelled -> 2 each; 3 val labels each.
     assert record.metrics["finetune/data/labeled_train"] == 8
     assert record.metrics["finetune/data/labeled_val"] == 12
+    # An epoch is one step (8 clips, batch 8); validation is every 2 steps all the same
+    # (per epoch it would stop at step 3): first at step 2, stopped 2 validations later.
     steps = record.optimizer_steps[0]
-    assert steps < 12  # stopped early: patience 2 after the best validation epoch
-    assert record.selected["step"] <= steps - 2
+    assert 6 <= steps < 12 and steps % 2 == 0
+    assert record.selected["step"] % 2 == 0 and record.selected["step"] <= steps - 4
     results = (run_dir / "results.md").read_text()
     assert "labeled_train" in results and "| 8 | 12 |" in results
     assert json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]["selected"]
@@ -103,7 +106,9 @@ def test_the_protocol_budgets_every_finetune_stage_of_any_pipeline(
         trainer = stage_trainer(applied, name)
         if name in finetunes:
             assert (trainer["max_epochs"], trainer["max_steps"]) == (-1, 300), name
-            assert applied.pipeline.stages[name].selection.patience == 20
+            assert trainer["check_val_every_n_epoch"] is None
+            assert trainer["val_check_interval"] == 10
+            assert applied.pipeline.stages[name].selection.patience == 10
         else:  # the SSL teacher and the student keep the experiment's epochs
             assert trainer["max_epochs"] == stage_trainer(cfg, name)["max_epochs"] != -1
             assert "max_steps" not in trainer

@@ -164,6 +164,9 @@ class DebugConfig:
 
     name: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
+    #: Callback name -> settings forced on that callback wherever a stage has it (smoke
+    #: data has fewer clips than the pseudo-labeler's default k).
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -524,6 +524,21 @@ def with_stage_kind_settings(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def with_debug_callback_settings(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with ``debug.callbacks.<name>`` merged over the callback ``<name>``
+    of every stage that has one (``debug=smoke`` clusters its tiny data into fewer
+    pseudo-labels); pipelines without that callback are left as they are."""
+    if not cfg.debug.get("callbacks"):
+        return cfg
+    forced = OmegaConf.to_container(cfg.debug.callbacks, resolve=True)
+    cfg = copy.deepcopy(cfg)
+    for stage in cfg.pipeline.stages.values():
+        for name in forced.keys() & set(stage.callbacks):
+            with open_dict(cfg):  # a callback takes the keys of its class
+                stage.callbacks[name] = OmegaConf.merge(stage.callbacks[name], forced[name])
+    return cfg
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     keys = []
