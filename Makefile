@@ -36,28 +36,34 @@ lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
-# UnFuSeD claim on the built-in data, 3 seeds; resumable (re-run to continue).
-SEEDS ?= 0 1 2
+# The reproductions (experiments/*/README.md): every seed on every built-in data set, under
+# the few-label protocol (conf/protocol/few_label.yaml); resumable (re-run to continue).
+SEEDS ?= 0 1 2 3 4
+DATASETS ?= synthetic_hard speech
+PROTOCOL ?= few_label
+REPRODUCE := protocol=$(PROTOCOL) logger=csv trainer.enable_progress_bar=false
+
 reproduce-unfused: install
-	for seed in $(SEEDS); do \
-	  $(BIN)/distillery experiment=unfused_compare seed=$$seed logger=csv \
-	    run_dir=experiments/unfused/runs/seed$$seed || exit 1; \
-	done
+	for data in $(DATASETS); do for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=unfused_compare data=$$data seed=$$seed $(REPRODUCE) \
+	    run_dir=experiments/unfused/runs/$$data/seed$$seed || exit 1; \
+	done; done
 	$(BIN)/python experiments/unfused/report.py
 
 # The UnFuSeD pseudo-label study (experiments/unfused/README.md): every k x preprocessing,
-# the student finetuned with 5% of the labels over SEEDS, the pseudo-label NMI alone over
-# NMI_SEEDS too. Each seed's teacher is trained once and reused from the stage cache
+# the student finetuned with 5% of the labels over LABEL_SEEDS, the pseudo-label NMI alone
+# over NMI_SEEDS too. Each seed's teacher is trained once and reused from the stage cache
 # (clear it with rm -r $(LABEL_RUNS)/stage_cache). Resumable (re-run to continue).
 LABEL_KS ?= 16 32 64
 LABEL_PREPS ?= whiten pca l2
+LABEL_SEEDS ?= 0 1 2
 NMI_SEEDS ?= 3 4
 LABEL_RUNS := experiments/unfused/runs/labels
 PSEUDO := pipeline.stages.pseudo_label.callbacks.pseudo_labeler
 .PHONY: reproduce-unfused-labels
 reproduce-unfused-labels: install
-	for seed in $(SEEDS) $(NMI_SEEDS); do \
-	  case " $(SEEDS) " in *" $$seed "*) nmi_only="";; \
+	for seed in $(LABEL_SEEDS) $(NMI_SEEDS); do \
+	  case " $(LABEL_SEEDS) " in *" $$seed "*) nmi_only="";; \
 	    *) nmi_only="pipeline.order=[ssl,pseudo_label] ~pipeline.stages.self_distill ~pipeline.stages.student_few";; esac; \
 	  for k in $(LABEL_KS); do for prep in $(LABEL_PREPS); do \
 	    case $$prep in whiten) p="pca_dim=128 $(PSEUDO).eig_power=-0.5";; \

@@ -48,7 +48,9 @@ def collect(runs_dir: Path) -> dict:
             metrics = stages[stage]["metrics"]
             for key in (*METRICS, "params"):
                 row[f"{stage}_{key}"] = metrics[f"{stage}/eval/{key}"]
-        pruning_file = path.parent / stages["prune_distill"]["artifacts"]["pruning"]  # run-dir relative
+        pruning_file = (
+            path.parent / stages["prune_distill"]["artifacts"]["pruning"]
+        )  # run-dir relative
         pruning = json.loads(pruning_file.read_text())
         row["target_params"] = pruning["target_params"]
         row["params_vs_target"] = pruning["params_vs_target"]

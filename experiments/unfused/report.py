@@ -1,7 +1,8 @@
 """Aggregate the UnFuSeD reproduction runs into results.json and the table in README.md.
 
 Usage: python experiments/unfused/report.py [RUNS_DIR]   (default: experiments/unfused/runs)
-Each ``RUNS_DIR/seed*/pipeline.json`` is one run of ``experiment=unfused_compare``.
+Each ``RUNS_DIR/<data>/seed*/pipeline.json`` is one run of ``experiment=unfused_compare``;
+one table per data set.
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distillery.eval.reproduction import finished_runs, mean_std, publish
+from distillery.eval.reproduction import (
+    describe_protocol,
+    mean_std,
+    paired_difference,
+    publish,
+    run_config,
+    runs_by_data,
+)
 
 HERE = Path(__file__).parent
 METHODS = {  # stage-name prefix -> what it is
@@ -20,9 +28,9 @@ METHODS = {  # stage-name prefix -> what it is
 FRACTIONS = {"few": "5% labels", "all": "100% labels"}
 
 
-def collect(runs_dir: Path) -> dict:
+def collect(runs: list) -> dict:
     per_seed = []
-    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-unfused"):
+    for path, stages in runs:
         row = {"run": path.parent.name}
         for method in METHODS:
             for fraction in FRACTIONS:
@@ -33,17 +41,21 @@ def collect(runs_dir: Path) -> dict:
             ]
         row["teacher_params"] = stages["ssl"]["metrics"]["ssl/eval/params"]
         row["pseudo_nmi"] = stages["ssl"]["metrics"]["ssl/pseudo/nmi"]
+        row["pseudo_k"] = run_config(path).pipeline.stages.ssl.callbacks.pseudo_labeler.k
         row["teacher_knn10"] = stages["ssl"]["metrics"]["ssl/eval/knn10_acc"]
         row["student_knn10"] = stages["self_distill"]["metrics"]["self_distill/eval/knn10_acc"]
         per_seed.append(row)
-    return {"runs": per_seed}
+    return {"protocol": describe_protocol(runs), "runs": per_seed}
 
 
-def table(results: dict) -> str:
+def table(data: str, results: dict) -> str:
     rows = results["runs"]
-    n = len(rows)
     lines = [
-        f"Test accuracy, mean ± std over {n} seeds (8 classes, chance 0.125):",
+        f"### `data={data}`",
+        "",
+        results["protocol"],
+        "",
+        f"Test accuracy, mean ± std over {len(rows)} seeds:",
         "",
         "| method | params | " + " | ".join(FRACTIONS.values()) + " |",
         "| --- | --- | " + " | ".join("---" for _ in FRACTIONS) + " |",
@@ -54,7 +66,18 @@ def table(results: dict) -> str:
         lines.append(f"| {label} | {params:.2f}M | " + " | ".join(accs) + " |")
     lines += [
         "",
-        f"Pseudo-label NMI vs true classes (k = 32): {mean_std([r['pseudo_nmi'] for r in rows])}; "
+        "Paired by seed (each seed's three methods share data, teacher and labelled subset):",
+        "",
+    ]
+    for fraction, label in FRACTIONS.items():
+        student = [r[f"student_{fraction}"] for r in rows]
+        lines.append(
+            f"- {label}: (c) - (b) {paired_difference(student, [r[f'teacher_{fraction}'] for r in rows])}; "
+            f"(c) - (a) {paired_difference(student, [r[f'scratch_{fraction}'] for r in rows])}"
+        )
+    lines += [
+        "",
+        f"Pseudo-label NMI vs true classes (k = {rows[0]['pseudo_k']}): {mean_std([r['pseudo_nmi'] for r in rows])}; "
         f"kNN-10 test accuracy of the frozen embeddings (all training labels as neighbours): teacher "
         f"{mean_std([r['teacher_knn10'] for r in rows])}, student {mean_std([r['student_knn10'] for r in rows])}.",
     ]
@@ -63,8 +86,9 @@ def table(results: dict) -> str:
 
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
-    results = collect(runs_dir)
-    publish(HERE, results, table(results))
+    groups = runs_by_data(runs_dir, "seed*/pipeline.json", "reproduce-unfused")
+    results = {data: collect(runs) for data, runs in groups.items()}
+    publish(HERE, results, "\n\n".join(table(data, r) for data, r in results.items()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """What every reproduction report (``experiments/*/report.py``) shares: finished runs read
-from their ``pipeline.json``, ``mean ± std`` cells, and the results written next to the
-report (``results.json``) and into its README between two markers (a report with a second
-table uses a second pair of markers and json file, named by ``block``)."""
+from their ``pipeline.json``, grouped by data set, the protocol they ran under stated from
+their own config, ``mean ± std`` cells, and the results written next to the report
+(``results.json``) and into its README between two markers (a report with a second table
+uses a second pair of markers and json file, named by ``block``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,26 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from distillery.data.splits import assign_splits
+
 
 def mean_std(values: list[float], digits: int = 3) -> str:
     """``"0.875 ± 0.014"`` (sample std); one value alone, ``"-"`` for none."""
     if len(values) < 2:
         return f"{values[0]:.{digits}f}" if values else "-"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def paired_difference(first: list[float], second: list[float], digits: int = 3) -> str:
+    """``first - second`` seed by seed (runs of one seed share teacher, data and labelled
+    subset): ``"+0.012 ± 0.030, higher in 3 of 5 seeds"``."""
+    diffs = [a - b for a, b in zip(first, second, strict=True)]
+    spread = f" ± {statistics.stdev(diffs):.{digits}f}" if len(diffs) > 1 else ""
+    higher = sum(d > 0 for d in diffs)
+    return f"{statistics.mean(diffs):+.{digits}f}{spread}, higher in {higher} of {len(diffs)} seeds"
 
 
 def finished_stages(manifest: Path) -> dict[str, dict]:
@@ -35,6 +50,104 @@ def finished_runs(
     if not paths:
         raise SystemExit(f"no runs under {runs_dir}: run `make {make_target}` first")
     return [(path, finished_stages(path)) for path in paths]
+
+
+def runs_by_data(
+    runs_dir: Path, pattern: str, make_target: str
+) -> dict[str, list[tuple[Path, dict[str, dict]]]]:
+    """Finished runs grouped by data set: ``runs_dir/<data>/<pattern>``, one folder per
+    ``data=`` option the reproduction ran on (``make reproduce-* DATASETS=...``)."""
+    groups = {
+        folder.name: finished_runs(folder, pattern, make_target)
+        for folder in sorted(Path(runs_dir).iterdir())
+        if folder.is_dir() and any(folder.glob(pattern))
+    }
+    if not groups:
+        raise SystemExit(f"no runs under {runs_dir}/<data>/: run `make {make_target}` first")
+    return groups
+
+
+def run_config(manifest: Path) -> DictConfig:
+    """The composed config a run was started with (``<run>/.hydra/config.yaml``)."""
+    return OmegaConf.load(Path(manifest).parent / ".hydra" / "config.yaml")
+
+
+def num_classes(data: DictConfig) -> int:
+    if data.source == "speech":
+        return len(data.speech.words)
+    if data.source == "synthetic":
+        return int(data.synthetic.num_classes)
+    raise SystemExit(f"data.source={data.source}: the reports know the built-in sources only")
+
+
+def describe_data(data: DictConfig) -> str:
+    """The built-in source, its classes (and chance), split and test-set size."""
+    classes = num_classes(data)
+    if data.source == "speech":
+        sp = data.speech
+        train = sp.speakers - sp.val_speakers - sp.test_speakers
+        return (
+            f"spoken words (espeak-ng), {classes} words (chance {1 / classes:.3f}), "
+            f"{sp.speakers} speakers x {sp.clips_per_word} clips per word, split by speaker "
+            f"{train}/{sp.val_speakers}/{sp.test_speakers} (train/val/test), "
+            f"{sp.test_speakers * classes * sp.clips_per_word} test clips"
+        )
+    syn = data.synthetic
+    labels = np.repeat(np.arange(classes), syn.clips_per_class)
+    splits = assign_splits(labels, data.val_fraction, data.test_fraction, data.split_seed)
+    return (
+        f"synthetic sounds, {classes} classes (chance {1 / classes:.3f}) x "
+        f"{syn.clips_per_class} clips, SNR {syn.snr_db_min:g} to {syn.snr_db_max:g} dB, "
+        f"{int((splits == 'test').sum())} test clips"
+    )
+
+
+def _count(values: list[float]) -> str:
+    low, high = int(min(values)), int(max(values))
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def describe_protocol(runs: list[tuple[Path, dict[str, dict]]]) -> str:
+    """What a reader needs to judge a table: the command, the data, the labelled clips of
+    each finetune stage and how finetunes were trained and selected, read from the runs."""
+    cfg = run_config(runs[0][0])
+    overrides = OmegaConf.load(runs[0][0].parent / ".hydra" / "overrides.yaml")
+    command = " ".join(
+        o for o in overrides if not o.startswith(("seed=", "run_dir=", "trainer.enable_progress"))
+    )
+    seeds = ", ".join(str(run_config(path).seed) for path, _ in runs)
+    labelled = {}
+    for name, stage in runs[0][1].items():
+        if stage["kind"] != "finetune":
+            continue
+        train, val = (
+            _count([s[name]["metrics"][f"{name}/data/labeled_{split}"] for _, s in runs])
+            for split in ("train", "val")
+        )
+        labelled.setdefault(f"{train} / {val}", []).append(f"`{name}`")
+    finetune = cfg.get("stage_kind_settings", {}).get("finetune")
+    if finetune:
+        trainer, selection = finetune.get("trainer", {}), finetune.get("selection", {})
+        budget = (
+            f"every finetune trains for at most {trainer.max_steps} optimizer steps, validated "
+            f"every {trainer.get('val_check_interval', 1)} steps, stops after "
+            f"{selection.patience} validations without a better `{selection.monitor}` and is "
+            "tested once, with its best-validation weights"
+        )
+    else:
+        budget = "finetunes train for the experiment's epochs (no protocol)"
+    subsets = (
+        "labelled subsets drawn per seed"
+        if OmegaConf.select(cfg, "data.label_subset_seed", throw_on_resolution_failure=False)
+        is not None
+        else "the same labelled subset for every seed"
+    )
+    return (
+        f"`distillery {command}`, seeds {seeds}. Data: {describe_data(cfg.data)}. "
+        f"Labelled clips (train / val) per finetune: "
+        + "; ".join(f"{', '.join(names)}: {counts}" for counts, names in labelled.items())
+        + f"; {subsets}; {budget}."
+    )
 
 
 def publish(here: Path, results: dict, table: str, block: str = "results") -> None:
