@@ -56,7 +56,7 @@ def test_validation_labels_are_limited_per_class_and_subsets_follow_their_seed(
 
 
 def test_few_label_protocol_finetunes_by_steps_and_stops_early(
-    tmp_path: Path, data_cache: Path, one_thread: None
+    tmp_path: Path, data_cache: Path, one_thread: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     run_dir = tmp_path / "run"
     cfg = compose_config(
@@ -75,7 +75,8 @@ def test_few_label_protocol_finetunes_by_steps_and_stops_early(
             f"run_dir={run_dir}", f"data.cache_dir={data_cache}",
         ]
     )  # fmt: skip
-    record = Runner(cfg).run()["finetune"]
+    with caplog.at_level("INFO"):
+        record = Runner(cfg).run()["finetune"]
     # 4 classes x 30 clips: 20 train clips per class, 10% labelled -> 2 each; 3 val labels each.
     assert record.metrics["finetune/data/labeled_train"] == 8
     assert record.metrics["finetune/data/labeled_val"] == 12
@@ -84,6 +85,13 @@ def test_few_label_protocol_finetunes_by_steps_and_stops_early(
     steps = record.optimizer_steps[0]
     assert 6 <= steps < 12 and steps % 2 == 0
     assert record.selected["step"] % 2 == 0 and record.selected["step"] <= steps - 4
+    # The epoch lines count steps against the budget and show val/* only after a validation.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetune epoch")]
+    assert [line.split(":")[0] for line in lines[:2]] == [
+        "finetune epoch 1, step 1/12",
+        "finetune epoch 2, step 2/12",
+    ]
+    assert ["val/acc=" in line for line in lines] == [step % 2 == 0 for step in range(1, steps + 1)]
     results = (run_dir / "results.md").read_text()
     assert "labeled_train" in results and "| 8 | 12 |" in results
     assert json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]["selected"]

@@ -67,17 +67,24 @@ def _short(value: float) -> str:
 
 
 class EpochSummary(Callback):
-    """One log line per epoch: ``<stage> epoch 3/10: train/loss=0.51 val/acc=0.81 (4.2 s)``."""
+    """One log line per epoch: ``<stage> epoch 3/10: train/loss=0.51 val/acc=0.81 (4.2 s)``;
+    a stage trained by a step budget shows its step (``epoch 7, step 70/300``)."""
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self._start = time.perf_counter()
+        self._validated = False
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
+        self._validated = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Called after the epoch's validation, so val/* are this epoch's values.
+        # Called after the epoch's validation, if it had one (a step-based interval can skip
+        # epochs): val/* are shown only when they are this epoch's values.
         if not trainer.is_global_zero:
             return
         prefix = f"{self.stage}/"
@@ -86,9 +93,16 @@ class EpochSummary(Callback):
             for key, value in trainer.callback_metrics.items()
             if key.startswith(prefix) and not key.endswith("_step") and value.numel() == 1
         }
+        if not self._validated:
+            values = {k: v for k, v in values.items() if not k.startswith("val/")}
         shown = " ".join(f"{k}={_short(v)}" for k, v in sorted(values.items()))
         epoch = trainer.current_epoch + 1
-        of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        if trainer.max_epochs and trainer.max_epochs > 0:
+            of = f"/{trainer.max_epochs}"
+        elif trainer.max_steps > 0:
+            of = f", step {trainer.global_step}/{trainer.max_steps}"
+        else:
+            of = ""
         log.info(
             "%s epoch %d%s: %s (%.1f s)",
             self.stage,
