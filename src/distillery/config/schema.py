@@ -164,9 +164,6 @@ class DebugConfig:
 
     name: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
-    #: Callback name -> settings forced on that callback wherever a stage has it (smoke
-    #: data has fewer clips than the pseudo-labeler's default k).
-    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,6 +192,9 @@ class Config:
     #: Minutes the other DDP ranks wait while rank 0 alone clusters, evaluates and exports
     #: (every other collective times out after ``trainer.strategy.timeout``).
     rank_zero_wait_min: float = 120
+    #: The pseudo-labeler's k where a stage does not set its own (conf/callback/
+    #: pseudo_labeler.yaml); debug=smoke lowers it to fit its tiny data.
+    pseudo_label_k: int = 64
 
 
 def register_configs() -> None:

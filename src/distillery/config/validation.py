@@ -154,6 +154,7 @@ INF = math.inf
 SCHEMA_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "seed": (0, 2**32 - 1, False, False),  # what Lightning's seed_everything accepts
     "rank_zero_wait_min": (0, INF, True, True),  # minutes other ranks wait for rank 0 alone
+    "pseudo_label_k": (2, INF, False, True),
     "data.sample_rate": (0, INF, True, True),
     "data.clip_seconds": (0, INF, True, True),
     # Assigned val/test splits must not be empty: evaluation needs both.
@@ -521,21 +522,6 @@ def with_stage_kind_settings(cfg: DictConfig) -> DictConfig:
                         name, key, old, stage.kind, key, OmegaConf.select(merged, key),
                     )  # fmt: skip
             cfg.pipeline.stages[name] = merged
-    return cfg
-
-
-def with_debug_callback_settings(cfg: DictConfig) -> DictConfig:
-    """A copy of ``cfg`` with ``debug.callbacks.<name>`` merged over the callback ``<name>``
-    of every stage that has one (``debug=smoke`` clusters its tiny data into fewer
-    pseudo-labels); pipelines without that callback are left as they are."""
-    if not cfg.debug.get("callbacks"):
-        return cfg
-    forced = OmegaConf.to_container(cfg.debug.callbacks, resolve=True)
-    cfg = copy.deepcopy(cfg)
-    for stage in cfg.pipeline.stages.values():
-        for name in forced.keys() & set(stage.callbacks):
-            with open_dict(cfg):  # a callback takes the keys of its class
-                stage.callbacks[name] = OmegaConf.merge(stage.callbacks[name], forced[name])
     return cfg
 
 

@@ -27,7 +27,6 @@ from distillery.config.validation import (
     changed_keys,
     stage_data,
     stage_trainer,
-    with_debug_callback_settings,
     with_stage_kind_settings,
 )
 from distillery.data.datamodule import AudioDataModule
@@ -134,7 +133,6 @@ class Runner:
 
     def __init__(self, cfg: DictConfig) -> None:
         cfg = with_stage_kind_settings(cfg)  # e.g. a protocol's finetune budget
-        cfg = with_debug_callback_settings(cfg)  # e.g. debug=smoke's pseudo-label k
         validate(cfg)
         trust_config_targets(cfg)  # artifacts may build what the user's config names
         self.cfg = cfg
