@@ -171,11 +171,15 @@ def test_dphubert_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
                 for name in report.METHODS
             }
             stages["final_distill"]["metrics"]["final_distill/eval/linear_acc"] += 0.2 * seed
-            stages["prune_distill"]["artifacts"] = {"pruning": "prune_distill/pruning.json"}
+            stages["prune_distill"]["artifacts"] = {
+                "pruning": "prune_distill/pruning.json",
+                "sparsity_plot": "prune_distill/sparsity_plot.png",
+            }
             fake_run(run, stages, data, seed)
             pruning = {"target_params": 5e5, "params_vs_target": 0.3, "kept": {"conv.0": 192}}
             (run / "prune_distill").mkdir()
             (run / "prune_distill" / "pruning.json").write_text(json.dumps(pruning))
+            (run / "prune_distill" / "sparsity_plot.png").write_bytes(b"png")
     results = publish_into(tmp_path, report, monkeypatch, runs)
     assert list(results) == ["speech", "synthetic_hard"]
     text = readme(tmp_path)
@@ -183,6 +187,8 @@ def test_dphubert_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert "| (d) DPHuBERT after final_distill | 0.500M | 0.500 ± 0.141 | 0.600 ± 0.283 |" in text
     assert "- (d) - (b): kNN-10 +0.000 ± 0.000, higher in 0 of 2 seeds; " in text
     assert "linear probe +0.100 ± 0.141, higher in 1 of 2 seeds" in text
+    plots = sorted(p.name for p in (tmp_path / "published").glob("*.png"))
+    assert plots == ["sparsity_speech_seed0.png", "sparsity_synthetic_hard_seed0.png"]
 
 
 def krr_run(run_dir: Path, data: str, seed: int, size: int, accuracy: float, *extra: str) -> None:

@@ -136,10 +136,9 @@ def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
     groups = runs_by_data(runs_dir, "seed*/pipeline.json", "reproduce-dphubert")
     results = {data: collect(runs) for data, runs in groups.items()}
-    for data, runs in groups.items():
-        plot = runs[0][0].parent / "prune_distill" / "sparsity.png"
-        if plot.exists():
-            shutil.copyfile(plot, HERE / f"sparsity_{data}_{runs[0][0].parent.name}.png")
+    for data, ((path, stages), *_) in groups.items():  # the first seed's sparsity plot
+        plot = stages["prune_distill"]["artifacts"]["sparsity_plot"]  # run-dir relative
+        shutil.copyfile(path.parent / plot, HERE / f"sparsity_{data}_{path.parent.name}.png")
     publish(HERE, results, "\n\n".join(table(data, r) for data, r in results.items()))
 
 
