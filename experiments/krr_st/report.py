@@ -148,19 +148,24 @@ def _row(label: str, cells: list[str]) -> str:
 
 def table(data: str, results: dict) -> str:
     teacher = results["teacher"]
-    # One column per setting: set size N and number of outer steps of the distillation.
-    by_size: dict[tuple[int, int], list[dict]] = {}
+    # One column per setting (a folder of seeds: ``n<N>...``), by set size N and number of
+    # outer steps of the distillation; its runs are paired by seed.
+    by_setting: dict[str, list[dict]] = {}
     for row in results["runs"]:
-        by_size.setdefault((row["size"], row["outer_steps"]), []).append(row)
-    sizes = sorted(by_size)
+        by_setting.setdefault(row["run"].split("/")[0], []).append(row)
+    settings = sorted(
+        by_setting, key=lambda f: (by_setting[f][0]["size"], by_setting[f][0]["outer_steps"])
+    )
 
-    def col(setting: tuple[int, int], key: str) -> list[float]:
-        return [r[key] for r in by_size[setting] if r[key] is not None]
+    def col(setting: str, key: str) -> list[float]:
+        return [r[key] for r in by_setting[setting] if r[key] is not None]
 
-    seeds = sorted({len(rows) for rows in by_size.values()})
+    seeds = sorted({len(rows) for rows in by_setting.values()})
     params = results["runs"][0]["params"] / 1e6
-    head = " | ".join(f"N = {n}, {steps} steps" for n, steps in sizes)
-    rule = " | ".join("---" for _ in sizes)
+    head = " | ".join(
+        f"N = {by_setting[f][0]['size']}, {by_setting[f][0]['outer_steps']} steps" for f in settings
+    )
+    rule = " | ".join("---" for _ in settings)
     lines = [
         f"### `data={data}`",
         "",
@@ -175,12 +180,12 @@ def table(data: str, results: dict) -> str:
         f"| --- | {rule} |",
     ]
     for method, label in METHODS.items():
-        cells = " | ".join(mean_std(col(n, f"{method}_test_acc")) for n in sizes)
+        cells = " | ".join(mean_std(col(n, f"{method}_test_acc")) for n in settings)
         lines.append(f"| {label} | {cells} |")
     for first, second, label in CLAIMS:
         cells = [
             paired_difference(col(n, f"{first}_test_acc"), col(n, f"{second}_test_acc"))
-            for n in sizes
+            for n in settings
         ]
         lines.append(_row(label, cells))
     lines += [
@@ -194,7 +199,7 @@ def table(data: str, results: dict) -> str:
     for method in ("random", "distilled"):
         cells = " | ".join(
             f"{mean_std(col(n, f'{method}_frozen_linear'))} / {mean_std(col(n, f'{method}_frozen_knn10'))}"
-            for n in sizes
+            for n in settings
         )
         lines.append(f"| {METHODS[method]} | {cells} |")
     lines += ["", *timing_table(results.get("timing"))]
@@ -207,35 +212,39 @@ def table(data: str, results: dict) -> str:
         f"| --- | {rule} |",
         _row(
             f"full SSL pretraining (the teacher, once, {teacher['params'] / 1e6:.2f}M)",
-            [f"{teacher['wall_s']:.0f}"] * len(sizes),
+            [f"{teacher['wall_s']:.0f}"] * len(settings),
         ),
-        _row("KRR-ST distillation", [mean_std(col(n, "distill_wall_s"), 0) for n in sizes]),
+        _row("KRR-ST distillation", [mean_std(col(n, "distill_wall_s"), 0) for n in settings]),
         _row(
             "pretraining on the distilled set",
-            [mean_std(col(n, "pretrain_distilled_wall_s"), 0) for n in sizes],
+            [mean_std(col(n, "pretrain_distilled_wall_s"), 0) for n in settings],
         ),
         _row(
             "pretraining on the random subset",
-            [mean_std(col(n, "pretrain_random_wall_s"), 0) for n in sizes],
+            [mean_std(col(n, "pretrain_random_wall_s"), 0) for n in settings],
         ),
         "",
         f"| distillation diagnostics | {head} |",
         f"| --- | {rule} |",
-        _row("outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in sizes]),
-        _row("outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in sizes]),
+        _row(
+            "outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in settings]
+        ),
+        _row(
+            "outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in settings]
+        ),
         _row(
             "outer loss on validation clips, first validation",
-            [mean_std(col(n, "distill_first_val_loss"), 4) for n in sizes],
+            [mean_std(col(n, "distill_first_val_loss"), 4) for n in settings],
         ),
         _row(
             "outer loss on validation clips, last validation",
-            [mean_std(col(n, "distill_last_val_loss"), 4) for n in sizes],
+            [mean_std(col(n, "distill_last_val_loss"), 4) for n in settings],
         ),
         _row(
             "RMS change of the inputs (standardised log-mel)",
-            [mean_std(col(n, "input_shift_rms")) for n in sizes],
+            [mean_std(col(n, "input_shift_rms")) for n in settings],
         ),
-        _row("RMS change of the targets", [mean_std(col(n, "target_shift_rms")) for n in sizes]),
+        _row("RMS change of the targets", [mean_std(col(n, "target_shift_rms")) for n in settings]),
     ]
     return "\n".join(lines)
 
