@@ -76,65 +76,78 @@ reproduce-unfused-labels: install
 	done
 	$(BIN)/python experiments/unfused/report_labels.py
 
-# DPHuBERT claim on the built-in data, 3 seeds; resumable (re-run to continue).
+# DPHuBERT claim, every seed on every data set; resumable (re-run to continue).
 .PHONY: reproduce-dphubert
 reproduce-dphubert: install
-	for seed in $(SEEDS); do \
-	  $(BIN)/distillery experiment=dphubert_compare seed=$$seed logger=csv \
-	    trainer.enable_progress_bar=false run_dir=experiments/dphubert/runs/seed$$seed || exit 1; \
-	done
+	for data in $(DATASETS); do for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=dphubert_compare data=$$data seed=$$seed $(REPRODUCE) \
+	    run_dir=experiments/dphubert/runs/$$data/seed$$seed || exit 1; \
+	done; done
 	$(BIN)/python experiments/dphubert/report.py
 
 # Self-distillation with partial labels and CoSS read the frozen encoder of one SSL teacher
-# run (trained by whichever target runs first; the runner skips it afterwards).
-PLL_TEACHER_RUN := experiments/pll/runs/teacher
+# per data set (seed 0; trained by whichever target runs first, skipped by the runner
+# afterwards). $$data is the recipe's loop variable.
+PLL_TEACHER_RUN := experiments/pll/runs/$$data/teacher
 .PHONY: pll-teacher reproduce-pll reproduce-coss
 pll-teacher: install
-	$(BIN)/distillery experiment=pll_teacher seed=0 logger=csv run_dir=$(PLL_TEACHER_RUN)
+	for data in $(DATASETS); do \
+	  $(BIN)/distillery experiment=pll_teacher data=$$data seed=0 $(REPRODUCE) \
+	    run_dir=$(PLL_TEACHER_RUN) || exit 1; \
+	done
 
 reproduce-pll: pll-teacher
-	for seed in $(SEEDS); do \
-	  $(BIN)/distillery experiment=pll_noise seed=$$seed logger=csv \
+	for data in $(DATASETS); do for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=pll_noise data=$$data seed=$$seed $(REPRODUCE) \
 	    pipeline.stages.gce_00.module.pretrained=$(PLL_TEACHER_RUN)/ssl/encoder.pt \
-	    run_dir=experiments/pll/runs/seed$$seed || exit 1; \
-	done
-	$(BIN)/python experiments/pll/report.py experiments/pll/runs
+	    run_dir=experiments/pll/runs/$$data/seed$$seed || exit 1; \
+	done; done
+	$(BIN)/python experiments/pll/report.py
 
 reproduce-coss: pll-teacher
-	for seed in $(SEEDS); do \
-	  $(BIN)/distillery experiment=coss_compare seed=$$seed logger=csv \
+	for data in $(DATASETS); do for seed in $(SEEDS); do \
+	  $(BIN)/distillery experiment=coss_compare data=$$data seed=$$seed $(REPRODUCE) \
 	    pipeline.stages.cosine_random.module.teacher=$(PLL_TEACHER_RUN)/ssl/encoder.pt \
-	    run_dir=experiments/coss/runs/seed$$seed || exit 1; \
-	done
-	$(BIN)/python experiments/coss/report.py experiments/coss/runs $(PLL_TEACHER_RUN)
+	    run_dir=experiments/coss/runs/$$data/seed$$seed || exit 1; \
+	done; done
+	$(BIN)/python experiments/coss/report.py
 
-# KRR-ST claim on the built-in data: one SSL teacher (the runner skips it once done), then
-# distilled vs random-subset vs no pretraining at each synthetic-set size N (5% and 1% of the
-# 560 training clips), 3 seeds each; resumable.
-KRR_TEACHER_RUN := experiments/krr_st/runs/teacher
-KRR_SIZES ?= 28 6
+# KRR-ST claim, per data set: one SSL teacher (seed 0; the runner skips it once done), then
+# distilled vs random-subset vs no pretraining at each synthetic-set size N, every seed; a
+# 5x longer distillation (50 epochs) at the first N; and, for the cost comparison, the
+# teacher and one comparison run again back to back (runs/<data>/timing). The sizes are
+# 5% and 1% of the data set's training clips under protocol=few_label (synthetic_hard:
+# 1640, speech: 270, the unlabelled validation clips included); another data set needs its
+# own KRR_SIZES_<data>. Resumable.
+KRR_SIZES_synthetic_hard ?= 82 16
+KRR_SIZES_speech ?= 14 3
+KRR_RUNS := experiments/krr_st/runs/$$data
+KRR_COMPARE = $(BIN)/distillery experiment=krr_st_compare data=$$data $(REPRODUCE) \
+  pipeline.stages.distill.module.teacher=$(KRR_RUNS)/teacher/ssl/encoder.pt
 .PHONY: reproduce-krr-st
 reproduce-krr-st: install
-	$(BIN)/distillery experiment=krr_st_teacher seed=0 logger=csv run_dir=$(KRR_TEACHER_RUN)
-	for size in $(KRR_SIZES); do for seed in $(SEEDS); do \
-	  $(BIN)/distillery experiment=krr_st_compare seed=$$seed logger=csv \
-	    pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
-	    pipeline.stages.distill.module.size=$$size \
-	    run_dir=experiments/krr_st/runs/n$$size/seed$$seed || exit 1; \
-	done; done
-	# A 5x longer distillation (400 outer steps) at N = 28.
-	for seed in $(SEEDS); do \
-	  $(BIN)/distillery experiment=krr_st_compare seed=$$seed logger=csv \
-	    pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
-	    pipeline.stages.distill.trainer.max_epochs=50 \
-	    run_dir=experiments/krr_st/runs/n28_steps400/seed$$seed || exit 1; \
+	for data in $(DATASETS); do \
+	  case $$data in \
+	    synthetic_hard) sizes="$(KRR_SIZES_synthetic_hard)";; speech) sizes="$(KRR_SIZES_speech)";; \
+	    *) echo "no KRR-ST set sizes for data=$$data: add KRR_SIZES_$$data"; exit 1;; esac; \
+	  first=$${sizes%% *}; \
+	  $(BIN)/distillery experiment=krr_st_teacher data=$$data seed=0 $(REPRODUCE) \
+	    run_dir=$(KRR_RUNS)/teacher || exit 1; \
+	  for size in $$sizes; do for seed in $(SEEDS); do \
+	    $(KRR_COMPARE) seed=$$seed pipeline.stages.distill.module.size=$$size \
+	      run_dir=$(KRR_RUNS)/n$$size/seed$$seed || exit 1; \
+	  done; done; \
+	  for seed in $(SEEDS); do \
+	    $(KRR_COMPARE) seed=$$seed pipeline.stages.distill.module.size=$$first \
+	      pipeline.stages.distill.trainer.max_epochs=50 \
+	      run_dir=$(KRR_RUNS)/n$${first}_epochs50/seed$$seed || exit 1; \
+	  done; \
+	  $(BIN)/distillery experiment=krr_st_teacher data=$$data seed=0 $(REPRODUCE) \
+	    run_dir=$(KRR_RUNS)/timing/teacher || exit 1; \
+	  $(KRR_COMPARE) seed=0 pipeline.stages.distill.module.size=$$first \
+	    run_dir=$(KRR_RUNS)/timing/n$$first || exit 1; \
 	done
-	# Wall times compared back to back: the teacher again, then one comparison run.
-	$(BIN)/distillery experiment=krr_st_teacher seed=0 logger=csv run_dir=experiments/krr_st/runs/timing/teacher
-	$(BIN)/distillery experiment=krr_st_compare seed=0 logger=csv \
-	  pipeline.stages.distill.module.teacher=$(KRR_TEACHER_RUN)/ssl/encoder.pt \
-	  run_dir=experiments/krr_st/runs/timing/n28
-	$(BIN)/python experiments/krr_st/report.py experiments/krr_st/runs
+	$(BIN)/python experiments/krr_st/report.py
 
 # Every recipe x {1, 2 CPU processes} x accumulate_grad_batches {1, 2} x precision {32,
 # bf16-mixed} at smoke size, through the CLI -> bench/ddp_matrix.md (slow: hours on 2 cores).

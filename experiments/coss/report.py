@@ -1,8 +1,9 @@
 """Aggregate the CoSS reproduction runs into results.json and the table in README.md.
 
-Usage: python experiments/coss/report.py [RUNS_DIR] [TEACHER_RUN]
-(defaults: experiments/coss/runs, experiments/pll/runs/teacher). Each
-``RUNS_DIR/seed*/pipeline.json`` is one run of ``experiment=coss_compare``.
+Usage: python experiments/coss/report.py [RUNS_DIR] [TEACHER_RUNS]
+(defaults: experiments/coss/runs, experiments/pll/runs). Each
+``RUNS_DIR/<data>/seed*/pipeline.json`` is one run of ``experiment=coss_compare``, its
+teacher ``TEACHER_RUNS/<data>/teacher``. One table per data set.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from distillery.eval.reproduction import finished_runs, finished_stages, mean_std, publish
+from distillery.eval.reproduction import (
+    describe_protocol,
+    finished_stages,
+    mean_std,
+    paired_difference,
+    publish,
+    runs_by_data,
+)
 
 HERE = Path(__file__).parent
 METHODS = {  # stage name -> what it is
@@ -25,11 +33,16 @@ METRICS = {
     "linear_acc": "linear probe",
     "nmi": "k-means NMI",
 }
+# The claims, each a seed-paired difference of two students: (first, second, what it checks).
+CLAIMS = (
+    ("coss_random", "cosine_random", "(b) - (a): the space term"),
+    ("coss_knn", "coss_random", "(c) - (b): kNN batches"),
+)
 
 
-def collect(runs_dir: Path, teacher_run: Path) -> dict:
+def collect(runs: list, teacher_run: Path) -> dict:
     per_seed = []
-    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-coss"):
+    for path, stages in runs:
         row: dict = {"run": path.parent.name}
         for name in METHODS:
             m = stages[name]["metrics"]
@@ -39,16 +52,21 @@ def collect(runs_dir: Path, teacher_run: Path) -> dict:
         per_seed.append(row)
     teacher = finished_stages(teacher_run / "pipeline.json")["ssl"]["metrics"]
     return {
+        "protocol": describe_protocol(runs),
         "runs": per_seed,
         "teacher": {k: teacher[f"ssl/eval/{k}"] for k in [*METRICS, "params"]},
     }
 
 
-def table(results: dict) -> str:
+def table(data: str, results: dict) -> str:
     rows, teacher = results["runs"], results["teacher"]
     lines = [
+        f"### `data={data}`",
+        "",
+        results["protocol"],
+        "",
         f"Frozen-embedding accuracy on the test split, mean ± std over {len(rows)} seeds "
-        "(8 classes, chance 0.125; kNN and linear probe use every training label):",
+        "(kNN and linear probe use every labelled training clip):",
         "",
         "| encoder | params | " + " | ".join(METRICS.values()) + " | final cos / space term |",
         "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |",
@@ -67,16 +85,27 @@ def table(results: dict) -> str:
             + " | ".join(cells)
             + f" | {terms} |"
         )
+    lines += ["", "Paired by seed (each seed's three students share teacher and data):", ""]
+    for first, second, label in CLAIMS:
+        lines.append(
+            f"- {label}: "
+            + "; ".join(
+                f"{METRICS[k]} "
+                + paired_difference([r[first][k] for r in rows], [r[second][k] for r in rows])
+                for k in ("knn10_acc", "linear_acc")
+            )
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
-    teacher_run = (
-        Path(sys.argv[2]) if len(sys.argv) > 2 else HERE.parent / "pll" / "runs" / "teacher"
-    )
-    results = collect(runs_dir, teacher_run)
-    publish(HERE, results, table(results))
+    teacher_runs = Path(sys.argv[2]) if len(sys.argv) > 2 else HERE.parent / "pll" / "runs"
+    groups = runs_by_data(runs_dir, "seed*/pipeline.json", "reproduce-coss")
+    results = {
+        data: collect(runs, teacher_runs / data / "teacher") for data, runs in groups.items()
+    }
+    publish(HERE, results, "\n\n".join(table(data, r) for data, r in results.items()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Aggregate the DPHuBERT reproduction runs into results.json and the table in README.md.
 
 Usage: python experiments/dphubert/report.py [RUNS_DIR]   (default: experiments/dphubert/runs)
-Each ``RUNS_DIR/seed*/pipeline.json`` is one run of ``experiment=dphubert_compare``.
+Each ``RUNS_DIR/<data>/seed*/pipeline.json`` is one run of ``experiment=dphubert_compare``;
+one table per data set.
 Inference time: every seed's teacher, DPHuBERT export and hand-designed student run the
 same batch (16 one-second log-mel clips) in this process, on one thread, interleaved.
 """
@@ -16,7 +17,13 @@ from pathlib import Path
 import torch
 
 from distillery.bench.pruned_inference import time_models
-from distillery.eval.reproduction import finished_runs, mean_std, publish
+from distillery.eval.reproduction import (
+    describe_protocol,
+    mean_std,
+    paired_difference,
+    publish,
+    runs_by_data,
+)
 from distillery.models.io import load_encoder
 
 HERE = Path(__file__).parent
@@ -28,6 +35,8 @@ METHODS = {  # stage name -> what it is
     "final_distill": "(d) DPHuBERT after final_distill",
 }
 METRICS = {"knn10_acc": "kNN-10", "linear_acc": "linear probe"}
+# The claim: DPHuBERT (d) against each hand-designed student, seed-paired.
+CLAIMS = {"hand_designed": "(d) - (b)", "hand_designed_34": "(d) - (b')"}
 
 
 def inference_seconds(run: Path) -> dict[str, float]:
@@ -39,10 +48,10 @@ def inference_seconds(run: Path) -> dict[str, float]:
     return time_models(models, torch.randn(16, 1, 64, 101), repeats=7, inner=3)
 
 
-def collect(runs_dir: Path) -> dict:
+def collect(runs: list) -> dict:
     per_seed = []
     torch.set_num_threads(1)
-    for path, stages in finished_runs(runs_dir, "seed*/pipeline.json", "reproduce-dphubert"):
+    for path, stages in runs:
         row: dict = {"run": path.parent.name}
         for stage in METHODS:
             metrics = stages[stage]["metrics"]
@@ -57,15 +66,20 @@ def collect(runs_dir: Path) -> dict:
         row["kept"] = pruning["kept"]
         row["seconds_per_batch"] = inference_seconds(path.parent)
         per_seed.append(row)
-    return {"runs": per_seed}
+    return {"protocol": describe_protocol(runs), "runs": per_seed}
 
 
-def table(results: dict) -> str:
+def table(data: str, results: dict) -> str:
     rows = results["runs"]
     n = len(rows)
     lines = [
-        f"Frozen-embedding test accuracy, mean ± std over {n} seeds (8 classes, chance 0.125); "
-        "parameters of seed 0 (the DPHuBERT count varies by seed, see below):",
+        f"### `data={data}`",
+        "",
+        results["protocol"],
+        "",
+        f"Frozen-embedding test accuracy, mean ± std over {n} seeds (kNN and linear probe use "
+        "every labelled training clip); parameters of the first seed (the DPHuBERT count varies "
+        "by seed, see below):",
         "",
         "| method | params | " + " | ".join(METRICS.values()) + " | inference time vs teacher |",
         "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |",
@@ -81,6 +95,18 @@ def table(results: dict) -> str:
             f"| {label} | {params:.3f}M | "
             + " | ".join(accs)
             + f" | {speed.get(stage, '(same model as d)')} |"
+        )
+    lines += ["", "Paired by seed (each seed's students distil the same teacher):", ""]
+    for student, label in CLAIMS.items():
+        lines.append(
+            f"- {label}: "
+            + "; ".join(
+                f"{name} "
+                + paired_difference(
+                    [r[f"final_distill_{m}"] for r in rows], [r[f"{student}_{m}"] for r in rows]
+                )
+                for m, name in METRICS.items()
+            )
         )
     gaps = [r["params_vs_target"] for r in rows]
     lines += [
@@ -108,11 +134,12 @@ def _kept(kept: dict[str, int]) -> str:
 
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
-    results = collect(runs_dir)
-    plot = runs_dir / "seed0" / "prune_distill" / "sparsity.png"
-    if plot.exists():
-        shutil.copyfile(plot, HERE / "sparsity_seed0.png")
-    publish(HERE, results, table(results))
+    groups = runs_by_data(runs_dir, "seed*/pipeline.json", "reproduce-dphubert")
+    results = {data: collect(runs) for data, runs in groups.items()}
+    for data, ((path, stages), *_) in groups.items():  # the first seed's sparsity plot
+        plot = stages["prune_distill"]["artifacts"]["sparsity_plot"]  # run-dir relative
+        shutil.copyfile(path.parent / plot, HERE / f"sparsity_{data}_{path.parent.name}.png")
+    publish(HERE, results, "\n\n".join(table(data, r) for data, r in results.items()))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Aggregate the KRR-ST reproduction runs into results.json and the table in README.md.
 
 Usage: python experiments/krr_st/report.py [RUNS_DIR]   (default: experiments/krr_st/runs)
-``RUNS_DIR/teacher/pipeline.json`` is the run of ``experiment=krr_st_teacher`` and each
-``RUNS_DIR/n<N>/seed<S>/pipeline.json`` one run of ``experiment=krr_st_compare`` with a
-synthetic set of N examples.
+Per data set, ``RUNS_DIR/<data>/teacher/pipeline.json`` is the run of
+``experiment=krr_st_teacher``, each ``RUNS_DIR/<data>/n<N>*/seed<S>/pipeline.json`` one run
+of ``experiment=krr_st_compare`` with a synthetic set of N examples, and
+``RUNS_DIR/<data>/timing`` the back-to-back timing runs. One set of tables per data set.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ import json
 import sys
 from pathlib import Path
 
-from distillery.eval.reproduction import finished_stages, mean_std, publish
+from omegaconf import OmegaConf
+
+from distillery.eval.reproduction import (
+    describe_protocol,
+    finished_stages,
+    mean_std,
+    paired_difference,
+    publish,
+    runs_by_data,
+)
 
 HERE = Path(__file__).parent
 METHODS = {  # suffix of the stage names -> what it is
@@ -21,6 +31,11 @@ METHODS = {  # suffix of the stage names -> what it is
     "random": "(b) pretrained on a random real subset with teacher targets",
     "distilled": "(c) pretrained on the KRR-ST distilled set",
 }
+# The claims, each a seed-paired difference of two pretrainings: (first, second, label).
+CLAIMS = (
+    ("distilled", "random", "(c) - (b), paired by seed"),
+    ("random", "scratch", "(b) - (a), paired by seed"),
+)
 
 
 def logged_values(stage_dir: Path, key: str) -> list[float]:
@@ -32,8 +47,7 @@ def logged_values(stage_dir: Path, key: str) -> list[float]:
     return values
 
 
-def collect_run(path: Path) -> dict:
-    stages = finished_stages(path)
+def collect_run(path: Path, stages: dict[str, dict]) -> dict:
     meta = json.loads((path.parent / "distill" / "synthetic_set" / "meta.json").read_text())
     row = {"run": f"{path.parent.parent.name}/{path.parent.name}", "size": meta["size"]}
     row["outer_steps"] = meta["outer_steps"]
@@ -56,50 +70,72 @@ def collect_run(path: Path) -> dict:
     return row
 
 
-def collect(runs_dir: Path) -> dict:
-    teacher_path = runs_dir / "teacher" / "pipeline.json"
-    runs = sorted(runs_dir.glob("n*/seed*/pipeline.json"))
-    if not runs or not teacher_path.exists():
-        raise SystemExit(
-            f"no teacher or seed runs under {runs_dir}: run `make reproduce-krr-st` first"
-        )
+def command(path: Path) -> set[str]:
+    """A run's command-line overrides, less those every run has its own of."""
+    overrides = OmegaConf.load(path.parent / ".hydra" / "overrides.yaml")
+    return {o for o in overrides if not o.startswith(("seed=", "run_dir="))}
+
+
+def describe_settings(runs: list) -> str:
+    """The protocol, stated from the runs of the first setting (one ``n<N>...`` folder), and
+    what each other setting's command adds to that one."""
+    folders: dict[str, list] = {}
+    for path, stages in runs:
+        folders.setdefault(path.parent.parent.name, []).append((path, stages))
+    (first, first_runs), *others = folders.items()
+    stated = command(first_runs[0][0])
+    changes = [
+        f"`{folder}` with " + ", ".join(f"`{o}`" for o in sorted(command(rs[0][0]) - stated))
+        for folder, rs in others
+    ]
+    return (
+        f"{describe_protocol(first_runs)} That command is the one of the runs under `{first}`"
+        + "".join(f"; {change}" for change in changes)
+        + "."
+    )
+
+
+def collect(runs: list, data_dir: Path) -> dict:
+    teacher_path = data_dir / "teacher" / "pipeline.json"
+    if not teacher_path.exists():
+        raise SystemExit(f"no teacher run under {data_dir}: run `make reproduce-krr-st` first")
     teacher = finished_stages(teacher_path)["ssl"]
     return {
+        "protocol": describe_settings(runs),
         "teacher": {
             "wall_s": teacher["wall_time_s"],
             "params": teacher["metrics"]["ssl/eval/params"],
             "knn10_acc": teacher["metrics"]["ssl/eval/knn10_acc"],
         },
-        "runs": [collect_run(path) for path in runs],
-        "timing": collect_timing(runs_dir / "timing"),
+        "runs": [collect_run(path, stages) for path, stages in runs],
+        "timing": collect_timing(data_dir / "timing"),
     }
 
 
 def collect_timing(timing_dir: Path) -> dict | None:
     """Stage wall times of the back-to-back timing runs (teacher, then one comparison run)."""
-    teacher, compare = (
-        timing_dir / "teacher" / "pipeline.json",
-        timing_dir / "n28" / "pipeline.json",
-    )
-    if not (teacher.exists() and compare.exists()):
+    teacher = timing_dir / "teacher" / "pipeline.json"
+    compare = sorted(timing_dir.glob("n*/pipeline.json"))
+    if not (teacher.exists() and len(compare) == 1):
         return None
-    walls = {name: stage["wall_time_s"] for name, stage in finished_stages(compare).items()}
-    return {"ssl": finished_stages(teacher)["ssl"]["wall_time_s"], **walls}
+    walls = {name: stage["wall_time_s"] for name, stage in finished_stages(compare[0]).items()}
+    meta = json.loads((compare[0].parent / "distill/synthetic_set/meta.json").read_text())
+    return {"ssl": finished_stages(teacher)["ssl"]["wall_time_s"], "size": meta["size"], **walls}
 
 
 def timing_table(timing: dict | None) -> list[str]:
     if timing is None:
-        return ["(No back-to-back timing runs under runs/timing.)"]
+        return ["(No back-to-back timing runs under runs/<data>/timing.)"]
     ssl, distill, pretrain = timing["ssl"], timing["distill"], timing["pretrain_distilled"]
     share = lambda seconds: f"{seconds:.0f} ({seconds / ssl:.0%} of full SSL pretraining)"  # noqa: E731
     return [
-        "Wall time measured back to back (`runs/timing`: the teacher, then one comparison run at "
-        "N = 28, seed 0; each stage's time includes its evaluation):",
+        "Wall time measured back to back (`runs/<data>/timing`: the teacher, then one comparison "
+        f"run at N = {timing['size']}, seed 0; each stage's time includes its evaluation):",
         "",
         "| step | wall time (s) |",
         "| --- | --- |",
-        f"| full SSL pretraining (BYOL-A teacher, all 560 clips, 10 epochs) | {ssl:.0f} |",
-        f"| KRR-ST distillation to N = 28 | {share(distill)} |",
+        f"| full SSL pretraining (the BYOL-A teacher, all training clips) | {ssl:.0f} |",
+        f"| KRR-ST distillation to N = {timing['size']} | {share(distill)} |",
         f"| pretraining on the distilled set | {share(pretrain)} |",
         f"| distillation + pretraining | {share(distill + pretrain)} |",
         f"| finetuning, for scale | {timing['finetune_distilled']:.0f} |",
@@ -110,40 +146,52 @@ def _row(label: str, cells: list[str]) -> str:
     return f"| {label} | {' | '.join(cells)} |"
 
 
-def table(results: dict) -> str:
+def table(data: str, results: dict) -> str:
     teacher = results["teacher"]
-    # One column per setting: set size N and number of outer steps of the distillation.
-    by_size: dict[tuple[int, int], list[dict]] = {}
+    # One column per setting (a folder of seeds: ``n<N>...``), by set size N and number of
+    # outer steps of the distillation; its runs are paired by seed.
+    by_setting: dict[str, list[dict]] = {}
     for row in results["runs"]:
-        by_size.setdefault((row["size"], row["outer_steps"]), []).append(row)
-    sizes = sorted(by_size)
+        by_setting.setdefault(row["run"].split("/")[0], []).append(row)
+    settings = sorted(
+        by_setting, key=lambda f: (by_setting[f][0]["size"], by_setting[f][0]["outer_steps"])
+    )
 
-    def col(setting: tuple[int, int], key: str) -> list[float]:
-        return [r[key] for r in by_size[setting] if r[key] is not None]
+    def col(setting: str, key: str) -> list[float]:
+        return [r[key] for r in by_setting[setting] if r[key] is not None]
 
-    seeds = sorted({len(rows) for rows in by_size.values()})
+    seeds = sorted({len(rows) for rows in by_setting.values()})
     params = results["runs"][0]["params"] / 1e6
-    head = " | ".join(f"N = {n}, {steps} steps" for n, steps in sizes)
-    rule = " | ".join("---" for _ in sizes)
+    head = " | ".join(
+        f"N = {by_setting[f][0]['size']}, {by_setting[f][0]['outer_steps']} steps" for f in settings
+    )
+    rule = " | ".join("---" for _ in settings)
     lines = [
-        f"Mean ± std over {'/'.join(map(str, seeds))} seeds (8 classes, chance 0.125); AudioNTT "
-        f"{params:.2f}M parameters; N pretraining examples out of 560 training clips.",
+        f"### `data={data}`",
         "",
-        "Test accuracy after finetuning with 5% of the labels:",
+        results["protocol"],
+        "",
+        f"Mean ± std over {'/'.join(map(str, seeds))} seeds; AudioNTT {params:.2f}M parameters; "
+        "N pretraining examples.",
+        "",
+        "Test accuracy after finetuning with the labelled training clips stated above:",
         "",
         f"| pretraining | {head} |",
         f"| --- | {rule} |",
     ]
     for method, label in METHODS.items():
-        cells = " | ".join(mean_std(col(n, f"{method}_test_acc")) for n in sizes)
+        cells = " | ".join(mean_std(col(n, f"{method}_test_acc")) for n in settings)
         lines.append(f"| {label} | {cells} |")
-    paired = {
-        n: [r["distilled_test_acc"] - r["random_test_acc"] for r in by_size[n]] for n in sizes
-    }
-    lines.append(_row("(c) - (b), paired by seed", [mean_std(paired[n]) for n in sizes]))
+    for first, second, label in CLAIMS:
+        cells = [
+            paired_difference(col(n, f"{first}_test_acc"), col(n, f"{second}_test_acc"))
+            for n in settings
+        ]
+        lines.append(_row(label, cells))
     lines += [
         "",
-        "Frozen pretrained encoder before finetuning, linear probe / kNN-10 test accuracy (5% of the labels):",
+        "Frozen pretrained encoder before finetuning, linear probe / kNN-10 test accuracy (the "
+        "finetunes' labelled training clips):",
         "",
         f"| pretraining | {head} |",
         f"| --- | {rule} |",
@@ -151,7 +199,7 @@ def table(results: dict) -> str:
     for method in ("random", "distilled"):
         cells = " | ".join(
             f"{mean_std(col(n, f'{method}_frozen_linear'))} / {mean_std(col(n, f'{method}_frozen_knn10'))}"
-            for n in sizes
+            for n in settings
         )
         lines.append(f"| {METHODS[method]} | {cells} |")
     lines += ["", *timing_table(results.get("timing"))]
@@ -164,43 +212,48 @@ def table(results: dict) -> str:
         f"| --- | {rule} |",
         _row(
             f"full SSL pretraining (the teacher, once, {teacher['params'] / 1e6:.2f}M)",
-            [f"{teacher['wall_s']:.0f}"] * len(sizes),
+            [f"{teacher['wall_s']:.0f}"] * len(settings),
         ),
-        _row("KRR-ST distillation", [mean_std(col(n, "distill_wall_s"), 0) for n in sizes]),
+        _row("KRR-ST distillation", [mean_std(col(n, "distill_wall_s"), 0) for n in settings]),
         _row(
             "pretraining on the distilled set",
-            [mean_std(col(n, "pretrain_distilled_wall_s"), 0) for n in sizes],
+            [mean_std(col(n, "pretrain_distilled_wall_s"), 0) for n in settings],
         ),
         _row(
             "pretraining on the random subset",
-            [mean_std(col(n, "pretrain_random_wall_s"), 0) for n in sizes],
+            [mean_std(col(n, "pretrain_random_wall_s"), 0) for n in settings],
         ),
         "",
         f"| distillation diagnostics | {head} |",
         f"| --- | {rule} |",
-        _row("outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in sizes]),
-        _row("outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in sizes]),
+        _row(
+            "outer loss, first epoch", [mean_std(col(n, "distill_first_loss"), 4) for n in settings]
+        ),
+        _row(
+            "outer loss, last epoch", [mean_std(col(n, "distill_last_loss"), 4) for n in settings]
+        ),
         _row(
             "outer loss on validation clips, first validation",
-            [mean_std(col(n, "distill_first_val_loss"), 4) for n in sizes],
+            [mean_std(col(n, "distill_first_val_loss"), 4) for n in settings],
         ),
         _row(
             "outer loss on validation clips, last validation",
-            [mean_std(col(n, "distill_last_val_loss"), 4) for n in sizes],
+            [mean_std(col(n, "distill_last_val_loss"), 4) for n in settings],
         ),
         _row(
             "RMS change of the inputs (standardised log-mel)",
-            [mean_std(col(n, "input_shift_rms")) for n in sizes],
+            [mean_std(col(n, "input_shift_rms")) for n in settings],
         ),
-        _row("RMS change of the targets", [mean_std(col(n, "target_shift_rms")) for n in sizes]),
+        _row("RMS change of the targets", [mean_std(col(n, "target_shift_rms")) for n in settings]),
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
     runs_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "runs"
-    results = collect(runs_dir)
-    publish(HERE, results, table(results))
+    groups = runs_by_data(runs_dir, "n*/seed*/pipeline.json", "reproduce-krr-st")
+    results = {data: collect(runs, runs_dir / data) for data, runs in groups.items()}
+    publish(HERE, results, "\n\n".join(table(data, r) for data, r in results.items()))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def _count(values: list[float]) -> str:
 
 def describe_protocol(runs: list[tuple[Path, dict[str, dict]]]) -> str:
     """What a reader needs to judge a table: the command, the data, the labelled clips of
-    each finetune stage and how finetunes were trained and selected, read from the runs."""
+    each stage that learns from labels and how finetunes were trained and selected, read
+    from the runs (a pipeline without such stages gets only the clauses that apply)."""
     cfg = run_config(runs[0][0])
     overrides = OmegaConf.load(runs[0][0].parent / ".hydra" / "overrides.yaml")
     command = " ".join(
@@ -118,35 +119,42 @@ def describe_protocol(runs: list[tuple[Path, dict[str, dict]]]) -> str:
     seeds = ", ".join(str(run_config(path).seed) for path, _ in runs)
     labelled = {}
     for name, stage in runs[0][1].items():
-        if stage["kind"] != "finetune":
-            continue
+        if f"{name}/data/labeled_train" not in stage["metrics"]:
+            continue  # it learns from no labels (the runner counts them for those that do)
         train, val = (
             _count([s[name]["metrics"][f"{name}/data/labeled_{split}"] for _, s in runs])
             for split in ("train", "val")
         )
         labelled.setdefault(f"{train} / {val}", []).append(f"`{name}`")
-    finetune = cfg.get("stage_kind_settings", {}).get("finetune")
-    if finetune:
-        trainer, selection = finetune.get("trainer", {}), finetune.get("selection", {})
-        budget = (
-            f"every finetune trains for at most {trainer.max_steps} optimizer steps, validated "
-            f"every {trainer.get('val_check_interval', 1)} steps, stops after "
-            f"{selection.patience} validations without a better `{selection.monitor}` and is "
-            "tested once, with its best-validation weights"
+    clauses = []
+    if labelled:
+        clauses.append(
+            "labelled clips (train / val) per stage that learns from labels: "
+            + "; ".join(f"{', '.join(names)}: {counts}" for counts, names in labelled.items())
         )
-    else:
-        budget = "finetunes train for the experiment's epochs (no protocol)"
-    subsets = (
+    clauses.append(
         "labelled subsets drawn per seed"
         if OmegaConf.select(cfg, "data.label_subset_seed", throw_on_resolution_failure=False)
         is not None
         else "the same labelled subset for every seed"
     )
+    # The protocol's finetune budget is stated only where a finetune stage ran under it.
+    has_finetune = any(stage["kind"] == "finetune" for stage in runs[0][1].values())
+    finetune = cfg.get("stage_kind_settings", {}).get("finetune")
+    if has_finetune and finetune:
+        trainer, selection = finetune.get("trainer", {}), finetune.get("selection", {})
+        clauses.append(
+            f"every finetune trains for at most {trainer.max_steps} optimizer steps, validated "
+            f"every {trainer.get('val_check_interval', 1)} steps, stops after "
+            f"{selection.patience} validations without a better `{selection.monitor}` and is "
+            "tested once, with its best-validation weights"
+        )
+    elif has_finetune:
+        clauses.append("finetunes train for the experiment's epochs (no protocol)")
+    statement = "; ".join(clauses)
     return (
         f"`distillery {command}`, seeds {seeds}. Data: {describe_data(cfg.data)}. "
-        f"Labelled clips (train / val) per finetune: "
-        + "; ".join(f"{', '.join(names)}: {counts}" for counts, names in labelled.items())
-        + f"; {subsets}; {budget}."
+        f"{statement[0].upper()}{statement[1:]}."
     )
 
 
