@@ -25,6 +25,7 @@ def test_paired_difference_is_taken_seed_by_seed() -> None:
         "+0.067 ± 0.153, higher in 2 of 3 seeds"
     )
     assert paired_difference([0.5], [0.7]) == "-0.200, higher in 0 of 1 seeds"
+    assert paired_difference([0.5, 0.7], [0.5, 0.7]) == "+0.000 ± 0.000, higher in 0 of 2 seeds"
 
 
 def test_runs_are_grouped_by_data_set_and_other_folders_are_left_out(tmp_path: Path) -> None:

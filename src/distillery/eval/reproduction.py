@@ -29,7 +29,8 @@ def paired_difference(first: list[float], second: list[float], digits: int = 3) 
     diffs = [a - b for a, b in zip(first, second, strict=True)]
     spread = f" ± {statistics.stdev(diffs):.{digits}f}" if len(diffs) > 1 else ""
     higher = sum(d > 0 for d in diffs)
-    return f"{statistics.mean(diffs):+.{digits}f}{spread}, higher in {higher} of {len(diffs)} seeds"
+    mean = round(statistics.mean(diffs), digits) + 0.0  # + 0.0: no "-0.000"
+    return f"{mean:+.{digits}f}{spread}, higher in {higher} of {len(diffs)} seeds"
 
 
 def finished_stages(manifest: Path) -> dict[str, dict]:
