@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,6 +47,14 @@ TINY_TRANSFORMER = {
 
 
 FAST = ["debug=smoke", "logger=csv", "trainer.enable_progress_bar=false"]
+
+
+def load_report(path: Path) -> ModuleType:
+    """A reproduction report script (``experiments/<method>/report*.py``) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from distillery.eval.reproduction import publish
+from tests.helpers import load_report
 
 REPORT = Path(__file__).parents[1] / "experiments/unfused/report_labels.py"
-
-
-def load_report():
-    spec = importlib.util.spec_from_file_location("report_labels", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_run(run_dir: Path, nmi: float, val: float | None = None, test: float = 0.0) -> None:
@@ -44,7 +37,7 @@ def fake_run(run_dir: Path, nmi: float, val: float | None = None, test: float = 
 def test_the_setting_is_chosen_on_validation_and_published_beside_the_main_table(
     tmp_path: Path,
 ) -> None:
-    report = load_report()
+    report = load_report(REPORT)
     runs = tmp_path / "runs"
     # whiten: better on validation; l2: better on test and NMI. Seed 3 counts for NMI only.
     for seed, (val_w, val_l) in enumerate([(0.80, 0.70), (0.90, 0.76)]):

@@ -3,7 +3,6 @@ training): one table per data set under its protocol statement, and the numbers 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from types import ModuleType
 
 import pytest
 from omegaconf import OmegaConf
+
+from tests.helpers import load_report
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 DATA = {  # the `data=` option -> the composed data config the reports read
@@ -39,21 +40,10 @@ DATA = {  # the `data=` option -> the composed data config the reports read
         "label_subset_seed": 0,
     },
 }
-FEW_LABEL = {  # what protocol=few_label puts in the config
-    "finetune": {
-        "trainer": {"max_steps": 300, "val_check_interval": 10},
-        "selection": {"monitor": "val/acc", "patience": 10},
-    }
-}
-
-
-def load_report(method: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"{method}_report", EXPERIMENTS / method / "report.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+#: What protocol=few_label puts in the config.
+FEW_LABEL = OmegaConf.to_container(
+    OmegaConf.load(EXPERIMENTS.parent / "conf/protocol/few_label.yaml").stage_kind_settings
+)
 
 
 def stage(kind: str, metrics: dict[str, float], **record) -> dict:
@@ -116,7 +106,9 @@ def test_pll_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         fake_teacher(runs / data / "teacher", data)
         for seed, accuracy in enumerate([0.5, 0.7]):
             fake_run(runs / data / f"seed{seed}", pll_stages(accuracy), data, seed)
-    results = publish_into(tmp_path, load_report("pll"), monkeypatch, runs)
+    results = publish_into(
+        tmp_path, load_report(EXPERIMENTS / "pll" / "report.py"), monkeypatch, runs
+    )
     assert list(results) == ["speech", "synthetic_hard"]
     assert [r["run"] for r in results["speech"]["runs"]] == ["seed0", "seed1"]
     text = readme(tmp_path)
@@ -144,7 +136,9 @@ def test_coss_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                 metrics |= {f"{name}/eval/params": 1e5, f"{name}/train/cos_epoch": 0.02}
                 stages[name] = stage("coss_kd", metrics | {f"{name}/train/space_epoch": 0.1})
             fake_run(runs / data / f"seed{seed}", stages, data, seed)
-    results = publish_into(tmp_path, load_report("coss"), monkeypatch, runs, teachers)
+    results = publish_into(
+        tmp_path, load_report(EXPERIMENTS / "coss" / "report.py"), monkeypatch, runs, teachers
+    )
     assert list(results) == ["speech", "synthetic_hard"]
     text = readme(tmp_path)
     # No stage learns from labels and none is a finetune: only the subset clause is stated.
@@ -154,7 +148,7 @@ def test_coss_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_dphubert_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    report = load_report("dphubert")
+    report = load_report(EXPERIMENTS / "dphubert" / "report.py")
     monkeypatch.setattr(  # the reports' timing loads the exported encoders
         report, "inference_seconds", lambda run: dict.fromkeys(report.METHODS, 1.0)
     )
@@ -221,7 +215,9 @@ def test_krr_st_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         fake_teacher(runs / data / "teacher", data)
         for seed, accuracy in enumerate([0.4, 0.5]):
             krr_run(runs / data / "n8" / f"seed{seed}", data, seed, 8, accuracy)
-    results = publish_into(tmp_path, load_report("krr_st"), monkeypatch, runs)
+    results = publish_into(
+        tmp_path, load_report(EXPERIMENTS / "krr_st" / "report.py"), monkeypatch, runs
+    )
     assert list(results) == ["speech", "synthetic_hard"]
     assert results["speech"]["timing"] is None
     text = readme(tmp_path)
@@ -233,7 +229,7 @@ def test_krr_st_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_krr_st_states_what_each_setting_adds(tmp_path: Path) -> None:
-    report = load_report("krr_st")
+    report = load_report(EXPERIMENTS / "krr_st" / "report.py")
     runs = tmp_path / "speech"
     krr_run(runs / "n8" / "seed0", "speech", 0, 8, 0.4)
     longer = "pipeline.stages.distill.trainer.max_epochs=50"
