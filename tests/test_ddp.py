@@ -192,6 +192,31 @@ def test_small_labelled_split_trains_on_every_rank(tmp_path: Path, data_cache: P
     assert finetune["optimizer_steps"] == [1, 1]  # one epoch of one (ragged) batch per rank
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_few_label_protocol_validates_by_steps_and_stops_together(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    """protocol=few_label on 2 ranks: validation every 2 steps across one-step epochs, early
+    stopping reached by both ranks at the same step, the tested checkpoint a validated one."""
+    run_dir = tmp_path / "run"
+    result = distillery(
+        "experiment=supervised", "logger=csv", "trainer.enable_progress_bar=false",
+        "protocol=few_label", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "data.synthetic.num_classes=4", "data.synthetic.clips_per_class=30",
+        "data.batch_size=4", "data.label_fraction=0.1",  # 8 labelled clips: 1 step per epoch
+        "stage_kind_settings.finetune.trainer.max_steps=12",
+        "stage_kind_settings.finetune.trainer.val_check_interval=2",
+        "stage_kind_settings.finetune.selection.patience=2",
+        "pipeline.stages.finetune.evaluate=false", f"run_dir={run_dir}", cache=data_cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    finetune = json.loads((run_dir / "pipeline.json").read_text())["stages"]["finetune"]
+    steps = finetune["optimizer_steps"]
+    assert steps[0] == steps[1] and steps[0] % 2 == 0 and 6 <= steps[0] <= 12
+    assert finetune["selected"]["step"] % 2 == 0
+
+
 DDP_SMOKE = [
     "experiment=supervised",
     "debug=smoke",
