@@ -33,13 +33,21 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("extra", [[], ["debug=smoke"], ["data=folder", "data.root=/tmp/x"]])
 def test_every_experiment_composes_and_validates(
-    experiment: str, extra: list[str], teacher_file: Path
+    experiment: str,
+    extra: list[str],
+    teacher_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if experiment in TEACHER_FILES:  # without the file, start-up names the missing file
+        # From an empty directory: in a checkout that ran the reproductions the default
+        # (relative) teacher path exists.
+        monkeypatch.chdir(tmp_path)
         with pytest.raises(
             ConfigError, match=f"{TEACHER_FILES[experiment]}: file .* does not exist"
         ):
             validate(compose_config([f"experiment={experiment}", "run_dir=/tmp/unused", *extra]))
+        monkeypatch.undo()
         extra = [*extra, f"{TEACHER_FILES[experiment]}={teacher_file}"]
     cfg = compose_config([f"experiment={experiment}", "run_dir=/tmp/unused", *extra])
     try:
