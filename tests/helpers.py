@@ -86,6 +86,18 @@ class FailOnceAtEpoch(pl.Callback):
             raise RuntimeError(f"injected failure at epoch {self.epoch}")
 
 
+class SlowUntilMarker(pl.Callback):
+    """Sleep ``seconds`` at the end of every training epoch (before its checkpoint) until
+    :class:`FailOnceAtEpoch`'s ``marker`` exists: a first attempt that takes long."""
+
+    def __init__(self, seconds: float, marker: str) -> None:
+        self.seconds, self.marker = seconds, Path(marker)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.marker.with_name(f"{self.marker.name}.rank{trainer.global_rank}").exists():
+            time.sleep(self.seconds)
+
+
 class NaNWeightsOnce(pl.Callback):
     """Set the first parameter to NaN before batch ``batch`` of epoch ``epoch`` (once per
     ``marker``), so that step's loss and gradients are non-finite."""

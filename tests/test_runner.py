@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,9 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(
         "+pipeline.stages.finetune.callbacks.fault._target_=tests.helpers.FailOnceAtEpoch",
         "+pipeline.stages.finetune.callbacks.fault.epoch=2",
         f"+pipeline.stages.finetune.callbacks.fault.marker={marker}",
+        "+pipeline.stages.finetune.callbacks.slow._target_=tests.helpers.SlowUntilMarker",
+        "+pipeline.stages.finetune.callbacks.slow.seconds=3",
+        f"+pipeline.stages.finetune.callbacks.slow.marker={marker}",
     )
     with pytest.raises(RuntimeError, match="injected failure"):
         Runner(cfg).run()
@@ -98,7 +102,12 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(
 
     runner = Runner(cfg)
     assert [p.action for p in runner.plan()] == ["resume"]
+    second_attempt_start = time.perf_counter()
     record = runner.run()["finetune"]
+    second_attempt_s = time.perf_counter() - second_attempt_start
+    # The stage's wall time counts the first attempt's two (slow) epochs too.
+    assert failed.wall_time_s >= 6
+    assert record.wall_time_s > second_attempt_s + 3
     assert record.status == "done" and record.wandb_run_id == failed.wandb_run_id
     checkpoint = torch.load(latest_checkpoint(tmp_path / "run" / "finetune"), weights_only=False)
     assert checkpoint["epoch"] == 2

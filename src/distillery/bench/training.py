@@ -35,6 +35,7 @@ from distillery.bench.common import EXPERIMENT, compose_config
 from distillery.bench.timing import Comparison, interleaved, median
 from distillery.config.validation import stage_data
 from distillery.data.datamodule import AudioDataModule
+from distillery.pipeline.checkpoints import CarriedStageState
 from distillery.pipeline.runner import Runner
 from distillery.pipeline.tracking import build_loggers
 
@@ -61,6 +62,7 @@ QUICK = Sizes(
         "data.synthetic.num_classes=4",
         "data.synthetic.clips_per_class=12",
         "data.batch_size=8",
+        "pseudo_label_k=8",  # the whole pipeline is validated: k at most its ~33 clips
     ),
 )
 
@@ -140,7 +142,8 @@ def lightning_fit(cfg: Any, datamodule: AudioDataModule, seed: int) -> list[tupl
         attempt=1,
         config={},
     )
-    trainer = runner._build_trainer(STAGE, stage_dir, loggers, module)
+    stage_state = CarriedStageState(started=time.perf_counter())
+    trainer = runner._build_trainer(STAGE, stage_dir, loggers, module, stage_state)
     clock = EpochClock()
     trainer.callbacks.append(clock)  # after the runner's callbacks: stamps include their work
     trainer.fit(module, datamodule=datamodule)

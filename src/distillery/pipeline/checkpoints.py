@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,18 +41,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
-class CheckpointedMetrics(Callback):
-    """Carries the stage's latest metrics in its checkpoints.
+class CarriedStageState(Callback):
+    """Carries the stage's latest metrics and its elapsed time in its checkpoints.
 
     A stage resumed from a checkpoint whose training had already finished (killed between
     its last checkpoint and the end of the stage) trains and logs nothing; ``carried`` then
-    holds what the finished training had reported.
+    holds what the finished training had reported. :meth:`elapsed_s` counts the earlier
+    attempts up to the checkpoint this one resumed from (the work after it, lost with the
+    killed process, is not counted) plus this attempt since ``started``.
     """
 
     KEY = "distillery_metrics"
+    SECONDS_KEY = "distillery_stage_seconds"
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
         self.carried: dict[str, float] = {}
+        self.started = started  # time.perf_counter() when this attempt began
+        self.earlier_s = 0.0
+
+    def elapsed_s(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.started
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -61,11 +70,13 @@ class CheckpointedMetrics(Callback):
             for k, v in trainer.callback_metrics.items()
             if isinstance(v, torch.Tensor) and v.numel() == 1
         }
+        checkpoint[self.SECONDS_KEY] = self.elapsed_s()
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self.carried = dict(checkpoint.get(self.KEY, {}))
+        self.earlier_s = float(checkpoint.get(self.SECONDS_KEY, 0.0))
 
 
 def epoch_checkpointing(stage_dir: Path) -> ModelCheckpoint:

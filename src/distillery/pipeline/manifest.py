@@ -119,6 +119,8 @@ class StageRecord:
     wandb_run_id: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    #: Seconds the stage took, a resumed stage's earlier attempts included up to the
+    #: checkpoint it resumed from.
     wall_time_s: float | None = None
     error: str | None = None
     #: Optimizer steps each rank took in the stage (all ranks of a DDP run alike).

@@ -38,7 +38,7 @@ from distillery.pipeline.checkpoints import (
     CHECKPOINT_DIR,
     AtomicCheckpointIO,
     BestCheckpoint,
-    CheckpointedMetrics,
+    CarriedStageState,
     epoch_checkpointing,
     latest_checkpoint,
 )
@@ -268,11 +268,15 @@ class Runner:
             self.manifest.save()
 
     def _record_failure(
-        self, record: StageRecord, err: BaseException, start: float, stage_dir: Path
+        self,
+        record: StageRecord,
+        err: BaseException,
+        stage_state: CarriedStageState,
+        stage_dir: Path,
     ) -> None:
         error = first_rank_error(stage_dir, record.attempts, f"{type(err).__name__}: {err}")
         record.status, record.error = "failed", error
-        record.wall_time_s = round(time.perf_counter() - start, 2)
+        record.wall_time_s = round(stage_state.elapsed_s(), 2)
         self._save_manifest()
 
     def _supersede(self, name: str, record: StageRecord) -> None:
@@ -334,7 +338,9 @@ class Runner:
         self._save_manifest()
         stage_dir.mkdir(parents=True, exist_ok=True)
 
-        start = time.perf_counter()
+        # Carried in the stage's checkpoints: a resumed stage's wall time includes its
+        # earlier attempts, its metrics those of a training that had already finished.
+        stage_state = CarriedStageState(started=time.perf_counter())
         try:  # bad data or a bad artifact fails the stage in pipeline.json too
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module_inputs, data_inputs = self._resolve_inputs(name)
@@ -356,9 +362,9 @@ class Runner:
                 config=OmegaConf.to_container(cfg, resolve=True) | {"stage": name},
             )
             use_stage_artifacts(loggers, self.manifest, stage_cfg.inputs)
-            trainer = self._build_trainer(name, stage_dir, loggers, module)
+            trainer = self._build_trainer(name, stage_dir, loggers, module, stage_state)
         except BaseException as err:
-            self._record_failure(record, err, start, stage_dir)
+            self._record_failure(record, err, stage_state, stage_dir)
             raise
         log.info("stage %s (%s): %s -> %s", name, plan.kind, plan.action, stage_dir)
         try:
@@ -369,8 +375,7 @@ class Runner:
             )
             _finish_artifact_callbacks(trainer, module)
             stop_if_requested(trainer.strategy, "after training")  # e.g. during k-means
-            checkpointed = next(c for c in trainer.callbacks if isinstance(c, CheckpointedMetrics))
-            metrics = checkpointed.carried | _floats(trainer.callback_metrics)
+            metrics = stage_state.carried | _floats(trainer.callback_metrics)
             metrics[f"{name}/data/skipped_files"] = float(len(audio.skipped_files))
             if audio.cfg.train_items == "labeled":  # the labels it learns and selects with
                 metrics |= _label_counts(name, audio)
@@ -393,7 +398,7 @@ class Runner:
                     metrics |= self._evaluate(name, encoder, audio, trainer, stage_dir)
         except StopRequested as stop:
             record.status, record.error = "interrupted", str(stop)
-            record.wall_time_s = round(time.perf_counter() - start, 2)
+            record.wall_time_s = round(stage_state.elapsed_s(), 2)
             self._save_manifest()
             raise StageInterrupted(
                 f"stage {name!r} stopped by {stop}; checkpoint {latest_checkpoint(stage_dir)}; "
@@ -401,13 +406,13 @@ class Runner:
                 signum=stop.signum,
             ) from None
         except BaseException as err:
-            self._record_failure(record, err, start, stage_dir)
+            self._record_failure(record, err, stage_state, stage_dir)
             raise
         finally:
             finish_loggers(loggers)
         record.metrics = metrics
         record.status, record.finished_at = "done", now_iso()
-        record.wall_time_s = round(time.perf_counter() - start, 2)
+        record.wall_time_s = round(stage_state.elapsed_s(), 2)
         self._save_manifest()
         RankZeroWait(trainer.strategy, cfg.rank_zero_wait_min).barrier()  # rank 0 evaluated
         if not self.is_rank_zero:  # pick up the artifact paths rank 0 recorded
@@ -453,7 +458,12 @@ class Runner:
         return contract.cls(**(module_cfg | inputs | injected))  # artifacts wired by `inputs` win
 
     def _build_trainer(
-        self, name: str, stage_dir: Path, loggers: list, module: pl.LightningModule
+        self,
+        name: str,
+        stage_dir: Path,
+        loggers: list,
+        module: pl.LightningModule,
+        stage_state: CarriedStageState,
     ) -> pl.Trainer:
         stage_cfg = self.cfg.pipeline.stages[name]
         trainer_args = {  # e.g. `strategy: {_target_: DDPStrategy, timeout: ...}`
@@ -462,7 +472,7 @@ class Runner:
         }
         callbacks: list[pl.Callback] = [
             epoch_checkpointing(stage_dir),
-            CheckpointedMetrics(),
+            stage_state,
             FiniteLossGuard(name),
             SignalCheckpoint(stage_dir / CHECKPOINT_DIR),
             BatchSeed(self.cfg.seed),
