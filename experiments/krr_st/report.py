@@ -103,7 +103,6 @@ def collect(runs: list, data_dir: Path) -> dict:
     return {
         "protocol": describe_settings(runs),
         "teacher": {
-            "wall_s": teacher["wall_time_s"],
             "params": teacher["metrics"]["ssl/eval/params"],
             "knn10_acc": teacher["metrics"]["ssl/eval/knn10_acc"],
         },
@@ -123,7 +122,7 @@ def collect_timing(timing_dir: Path) -> dict | None:
     return {"ssl": finished_stages(teacher)["ssl"]["wall_time_s"], "size": meta["size"], **walls}
 
 
-def timing_table(timing: dict | None) -> list[str]:
+def timing_table(timing: dict | None, teacher_params: float) -> list[str]:
     if timing is None:
         return ["(No back-to-back timing runs under runs/<data>/timing.)"]
     ssl, distill, pretrain = timing["ssl"], timing["distill"], timing["pretrain_distilled"]
@@ -134,7 +133,8 @@ def timing_table(timing: dict | None) -> list[str]:
         "",
         "| step | wall time (s) |",
         "| --- | --- |",
-        f"| full SSL pretraining (the BYOL-A teacher, all training clips) | {ssl:.0f} |",
+        f"| full SSL pretraining (the BYOL-A teacher, {teacher_params / 1e6:.2f}M, all training "
+        f"clips) | {ssl:.0f} |",
         f"| KRR-ST distillation to N = {timing['size']} | {share(distill)} |",
         f"| pretraining on the distilled set | {share(pretrain)} |",
         f"| distillation + pretraining | {share(distill + pretrain)} |",
@@ -202,7 +202,7 @@ def table(data: str, results: dict) -> str:
             for n in settings
         )
         lines.append(f"| {METHODS[method]} | {cells} |")
-    lines += ["", *timing_table(results.get("timing"))]
+    lines += ["", *timing_table(results.get("timing"), teacher["params"])]
     lines += [
         "",
         "Wall time in seconds of every run, mean ± std over seeds (the CPU was shared with other "
@@ -210,10 +210,6 @@ def table(data: str, results: dict) -> str:
         "",
         f"| step | {head} |",
         f"| --- | {rule} |",
-        _row(
-            f"full SSL pretraining (the teacher, once, {teacher['params'] / 1e6:.2f}M)",
-            [f"{teacher['wall_s']:.0f}"] * len(settings),
-        ),
         _row("KRR-ST distillation", [mean_std(col(n, "distill_wall_s"), 0) for n in settings]),
         _row(
             "pretraining on the distilled set",
