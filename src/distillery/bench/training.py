@@ -142,7 +142,7 @@ def lightning_fit(cfg: Any, datamodule: AudioDataModule, seed: int) -> list[tupl
         attempt=1,
         config={},
     )
-    stage_state = CarriedStageState(started=time.perf_counter())
+    stage_state = CarriedStageState()
     trainer = runner._build_trainer(STAGE, stage_dir, loggers, module, stage_state)
     clock = EpochClock()
     trainer.callbacks.append(clock)  # after the runner's callbacks: stamps include their work

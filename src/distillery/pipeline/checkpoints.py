@@ -48,15 +48,15 @@ class CarriedStageState(Callback):
     its last checkpoint and the end of the stage) trains and logs nothing; ``carried`` then
     holds what the finished training had reported. :meth:`elapsed_s` counts the earlier
     attempts up to the checkpoint this one resumed from (the work after it, lost with the
-    killed process, is not counted) plus this attempt since ``started``.
+    killed process, is not counted) plus this attempt since the callback was made.
     """
 
     KEY = "distillery_metrics"
     SECONDS_KEY = "distillery_stage_seconds"
 
-    def __init__(self, started: float) -> None:
+    def __init__(self) -> None:
         self.carried: dict[str, float] = {}
-        self.started = started  # time.perf_counter() when this attempt began
+        self.started = time.perf_counter()  # this attempt began
         self.earlier_s = 0.0
 
     def elapsed_s(self) -> float:

@@ -340,7 +340,7 @@ class Runner:
 
         # Carried in the stage's checkpoints: a resumed stage's wall time includes its
         # earlier attempts, its metrics those of a training that had already finished.
-        stage_state = CarriedStageState(started=time.perf_counter())
+        stage_state = CarriedStageState()
         try:  # bad data or a bad artifact fails the stage in pipeline.json too
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module_inputs, data_inputs = self._resolve_inputs(name)
