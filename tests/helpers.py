@@ -98,6 +98,14 @@ class SlowUntilMarker(pl.Callback):
             time.sleep(self.seconds)
 
 
+class StopBeforeTraining(pl.Callback):
+    """End the fit before its first batch, as a user's budget or stopping callback might:
+    the stage takes no optimizer step."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
 class NaNWeightsOnce(pl.Callback):
     """Set the first parameter to NaN before batch ``batch`` of epoch ``epoch`` (once per
     ``marker``), so that step's loss and gradients are non-finite."""

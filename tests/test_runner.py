@@ -199,7 +199,7 @@ def test_stage_without_an_optimizer_step_fails_naming_the_sizes(
         "experiment=supervised",
         "debug=smoke",
         "logger=csv",
-        "debug.trainer.max_epochs=0",
+        "+pipeline.stages.finetune.callbacks.stop._target_=tests.helpers.StopBeforeTraining",
         f"run_dir={run_dir}",
         cache=data_cache,
     )
