@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import torch
 
 from distillery.data.datamodule import AudioDataModule
 from tests.helpers import compose_config
@@ -51,3 +53,20 @@ def test_ddp_shards_cover_eval_splits_exactly_once(data_cache: Path) -> None:
         assert sorted(seen[split]) == sorted(data.table.indices(split).tolist()), split
     shard0, shard1 = seen["train"]
     assert len(shard0) == len(shard1) and not set(shard0) & set(shard1)
+
+
+def test_normalisation_statistics_do_not_depend_on_the_thread_count(data_cache: Path) -> None:
+    """One process (several threads) and each DDP rank (often one) normalise alike, so a
+    2-process run trains on the features one process computes (tests/test_ddp_equivalence)."""
+    threads = torch.get_num_threads()
+    stats = []
+    try:
+        for n in (1, 3, 4):
+            torch.set_num_threads(n)
+            features = datamodule(data_cache).features
+            stats.append((features.mean, features.std))
+    finally:
+        torch.set_num_threads(threads)
+    # float64 sums: apart by rounding only (~1e-16; float32 sums were ~1e-7 apart)
+    for other in stats[1:]:
+        assert other == pytest.approx(stats[0], rel=1e-12, abs=0)

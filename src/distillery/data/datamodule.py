@@ -441,8 +441,8 @@ class AudioDataModule(pl.LightningDataModule):
         sample = rng.choice(train, size=min(NORM_STATS_CLIPS, len(train)), replace=False)
         dataset = self._dataset(np.sort(sample), train=False)
         audio = torch.stack([dataset[i]["audio"] for i in range(len(dataset))])
-        with torch.no_grad():
-            values = features.log_mel(audio)
+        with torch.no_grad():  # summed in float64: alike for any thread count (and rank)
+            values = features.log_mel(audio).double()
         features.mean, features.std = values.mean().item(), values.std().item() + 1e-5
         return features
 
